@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for rnnstream, shared by server and client."""

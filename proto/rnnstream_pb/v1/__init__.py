@@ -1,0 +1,1 @@
+"""rnnstream.v1 native API messages and service stubs (generated)."""
