@@ -1,0 +1,62 @@
+"""Convert between numpy arrays and rnnstream.v1.Tensor messages (hand-written, not generated)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import numpy.typing as npt
+
+from rnnstream_pb.v1 import rnnstream_pb2 as pb
+
+__all__ = ["DTYPE_TO_NUMPY", "NUMPY_TO_DTYPE", "TensorDecodeError", "decode", "encode"]
+
+DTYPE_TO_NUMPY: dict[int, np.dtype[np.generic]] = {
+    pb.FLOAT32: np.dtype("<f4"),
+    pb.FLOAT16: np.dtype("<f2"),
+    pb.FLOAT64: np.dtype("<f8"),
+    pb.INT32: np.dtype("<i4"),
+    pb.INT64: np.dtype("<i8"),
+    pb.INT8: np.dtype("i1"),
+    pb.UINT8: np.dtype("u1"),
+    pb.BOOL: np.dtype("?"),
+}
+NUMPY_TO_DTYPE: dict[np.dtype[np.generic], int] = {
+    dt.newbyteorder("="): code for code, dt in DTYPE_TO_NUMPY.items()
+}
+
+
+class TensorDecodeError(ValueError):
+    """A Tensor message whose dtype, shape and bytes do not describe a valid array."""
+
+
+def decode(tensor: pb.Tensor) -> npt.NDArray[np.generic]:
+    """Return a read-only array viewing the message's bytes (no copy)."""
+    dtype = DTYPE_TO_NUMPY.get(tensor.dtype)
+    label = f"tensor {tensor.name!r}" if tensor.name else "tensor"
+    if dtype is None:
+        raise TensorDecodeError(f"{label} has unsupported dtype {tensor.dtype}")
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise TensorDecodeError(f"{label} has a negative dimension in shape {list(shape)}")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise TensorDecodeError(
+            f"{label} has {len(tensor.data)} bytes but dtype {dtype.name} and shape "
+            f"{list(shape)} need {expected}"
+        )
+    array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    if dtype.byteorder == "<" and not np.little_endian:  # pragma: no cover - big-endian hosts
+        array = array.astype(dtype.newbyteorder("="))
+    return array
+
+
+def encode(array: npt.NDArray[np.generic], name: str = "") -> pb.Tensor:
+    """Serialise an array as a Tensor message (little-endian, C order)."""
+    native = array.dtype.newbyteorder("=") if array.dtype.byteorder != "|" else array.dtype
+    code = NUMPY_TO_DTYPE.get(native)
+    if code is None:
+        raise TypeError(f"dtype {array.dtype} cannot travel as an rnnstream tensor")
+    wire = DTYPE_TO_NUMPY[code]
+    data = np.ascontiguousarray(array, dtype=wire).tobytes()
+    return pb.Tensor(name=name, dtype=code, shape=array.shape, data=data)  # type: ignore[arg-type]

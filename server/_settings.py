@@ -1,0 +1,83 @@
+"""The server's one settings object, filled from flags and RNNSTREAM_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Settings"]
+
+_ENV_PREFIX = "RNNSTREAM_"
+
+
+def _setting(default: Any, doc: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"doc": doc, **extra})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of rnnstream-server. Flag --foo-bar maps to env RNNSTREAM_FOO_BAR."""
+
+    host: str = _setting("127.0.0.1", "Address to listen on (0.0.0.0 inside containers).")
+    port: int = _setting(50051, "gRPC port; 0 picks a free one.")
+    model_repository: Path = _setting(
+        Path("models"), "Folder with one sub-folder per model holding model.onnx."
+    )
+    models: tuple[str, ...] = _setting(
+        (), "Load only these models (comma-separated); empty loads every model found."
+    )
+    device: str = _setting(
+        "auto", "Execution provider: auto (CUDA if it really works, else CPU), cpu or cuda.",
+        choices=("auto", "cpu", "cuda"),
+    )
+    ort_threads: int = _setting(1, "ONNX Runtime intra-op threads per model; 0 lets ORT decide.")
+    max_batch_size: int = _setting(256, "Most sessions stepped in one ONNX Runtime call; 1 disables batching.")
+    max_sessions: int = _setting(100_000, "Most sessions open at once across all models.")
+    session_ttl: float = _setting(600.0, "Seconds an idle session lives; 0 turns expiry off.")
+    output_ring: int = _setting(64, "Outputs kept per session to answer frames resent after a reconnect.")
+    max_steps_per_frame: int = _setting(4096, "Most time steps (T) one frame may carry.")
+    max_message_bytes: int = _setting(16 * 1024 * 1024, "Largest gRPC message accepted or sent.")
+    log_level: str = _setting("INFO", "Logging level.")
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+        """Parse flags; each flag's default comes from its RNNSTREAM_* variable when set."""
+        env = dict(os.environ) if env is None else env
+        parser = argparse.ArgumentParser(
+            prog="rnnstream-server",
+            description="Serve recurrent ONNX models over gRPC with per-session state.",
+        )
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            env_name = _ENV_PREFIX + f.name.upper()
+            default = cls._parse(f, env[env_name]) if env_name in env else f.default
+            kwargs: dict[str, Any] = {
+                "default": default,
+                "help": f"{f.metadata['doc']} [env {env_name}; default {f.default!r}]",
+                "dest": f.name,
+            }
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            kwargs["type"] = lambda text, f=f: cls._parse(f, text)
+            parser.add_argument(flag, **kwargs)
+        return cls(**vars(parser.parse_args(argv)))
+
+    @staticmethod
+    def _parse(f: dataclasses.Field[Any], text: str) -> Any:
+        kind = f.type
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "Path":
+            return Path(text)
+        if kind == "bool":
+            return text.lower() in ("1", "true", "yes", "on")
+        if kind.startswith("tuple"):
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        return text

@@ -1,0 +1,49 @@
+"""Transport-neutral core: models, sessions, the batching scheduler and the engine over them."""
+
+from server.core._engine import Engine, OpenedSession, SessionSnapshot, discover_models
+from server.core._errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    RnnstreamError,
+    Unauthenticated,
+    Unavailable,
+)
+from server.core._models import ModelConfigError, ModelSpec, StateSpec, TensorSpec
+from server.core._runtime import DeviceError, OrtModel, load_model
+from server.core._scheduler import ModelScheduler
+from server.core._sessions import FrameResult, Session, SessionManager
+from server.core._state_pool import StatePool
+
+__all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "DeviceError",
+    "Engine",
+    "FailedPrecondition",
+    "FrameResult",
+    "Internal",
+    "InvalidArgument",
+    "ModelConfigError",
+    "ModelScheduler",
+    "ModelSpec",
+    "NotFound",
+    "OpenedSession",
+    "OrtModel",
+    "ResourceExhausted",
+    "RnnstreamError",
+    "Session",
+    "SessionManager",
+    "SessionSnapshot",
+    "StatePool",
+    "StateSpec",
+    "TensorSpec",
+    "Unauthenticated",
+    "Unavailable",
+    "discover_models",
+    "load_model",
+]

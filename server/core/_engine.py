@@ -1,0 +1,194 @@
+"""The transport-neutral data plane: models, sessions and schedulers behind one small API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from server._settings import Settings
+from server.core._errors import InvalidArgument, NotFound
+from server.core._models import ModelConfigError, ModelSpec
+from server.core._runtime import OrtModel, load_model
+from server.core._scheduler import ModelScheduler
+from server.core._sessions import ControlWork, FrameResult, FrameWork, Session, SessionManager
+from server.core._validation import NamedArray, validate_frame
+
+__all__ = ["Engine", "OpenedSession", "SessionSnapshot", "discover_models"]
+
+log = logging.getLogger("rnnstream.engine")
+
+
+@dataclass(frozen=True)
+class OpenedSession:
+    session_id: str
+    model: str
+    next_index: int
+    resumed: bool
+
+
+@dataclass(frozen=True)
+class SessionSnapshot:
+    session_id: str
+    model: str
+    next_index: int
+    pending_frames: int
+    idle_seconds: float
+    expires_in: float
+
+
+def discover_models(repository: Path, only: Sequence[str] = ()) -> dict[str, Path]:
+    """Model name -> folder, for every folder of the repository holding a model.onnx."""
+    if not repository.is_dir():
+        raise ModelConfigError(f"model repository {repository} is not a folder")
+    found = {p.parent.name: p.parent for p in sorted(repository.glob("*/model.onnx"))}
+    missing = [name for name in only if name not in found]
+    if missing:
+        raise ModelConfigError(f"models {missing} not found in {repository}; found {sorted(found)}")
+    return {name: found[name] for name in (only or found)}
+
+
+class Engine:
+    """Everything a transport needs; it never sees ONNX Runtime or the state pool."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.models: dict[str, OrtModel] = {}
+        self.schedulers: dict[str, ModelScheduler] = {}
+        self.sessions = SessionManager(
+            self.schedulers,
+            max_sessions=settings.max_sessions,
+            ttl=settings.session_ttl,
+            ring_size=settings.output_ring,
+        )
+        # One thread per model would let models overlap; ORT releases the GIL while it runs.
+        self._executor: ThreadPoolExecutor | None = None
+        self._expiry: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        folders = discover_models(self.settings.model_repository, self.settings.models)
+        if not folders:
+            raise ModelConfigError(f"no */model.onnx under {self.settings.model_repository}")
+        for name, folder in folders.items():
+            self.models[name] = load_model(
+                name, folder, self.settings.device, self.settings.ort_threads
+            )
+        self._executor = ThreadPoolExecutor(
+            max_workers=max(1, len(self.models)), thread_name_prefix="ort"
+        )
+        for name, model in self.models.items():
+            scheduler = ModelScheduler(
+                model, max_batch_size=self.settings.max_batch_size, executor=self._executor
+            )
+            scheduler.start()
+            self.schedulers[name] = scheduler
+        self._expiry = asyncio.get_running_loop().create_task(self.sessions.run_expiry())
+
+    async def stop(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            await asyncio.gather(self._expiry, return_exceptions=True)
+        for scheduler in self.schedulers.values():
+            await scheduler.stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until every queued frame has been answered, or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not all(s.idle() for s in self.schedulers.values()):
+            await asyncio.sleep(0.01)
+
+    # -- models --------------------------------------------------------------------------
+    def model_spec(self, name: str) -> ModelSpec:
+        return self.model(name).spec
+
+    def model(self, name: str) -> OrtModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise NotFound(f"unknown model {name!r}; loaded models: {sorted(self.models)}") from None
+
+    # -- sessions --------------------------------------------------------------------------
+    def open_session(self, model: str, session_id: str, owner: str) -> OpenedSession:
+        session, resumed = self.sessions.open(model, session_id, owner)
+        return OpenedSession(session.id, session.model, session.next_index, resumed)
+
+    def submit_frame(
+        self, session_id: str, index: int, tensors: Sequence[NamedArray], owner: str
+    ) -> asyncio.Future[FrameResult]:
+        """Queue a frame; the future resolves with its outputs once the frame is applied."""
+        session = self.sessions.get(session_id, owner)
+        return self._submit(session, index, tensors)
+
+    def _submit(
+        self, session: Session, index: int, tensors: Sequence[NamedArray]
+    ) -> asyncio.Future[FrameResult]:
+        if index < 0:
+            raise InvalidArgument(f"frame index {index} is negative", session_id=session.id)
+        scheduler = self.schedulers[session.model]
+        try:
+            arrays = validate_frame(scheduler.spec, tensors, self.settings.max_steps_per_frame)
+        except InvalidArgument as exc:
+            exc.session_id, exc.frame_index = session.id, index
+            raise
+        future: asyncio.Future[FrameResult] = asyncio.get_running_loop().create_future()
+        key = tuple(a.shape for a in arrays)
+        scheduler.submit(session, FrameWork(index, arrays, key, future))
+        return future
+
+    def reset(self, session_id: str, owner: str) -> asyncio.Future[int]:
+        session = self.sessions.get(session_id, owner)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.schedulers[session.model].submit(session, ControlWork("reset", future))
+        return future
+
+    def end(self, session_id: str, owner: str) -> asyncio.Future[int]:
+        return self.sessions.end(session_id, owner)
+
+    def snapshot(self, session_id: str, owner: str) -> SessionSnapshot:
+        session = self.sessions.get(session_id, owner)
+        idle = time.monotonic() - session.last_active
+        ttl = self.sessions.ttl
+        return SessionSnapshot(
+            session.id,
+            session.model,
+            session.next_index,
+            session.pending_frames(),
+            idle,
+            max(0.0, ttl - idle) if ttl > 0 else 0.0,
+        )
+
+    async def infer(
+        self,
+        model: str,
+        session_id: str,
+        index: int | None,
+        tensors: Sequence[NamedArray],
+        owner: str,
+    ) -> tuple[str, FrameResult]:
+        """One call, one frame: stateless when `session_id` is empty."""
+        if session_id:
+            session = self.sessions.get(session_id, owner)
+            if session.model != model and model:
+                raise InvalidArgument(
+                    f"session {session_id!r} runs model {session.model!r}, not {model!r}",
+                    session_id=session_id,
+                )
+            expected = session.next_index + session.pending_frames()
+            return session.id, await self._submit(
+                session, expected if index is None else index, tensors
+            )
+        scheduler = self.sessions.scheduler(model)
+        scratch = Session("", model, owner, ring_size=0)
+        scheduler.attach(scratch)
+        try:
+            return "", await self._submit(scratch, 0, tensors)
+        finally:
+            done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            scheduler.submit(scratch, ControlWork("end", done, "stateless"))
+

@@ -1,0 +1,121 @@
+"""ONNX Runtime sessions: picking the execution provider and running a model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from server.core._models import GraphTensor, ModelConfigError, ModelSpec, build_spec, load_config
+
+__all__ = ["DeviceError", "OrtModel", "load_model"]
+
+log = logging.getLogger("rnnstream.runtime")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class DeviceError(Exception):
+    """The requested device cannot be used on this machine."""
+
+
+class OrtModel:
+    """One loaded model: its spec and the ORT session that runs it (thread-safe)."""
+
+    def __init__(self, spec: ModelSpec, session: ort.InferenceSession) -> None:
+        self.spec = spec
+        self.session = session
+        # Read back from ORT rather than assumed: this is what really runs the graph.
+        self.provider: str = session.get_providers()[0]
+        self._output_names = [o.name for o in spec.outputs] + [s.output_name for s in spec.states]
+
+    def run(
+        self, feeds: Mapping[str, npt.NDArray[Any]]
+    ) -> tuple[list[npt.NDArray[Any]], list[npt.NDArray[Any]]]:
+        """Run one batch; returns (data outputs, new states) in spec order."""
+        results: list[npt.NDArray[Any]] = self.session.run(self._output_names, dict(feeds))
+        n = len(self.spec.outputs)
+        return results[:n], results[n:]
+
+
+def _session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
+def _create(path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
+    return ort.InferenceSession(
+        str(path), sess_options=_session_options(threads), providers=providers
+    )
+
+
+def _open_session(path: Path, device: str, threads: int) -> ort.InferenceSession:
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return _create(path, [CPU], threads)
+    if CUDA not in available:
+        if device == "cuda":
+            raise DeviceError(
+                f"--device cuda: the installed onnxruntime offers only {available}. Install the "
+                "GPU build (pip install 'rnnstream[cuda]', which brings onnxruntime-gpu, and "
+                "uninstall onnxruntime) on a machine with an NVIDIA driver and CUDA 12 libraries,"
+                " or use --device cpu / auto"
+            )
+        return _create(path, [CPU], threads)
+    try:
+        session = _create(path, [CUDA, CPU], threads)
+    except Exception as exc:  # ORT raises plain exceptions when CUDA libraries are missing
+        if device == "cuda":
+            raise DeviceError(f"--device cuda: could not create a CUDA session: {exc}") from exc
+        log.warning("CUDA provider is listed but unusable (%s); using the CPU", exc)
+        return _create(path, [CPU], threads)
+    if session.get_providers()[0] != CUDA:
+        if device == "cuda":
+            raise DeviceError(
+                "--device cuda: onnxruntime fell back to the CPU; check the NVIDIA driver and "
+                "the CUDA/cuDNN libraries onnxruntime-gpu needs"
+            )
+        log.warning("CUDA provider could not run %s; using the CPU", path)
+    return session
+
+
+def _graph_tensors(args: list[Any]) -> list[GraphTensor]:
+    return [GraphTensor(a.name, a.type, tuple(a.shape)) for a in args]
+
+
+def load_model(name: str, folder: Path, device: str, threads: int) -> OrtModel:
+    """Load models/NAME: its ONNX graph, optional config.toml, and an ORT session."""
+    path = folder / "model.onnx"
+    if not path.exists():
+        raise ModelConfigError(f"model {name!r}: {path} does not exist")
+    session = _open_session(path, device, threads)
+    spec = build_spec(
+        name,
+        path,
+        _graph_tensors(session.get_inputs()),
+        _graph_tensors(session.get_outputs()),
+        load_config(folder),
+    )
+    model = OrtModel(spec, session)
+    log.info(
+        "loaded model %s on %s: inputs %s, outputs %s, states %s",
+        name,
+        model.provider,
+        [t.name for t in spec.inputs],
+        [t.name for t in spec.outputs],
+        [f"{s.input_name}->{s.output_name}" for s in spec.states],
+    )
+    return model
+
+
+def zeros_like_state(spec: ModelSpec) -> list[npt.NDArray[Any]]:
+    return [np.array(s.initial) for s in spec.states]

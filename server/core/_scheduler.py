@@ -1,0 +1,254 @@
+"""Per-model scheduler: steps the waiting frames of many sessions in one ONNX Runtime call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from server.core._errors import FailedPrecondition, Internal, NotFound, RnnstreamError
+from server.core._runtime import OrtModel
+from server.core._sessions import ControlWork, FrameResult, FrameWork, Session, as_index_array
+from server.core._state_pool import StatePool
+
+__all__ = ["BatchStats", "ModelScheduler"]
+
+log = logging.getLogger("rnnstream.scheduler")
+
+
+@dataclass
+class BatchStats:
+    """Running totals, read by metrics and benchmarks."""
+
+    batches: int = 0
+    frames: int = 0
+    failed_batches: int = 0
+    run_seconds: float = 0.0
+
+
+# Called after each batch with (batch size, seconds in ONNX Runtime, per-frame queue waits).
+BatchObserver = Callable[[int, float, list[float]], None]
+
+
+class ModelScheduler:
+    """Oldest-first batching: each call takes at most one frame per ready session, in arrival order.
+
+    There is no batching window: a batch starts as soon as the previous one ends, with whatever
+    has arrived, so a lone session waits for nothing. Everything except the ORT call itself runs
+    on the event loop, which makes the pool and the sessions single-threaded.
+    """
+
+    def __init__(
+        self,
+        model: OrtModel,
+        *,
+        max_batch_size: int,
+        executor: Executor | None = None,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.model = model
+        self.spec = model.spec
+        self.max_batch_size = max(1, max_batch_size)
+        self.pool = StatePool(self.spec.states)
+        self.stats = BatchStats()
+        self._executor = executor
+        self._observer = observer
+        self._ready: deque[Session] = deque()
+        self._slot_owner: dict[int, Session] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.spec.name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def idle(self) -> bool:
+        return not self._ready and not any(s.in_flight for s in self._slot_owner.values())
+
+    # -- sessions --------------------------------------------------------------------------
+    def attach(self, session: Session) -> None:
+        session.slot = self.pool.allocate()
+        self._slot_owner[session.slot] = session
+
+    def submit(self, session: Session, work: FrameWork | ControlWork) -> None:
+        session.pending.append(work)
+        session.last_active = time.monotonic()
+        self._mark_ready(session)
+
+    def read_state(self, session: Session) -> list[npt.NDArray[Any]]:
+        return self.pool.read(session.slot)
+
+    def _mark_ready(self, session: Session) -> None:
+        if session.pending and not session.in_flight and not session.queued:
+            session.queued = True
+            self._ready.append(session)
+            self._wake.set()
+
+    def _close(self, session: Session) -> None:
+        session.closed = True
+        del self._slot_owner[session.slot]
+        self.pool.release(session.slot)
+        while session.pending:
+            work = session.pending.popleft()
+            if not work.future.done():
+                work.future.set_exception(
+                    NotFound(f"session {session.id!r} has ended", session_id=session.id)
+                )
+
+    def _relocate(self, old: int, new: int) -> None:
+        session = self._slot_owner.pop(old)
+        session.slot = new
+        self._slot_owner[new] = session
+
+    # -- the loop --------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            if not self._ready:
+                self._wake.clear()
+                self.pool.compact(self._relocate)
+                await self._wake.wait()
+                continue
+            sessions, frames = self._take_batch()
+            if frames:
+                await self._run_batch(sessions, frames)
+
+    def _head_frame(self, session: Session) -> FrameWork | None:
+        """Apply controls and answer stale or early frames at the head; return a runnable frame."""
+        while session.pending:
+            work = session.pending[0]
+            if isinstance(work, ControlWork):
+                session.pending.popleft()
+                self._apply_control(session, work)
+                if session.closed:
+                    return None
+                continue
+            if work.index == session.next_index:
+                return work
+            session.pending.popleft()
+            if work.future.done():
+                continue
+            if work.index < session.next_index:
+                replayed = session.replay(work.index)
+                if replayed is not None:
+                    work.future.set_result(replayed)
+                else:
+                    work.future.set_exception(
+                        FailedPrecondition(
+                            f"frame {work.index} was already applied and its output is no longer "
+                            f"kept (the ring holds the last {session.ring_size}); next expected "
+                            f"frame is {session.next_index}",
+                            session_id=session.id,
+                            frame_index=work.index,
+                        )
+                    )
+            else:
+                work.future.set_exception(
+                    FailedPrecondition(
+                        f"frame {work.index} is out of order: session {session.id!r} expects "
+                        f"frame {session.next_index}",
+                        session_id=session.id,
+                        frame_index=work.index,
+                    )
+                )
+        return None
+
+    def _apply_control(self, session: Session, work: ControlWork) -> None:
+        if work.action == "reset":
+            self.pool.reset(session.slot)
+        else:
+            self._close(session)
+        if not work.future.done():
+            work.future.set_result(session.next_index)
+
+    def _take_batch(self) -> tuple[list[Session], list[FrameWork]]:
+        sessions: list[Session] = []
+        frames: list[FrameWork] = []
+        skipped: list[Session] = []
+        key = None
+        while self._ready and len(frames) < self.max_batch_size:
+            session = self._ready.popleft()
+            session.queued = False
+            frame = self._head_frame(session)
+            if frame is None:
+                continue
+            if key is None:
+                key = frame.key
+            elif frame.key != key:
+                skipped.append(session)  # a different T: it leads a later batch
+                continue
+            session.pending.popleft()
+            session.in_flight = True
+            sessions.append(session)
+            frames.append(frame)
+        for session in reversed(skipped):
+            session.queued = True
+            self._ready.appendleft(session)
+        return sessions, frames
+
+    def _feeds(self, frames: list[FrameWork], slots: npt.NDArray[np.intp]) -> dict[str, Any]:
+        feeds: dict[str, Any] = {}
+        for i, spec in enumerate(self.spec.inputs):
+            feeds[spec.name] = np.stack([f.inputs[i] for f in frames], axis=spec.batch_axis)
+        for state, array in zip(self.spec.states, self.pool.gather(slots), strict=True):
+            feeds[state.input_name] = array
+        return feeds
+
+    async def _run_batch(self, sessions: list[Session], frames: list[FrameWork]) -> None:
+        slots = as_index_array([s.slot for s in sessions])
+        started = time.perf_counter()
+        try:
+            feeds = self._feeds(frames, slots)
+            loop = asyncio.get_running_loop()
+            outputs, states = await loop.run_in_executor(self._executor, self.model.run, feeds)
+        except asyncio.CancelledError:
+            self._fail(sessions, frames, Internal("server stopped while the frame was running"))
+            raise
+        except Exception as exc:
+            self.stats.failed_batches += 1
+            log.exception("model %s failed on a batch of %d", self.spec.name, len(frames))
+            self._fail(sessions, frames, Internal(f"model {self.spec.name!r} failed: {exc}"))
+            return
+        elapsed = time.perf_counter() - started
+        self.pool.scatter(slots, states)
+        per_output = [
+            np.moveaxis(out, spec.batch_axis, 0)
+            for out, spec in zip(outputs, self.spec.outputs, strict=True)
+        ]
+        for i, (session, frame) in enumerate(zip(sessions, frames, strict=True)):
+            result = FrameResult(frame.index, [np.array(out[i]) for out in per_output])
+            session.next_index += 1
+            session.remember(result)
+            session.in_flight = False
+            session.last_active = time.monotonic()
+            if not frame.future.done():
+                frame.future.set_result(result)
+            self._mark_ready(session)
+        self.stats.batches += 1
+        self.stats.frames += len(frames)
+        self.stats.run_seconds += elapsed
+        if self._observer is not None:
+            self._observer(len(frames), elapsed, [started - f.enqueued_at for f in frames])
+
+    def _fail(self, sessions: list[Session], frames: list[FrameWork], error: RnnstreamError) -> None:
+        """A failed run leaves every state as it was: the frames may be sent again."""
+        for session, frame in zip(sessions, frames, strict=True):
+            session.in_flight = False
+            if not frame.future.done():
+                frame.future.set_exception(
+                    type(error)(error.message, session_id=session.id, frame_index=frame.index)
+                )
+            self._mark_ready(session)

@@ -1,0 +1,246 @@
+"""Sessions, the work queued on them, and the registry that opens, finds and expires them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from server.core._errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+if TYPE_CHECKING:
+    from server.core._scheduler import ModelScheduler
+
+__all__ = ["ControlWork", "FrameResult", "FrameWork", "Session", "SessionManager"]
+
+log = logging.getLogger("rnnstream.sessions")
+
+Arrays = list[npt.NDArray[Any]]
+_MAX_ID_LENGTH = 128
+_EXPIRED_MEMORY = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class FrameResult:
+    index: int
+    outputs: Arrays
+    replayed: bool = False
+
+
+@dataclass(slots=True)
+class FrameWork:
+    """One frame waiting to be applied: its inputs in the model's input order."""
+
+    index: int
+    inputs: Arrays
+    key: tuple[tuple[int, ...], ...]  # frames batch together only when their shapes agree
+    future: asyncio.Future[FrameResult]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(slots=True)
+class ControlWork:
+    """A reset or end, applied in order with the session's frames."""
+
+    action: Literal["reset", "end"]
+    future: asyncio.Future[int]
+    reason: str = "client"
+
+
+class Session:
+    """A client's stream of frames through one model, and where its state lives."""
+
+    __slots__ = (
+        "closed",
+        "id",
+        "in_flight",
+        "last_active",
+        "model",
+        "next_index",
+        "owner",
+        "pending",
+        "queued",
+        "ring",
+        "ring_size",
+        "slot",
+    )
+
+    def __init__(self, session_id: str, model: str, owner: str, ring_size: int) -> None:
+        self.id = session_id
+        self.model = model
+        self.owner = owner
+        self.slot = -1
+        self.next_index = 0
+        self.pending: deque[FrameWork | ControlWork] = deque()
+        self.in_flight = False
+        self.queued = False
+        self.closed = False
+        self.ring: deque[FrameResult] | None = None  # created on first output: idle sessions stay small
+        self.ring_size = ring_size
+        self.last_active = time.monotonic()
+
+    def remember(self, result: FrameResult) -> None:
+        if self.ring_size <= 0:
+            return
+        if self.ring is None:
+            self.ring = deque(maxlen=self.ring_size)
+        self.ring.append(result)
+
+    def replay(self, index: int) -> FrameResult | None:
+        for result in reversed(self.ring or ()):
+            if result.index == index:
+                return FrameResult(index, result.outputs, replayed=True)
+        return None
+
+    def pending_frames(self) -> int:
+        return sum(1 for w in self.pending if isinstance(w, FrameWork))
+
+
+class SessionManager:
+    """Every open session by id; enforces the session cap, ownership and idle expiry."""
+
+    def __init__(
+        self,
+        schedulers: dict[str, ModelScheduler],
+        *,
+        max_sessions: int,
+        ttl: float,
+        ring_size: int,
+        on_expired: Callable[[Session], None] | None = None,
+    ) -> None:
+        self._schedulers = schedulers
+        self._sessions: dict[str, Session] = {}
+        self._expired: OrderedDict[str, None] = OrderedDict()
+        self.max_sessions = max_sessions
+        self.ttl = ttl
+        self.ring_size = ring_size
+        self._on_expired = on_expired
+        self.accepting = True
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def scheduler(self, model: str) -> ModelScheduler:
+        try:
+            return self._schedulers[model]
+        except KeyError:
+            raise NotFound(
+                f"unknown model {model!r}; loaded models: {sorted(self._schedulers)}"
+            ) from None
+
+    def open(self, model: str, session_id: str, owner: str) -> tuple[Session, bool]:
+        """Open a session, or resume it when `session_id` names one this owner holds."""
+        scheduler = self.scheduler(model)
+        if session_id:
+            if len(session_id) > _MAX_ID_LENGTH or not session_id.isprintable():
+                raise InvalidArgument(
+                    f"session id must be at most {_MAX_ID_LENGTH} printable characters"
+                )
+            existing = self._sessions.get(session_id)
+            if existing is not None:
+                if existing.owner != owner:
+                    raise FailedPrecondition(
+                        f"session id {session_id!r} is taken; choose another id",
+                        session_id=session_id,
+                    )
+                if existing.model != model:
+                    raise FailedPrecondition(
+                        f"session {session_id!r} runs model {existing.model!r}, not {model!r}",
+                        session_id=session_id,
+                    )
+                existing.last_active = time.monotonic()
+                return existing, True
+        if not self.accepting:
+            raise Unavailable("server is shutting down and opens no new sessions")
+        if len(self._sessions) >= self.max_sessions:
+            raise ResourceExhausted(
+                f"session limit reached ({self.max_sessions} open); end idle sessions or raise "
+                "--max-sessions"
+            )
+        session = Session(session_id or secrets.token_hex(16), model, owner, self.ring_size)
+        scheduler.attach(session)
+        self._sessions[session.id] = session
+        self._expired.pop(session.id, None)
+        log.debug("session opened", extra={"session_id": session.id, "model": model})
+        return session, False
+
+    def get(self, session_id: str, owner: str) -> Session:
+        session = self._sessions.get(session_id)
+        # Another owner's session is refused exactly as a missing one, so ids leak nothing.
+        if session is None or session.owner != owner:
+            if session is None and session_id in self._expired:
+                raise NotFound(
+                    f"session {session_id!r} expired after {self.ttl:g} s idle",
+                    session_id=session_id,
+                )
+            raise NotFound(f"unknown session {session_id!r}", session_id=session_id)
+        return session
+
+    def end(self, session_id: str, owner: str, reason: str = "client") -> asyncio.Future[int]:
+        """Remove the session now; its queued frames still run, then its slot is freed."""
+        session = self.get(session_id, owner)
+        return self._end(session, reason)
+
+    def _end(self, session: Session, reason: str) -> asyncio.Future[int]:
+        del self._sessions[session.id]
+        if reason == "expired":
+            self._expired[session.id] = None
+            while len(self._expired) > _EXPIRED_MEMORY:
+                self._expired.popitem(last=False)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._schedulers[session.model].submit(session, ControlWork("end", future, reason))
+        return future
+
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def expire_idle(self) -> list[Session]:
+        """End every idle session older than the TTL; returns the ones expired."""
+        if self.ttl <= 0:
+            return []
+        cutoff = time.monotonic() - self.ttl
+        idle = [
+            s
+            for s in self._sessions.values()
+            if s.last_active < cutoff and not s.pending and not s.in_flight
+        ]
+        for session in idle:
+            self._end(session, "expired")
+            log.info("session expired", extra={"session_id": session.id, "model": session.model})
+            if self._on_expired is not None:
+                self._on_expired(session)
+        return idle
+
+    async def run_expiry(self) -> None:
+        if self.ttl <= 0:
+            return
+        interval = min(max(self.ttl / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(interval)
+            self.expire_idle()
+
+    def end_all(self, reason: str) -> None:
+        for session in list(self._sessions.values()):
+            self._end(session, reason)
+
+
+def stack_key(arrays: Arrays) -> tuple[tuple[int, ...], ...]:
+    return tuple(a.shape for a in arrays)
+
+
+def as_index_array(slots: list[int]) -> npt.NDArray[np.intp]:
+    return np.fromiter(slots, dtype=np.intp, count=len(slots))

@@ -1,0 +1,86 @@
+"""Checks a frame's tensors against the model before anything touches a session."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from server.core._errors import InvalidArgument
+from server.core._models import ModelSpec, TensorSpec
+
+__all__ = ["describe_shape", "validate_frame"]
+
+NamedArray = tuple[str, npt.NDArray[Any]]
+
+
+def describe_shape(spec: TensorSpec) -> str:
+    """The shape a session sends for `spec`, e.g. [T, 16]."""
+    time_axis = spec.frame_time_axis
+    dims = [
+        "T" if i == time_axis else ("?" if d is None else str(d))
+        for i, d in enumerate(spec.frame_shape)
+    ]
+    return "[" + ", ".join(dims) + "]"
+
+
+def _check_one(
+    spec: TensorSpec, array: npt.NDArray[Any], model: str, max_steps: int
+) -> int | None:
+    label = f"model {model!r} input {spec.name!r}"
+    if array.dtype != spec.dtype:
+        raise InvalidArgument(f"{label} must be {spec.dtype.name}, got {array.dtype.name}")
+    expected = spec.frame_shape
+    if array.ndim != len(expected):
+        raise InvalidArgument(
+            f"{label} must have shape {describe_shape(spec)} (the model's shape without its "
+            f"batch axis), got {list(array.shape)}"
+        )
+    for axis, (want, got) in enumerate(zip(expected, array.shape, strict=True)):
+        if want is not None and want != got:
+            raise InvalidArgument(
+                f"{label} must have shape {describe_shape(spec)}, got {list(array.shape)} "
+                f"(axis {axis} is {got}, expected {want})"
+            )
+    steps = None if spec.frame_time_axis is None else int(array.shape[spec.frame_time_axis])
+    if steps is not None:
+        if steps < 1:
+            raise InvalidArgument(f"{label} carries 0 time steps; a frame needs at least one")
+        if steps > max_steps:
+            raise InvalidArgument(
+                f"{label} carries {steps} time steps; the limit is {max_steps} per frame "
+                "(--max-steps-per-frame)"
+            )
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # A NaN or infinity would poison the recurrent state for every later frame.
+        raise InvalidArgument(f"{label} contains NaN or infinity")
+    return steps
+
+
+def validate_frame(
+    spec: ModelSpec, tensors: Sequence[NamedArray], max_steps: int
+) -> list[npt.NDArray[Any]]:
+    """Return the frame's arrays in the model's input order, or raise InvalidArgument."""
+    names = [t.name for t in spec.inputs]
+    if not tensors:
+        raise InvalidArgument(f"frame carries no tensors; model {spec.name!r} expects {names}")
+    by_name: dict[str, npt.NDArray[Any]] = {}
+    for name, array in tensors:
+        if not name and len(spec.inputs) == 1 and len(tensors) == 1:
+            name = spec.inputs[0].name  # a single unnamed tensor feeds a single-input model
+        if name not in names:
+            raise InvalidArgument(
+                f"model {spec.name!r} has no data input {name!r}; its data inputs are {names}"
+            )
+        if name in by_name:
+            raise InvalidArgument(f"frame carries input {name!r} twice")
+        by_name[name] = array
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise InvalidArgument(f"frame lacks input(s) {missing} of model {spec.name!r}")
+    steps = {s for t in spec.inputs if (s := _check_one(t, by_name[t.name], spec.name, max_steps))}
+    if len(steps) > 1:
+        raise InvalidArgument(f"frame inputs disagree on the number of time steps: {sorted(steps)}")
+    return [by_name[n] for n in names]

@@ -1,0 +1,89 @@
+"""The one place where errors become gRPC statuses, in-band stream errors or aborts."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from rnnstream_pb.tensor_codec import TensorDecodeError
+from rnnstream_pb.v1 import rnnstream_pb2 as pb
+
+from server.core import Internal, InvalidArgument, RnnstreamError
+
+__all__ = ["BadRequest", "abort", "as_rnnstream_error", "stream_error", "tolerant", "unary"]
+
+log = logging.getLogger("rnnstream.grpc")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BadRequest:
+    """Stands in for a request whose bytes were not a valid message, so it can be answered."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.message = f"request is not a valid {type_name}: {error}"
+
+
+def tolerant(parse: Callable[[bytes], T], type_name: str) -> Callable[[bytes], T | BadRequest]:
+    """A request deserializer that reports garbage instead of failing the whole RPC."""
+
+    def parse_or_flag(data: bytes) -> T | BadRequest:
+        try:
+            return parse(data)
+        except Exception as exc:
+            return BadRequest(type_name, exc)
+
+    return parse_or_flag
+
+
+def as_rnnstream_error(exc: BaseException) -> RnnstreamError:
+    """Classify any exception; only unexpected ones are logged with a traceback."""
+    if isinstance(exc, RnnstreamError):
+        return exc
+    if isinstance(exc, TensorDecodeError):
+        return InvalidArgument(str(exc))
+    log.error("internal error", exc_info=exc)
+    return Internal(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def stream_error(
+    exc: BaseException, session_id: str = "", frame_index: int | None = None
+) -> pb.StreamResponse:
+    error = as_rnnstream_error(exc)
+    return pb.StreamResponse(
+        error=pb.StreamError(
+            code=error.code.value[0],
+            message=error.message,
+            session_id=error.session_id or session_id,
+            frame_index=error.frame_index if error.frame_index is not None else frame_index,
+        )
+    )
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
+    error = as_rnnstream_error(exc)
+    await context.abort(error.code, error.message)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def unary(
+    handler: Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[R]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[R]]:
+    """Wrap a unary handler: garbage requests and core errors become clean statuses."""
+
+    @functools.wraps(handler)
+    async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
+        if isinstance(request, BadRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort(context, exc)
+
+    return wrapped

@@ -1,0 +1,79 @@
+"""Shared fixtures: real rnnstream servers on 127.0.0.1 with OS-chosen ports."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from server import GrpcServer, Settings
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "models"
+
+
+class RunningServer:
+    """A GrpcServer on its own event-loop thread, as a deployed server would run."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.server = GrpcServer(settings)
+        self.port = self.call(self.server.start())
+        self.target = f"127.0.0.1:{self.port}"
+        self.engine = self.server.engine
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        """Run a coroutine on the server's loop (engine state lives there)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def run(self, fn: Callable[[], T]) -> T:
+        async def wrapper() -> T:
+            return fn()
+
+        return self.call(wrapper())
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+def test_settings(**overrides: Any) -> Settings:
+    base = Settings(host="127.0.0.1", port=0, model_repository=MODELS, session_ttl=0)
+    return replace(base, **overrides)
+
+
+test_settings.__test__ = False  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def make_server() -> Iterator[Callable[..., RunningServer]]:
+    """Start servers with settings overrides; every one is stopped at teardown."""
+    started: list[RunningServer] = []
+
+    def make(**overrides: Any) -> RunningServer:
+        running = RunningServer(test_settings(**overrides))
+        started.append(running)
+        return running
+
+    yield make
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RunningServer]:
+    """One shared server over the shipped models (expiry off)."""
+    running = RunningServer(test_settings())
+    yield running
+    running.stop()
