@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
@@ -12,14 +12,21 @@ import grpc
 from rnnstream_pb.v1 import rnnstream_pb2 as pb
 from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
 
-from client._errors import RnnstreamError
+from client._errors import RnnstreamError, SessionLost
 from client._frames import FrameInput, Outputs, decode_outputs, encode_frame
+from client._mux import RetryPolicy, StreamMux
 
-__all__ = ["AsyncClient", "AsyncSession"]
+__all__ = ["SESSION_METADATA", "AsyncClient", "AsyncSession"]
+
+SESSION_METADATA = "rnnstream-session-id"
 
 DEFAULT_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # Reconnect quickly after a dropped connection; the stream mux adds its own backoff.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 )
 
 
@@ -27,106 +34,21 @@ def _status_error(exc: grpc.aio.AioRpcError) -> RnnstreamError:
     return RnnstreamError(exc.code(), exc.details() or "")
 
 
-class _Mux:
-    """One Stream call; routes each response to the session or request it answers."""
-
-    def __init__(self, stub: pb_grpc.RnnstreamStub, metadata: Sequence[tuple[str, str]]) -> None:
-        self._call = stub.Stream(metadata=tuple(metadata))
-        self._write_lock = asyncio.Lock()
-        self._open_lock = asyncio.Lock()
-        self._opening: asyncio.Future[pb.SessionOpened] | None = None
-        self.sessions: dict[str, AsyncSession] = {}
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-        self.closed: RnnstreamError | None = None
-
-    async def send(self, request: pb.StreamRequest) -> None:
-        if self.closed is not None:
-            raise self.closed
-        async with self._write_lock:
-            await self._call.write(request)
-
-    async def open(self, request: pb.OpenSession) -> pb.SessionOpened:
-        # Opens go one at a time: the reply to an open carries no request id.
-        async with self._open_lock:
-            self._opening = asyncio.get_running_loop().create_future()
-            await self.send(pb.StreamRequest(open=request))
-            try:
-                return await self._opening
-            finally:
-                self._opening = None
-
-    async def _read(self) -> None:
-        try:
-            async for response in self._call:
-                self._route(response)
-            error = RnnstreamError(grpc.StatusCode.UNAVAILABLE, "stream closed by the server")
-        except grpc.aio.AioRpcError as exc:
-            error = _status_error(exc)
-        except asyncio.CancelledError:
-            error = RnnstreamError(grpc.StatusCode.CANCELLED, "stream closed by the client")
-        self.closed = error
-        if self._opening is not None and not self._opening.done():
-            self._opening.set_exception(error)
-        for session in list(self.sessions.values()):
-            session._fail_all(error)
-
-    def _route(self, response: pb.StreamResponse) -> None:
-        kind = response.WhichOneof("kind")
-        if kind == "output":
-            session = self.sessions.get(response.output.session_id)
-            if session is not None:
-                session._on_output(response.output)
-        elif kind == "opened":
-            if self._opening is not None and not self._opening.done():
-                self._opening.set_result(response.opened)
-        elif kind == "error":
-            self._route_error(response.error)
-        elif kind == "reset":
-            session = self.sessions.get(response.reset.session_id)
-            if session is not None:
-                session._on_control(response.reset.next_frame_index)
-        elif kind == "ended":
-            session = self.sessions.pop(response.ended.session_id, None)
-            if session is not None:
-                session._on_ended(response.ended)
-
-    def _route_error(self, error: pb.StreamError) -> None:
-        exc = RnnstreamError.from_number(
-            error.code,
-            error.message,
-            error.session_id,
-            error.frame_index if error.HasField("frame_index") else None,
-        )
-        session = self.sessions.get(error.session_id)
-        if error.HasField("frame_index") and session is not None:
-            session._on_frame_error(error.frame_index, exc)
-        elif session is not None and session._controls:
-            session._controls.popleft().set_exception(exc)
-        elif self._opening is not None and not self._opening.done():
-            self._opening.set_exception(exc)
-
-    async def close(self) -> None:
-        if self.closed is None:
-            with contextlib.suppress(Exception):
-                async with self._write_lock:
-                    await self._call.done_writing()
-        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self._reader), timeout=5)
-        self._reader.cancel()
-        self._call.cancel()
-
-
 class AsyncSession:
     """A session on the server: `step` one frame, or `stream` many with several in flight."""
 
-    def __init__(self, mux: _Mux, model: pb.ModelInfo, opened: pb.SessionOpened) -> None:
+    def __init__(self, mux: StreamMux, model: pb.ModelInfo, opened: pb.SessionOpened) -> None:
         self._mux = mux
         self.model = model
         self.id = opened.session_id
         self.resumed = opened.resumed
         self.next_index = opened.next_frame_index
-        self._frames: dict[int, tuple[asyncio.Future[Outputs], bool]] = {}
-        self._controls: deque[asyncio.Future[int]] = deque()
+        # Requests not yet answered, in send order: resent as they are after a reconnect.
+        self._frames: dict[int, tuple[pb.StreamRequest, asyncio.Future[Outputs], bool]] = {}
+        self._controls: deque[tuple[pb.StreamRequest, asyncio.Future[int]]] = deque()
+        self._order: dict[object, pb.StreamRequest] = {}
+        self.resuming = False
+        self.recovering = False
         self.ended = False
 
     async def send(self, frame: FrameInput, index: int | None = None) -> asyncio.Future[Outputs]:
@@ -136,12 +58,16 @@ class AsyncSession:
             index = self.next_index
         self.next_index = max(self.next_index, index + 1)
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        self._frames[index] = (future, squeeze)
-        request = pb.Frame(session_id=self.id, frame_index=index, inputs=tensors)
+        request = pb.StreamRequest(
+            frame=pb.Frame(session_id=self.id, frame_index=index, inputs=tensors)
+        )
+        self._frames[index] = (request, future, squeeze)
+        self._order[("frame", index)] = request
         try:
-            await self._mux.send(pb.StreamRequest(frame=request))
+            await self._mux.send(request)
         except BaseException:
             self._frames.pop(index, None)
+            self._order.pop(("frame", index), None)
             raise
         return future
 
@@ -162,51 +88,77 @@ class AsyncSession:
 
     async def _control(self, request: pb.StreamRequest) -> int:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._controls.append(future)
+        self._controls.append((request, future))
+        self._order[("control", id(future))] = request
         await self._mux.send(request)
         return await future
 
     async def reset(self) -> int:
         """Back to the initial state; returns the next frame index (numbering goes on)."""
-        return await self._control(pb.StreamRequest(reset=pb.ResetSession(session_id=self.id)))
+        reset = pb.ResetSession(session_id=self.id, frame_index=self.next_index)
+        return await self._control(pb.StreamRequest(reset=reset))
 
     async def end(self) -> int:
         """Free the session on the server after its queued frames; returns frames applied."""
         return await self._control(pb.StreamRequest(end=pb.EndSessionRequest(session_id=self.id)))
 
-    # -- called by the mux ---------------------------------------------------------------
-    def _on_output(self, output: pb.FrameOutput) -> None:
+    # -- called by the stream mux --------------------------------------------------------
+    def unanswered(self) -> list[pb.StreamRequest]:
+        return list(self._order.values())
+
+    def on_output(self, output: pb.FrameOutput) -> None:
         entry = self._frames.pop(output.frame_index, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(decode_outputs(self.model, output.outputs, entry[1]))
+        self._order.pop(("frame", output.frame_index), None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_result(decode_outputs(self.model, output.outputs, entry[2]))
 
-    def _on_frame_error(self, index: int, exc: RnnstreamError) -> None:
+    def on_frame_error(self, index: int, exc: RnnstreamError) -> None:
         entry = self._frames.pop(index, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_exception(exc)
+        self._order.pop(("frame", index), None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_exception(exc)
 
-    def _on_control(self, next_index: int) -> None:
-        if self._controls:
-            self._controls.popleft().set_result(next_index)
+    def _pop_control(self) -> tuple[pb.StreamRequest, asyncio.Future[int]] | None:
+        if not self._controls:
+            return None
+        request, future = self._controls.popleft()
+        self._order.pop(("control", id(future)), None)
+        return request, future
 
-    def _on_ended(self, ended: pb.SessionEnded) -> None:
+    def on_control(self, next_index: int) -> None:
+        entry = self._pop_control()
+        if entry is not None and not entry[1].done():
+            entry[1].set_result(next_index)
+
+    def on_control_error(self, exc: RnnstreamError) -> None:
+        entry = self._pop_control()
+        if entry is not None and not entry[1].done():
+            entry[1].set_exception(exc)
+
+    def on_ended(self, ended: pb.SessionEnded) -> None:
         self.ended = True
-        if self._controls:
-            self._controls.popleft().set_result(ended.next_frame_index)
-        self._fail_all(
-            RnnstreamError(grpc.StatusCode.NOT_FOUND, f"session ended ({ended.reason})",
-                           session_id=self.id)
-        )
+        if ended.reason == "client":
+            self.on_control(ended.next_frame_index)
+            error: RnnstreamError = RnnstreamError(
+                grpc.StatusCode.NOT_FOUND, "session ended", session_id=self.id
+            )
+        else:
+            error = SessionLost(
+                grpc.StatusCode.NOT_FOUND,
+                f"the server ended the session ({ended.reason}); it cannot be resumed",
+                session_id=self.id,
+            )
+        self.fail_all(error)
 
-    def _fail_all(self, exc: RnnstreamError) -> None:
-        for future, _ in self._frames.values():
+    def fail_all(self, exc: RnnstreamError) -> None:
+        for _, future, _ in self._frames.values():
             if not future.done():
                 future.set_exception(exc)
         self._frames.clear()
-        while self._controls:
-            future = self._controls.popleft()
-            if not future.done():
-                future.set_exception(exc)
+        while (entry := self._pop_control()) is not None:
+            if not entry[1].done():
+                entry[1].set_exception(exc)
+        self._order.clear()
 
 
 class AsyncClient:
@@ -217,18 +169,27 @@ class AsyncClient:
         target: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        retry: RetryPolicy | None = RetryPolicy(),
+        stream_per_session: bool = False,
         options: Sequence[tuple[str, Any]] = DEFAULT_OPTIONS,
     ) -> None:
+        """`token` is sent as a bearer token. `retry=None` turns reconnect-and-resume off.
+        `stream_per_session` gives each session its own stream carrying the session id as
+        `rnnstream-session-id` metadata, so a proxy can route every session by it."""
         self.target = target
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
         self._stub = pb_grpc.RnnstreamStub(self._channel)
-        self._metadata = tuple(metadata)
+        self._metadata = tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
+        self._retry = retry
+        self._stream_per_session = stream_per_session
         self._models: dict[str, pb.ModelInfo] = {}
-        self._mux: _Mux | None = None
+        self._mux: StreamMux | None = None
+        self._own_muxes: list[StreamMux] = []
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -237,9 +198,10 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._mux is not None:
-            await self._mux.close()
-            self._mux = None
+        for mux in [*self._own_muxes, *([self._mux] if self._mux else [])]:
+            await mux.close()
+        self._mux = None
+        self._own_muxes.clear()
         await self._channel.close()
 
     async def _unary(self, method: Any, request: Any) -> Any:
@@ -269,16 +231,34 @@ class AsyncClient:
         )
         return ended
 
-    def _stream(self) -> _Mux:
-        if self._mux is None or self._mux.closed is not None:
-            self._mux = _Mux(self._stub, self._metadata)
+    def _stream(self, session_id: str) -> StreamMux:
+        if self._stream_per_session:
+            mux = StreamMux(
+                self._stub, (*self._metadata, (SESSION_METADATA, session_id)), self._retry
+            )
+            self._own_muxes.append(mux)
+            return mux
+        if self._mux is None or self._mux.failure is not None:
+            self._mux = StreamMux(self._stub, self._metadata, self._retry)
         return self._mux
 
-    async def open(self, model: str, session_id: str = "") -> AsyncSession:
-        """Open a session on `model`, or resume `session_id` if the server holds it."""
+    async def open(self, model: str, session_id: str = "", *, resume: bool = False) -> AsyncSession:
+        """Open a session on `model`, or resume `session_id` if the server holds it.
+
+        With `resume=True` the server must already hold the session: SessionLost says why not.
+        """
         info = await self.get_model(model)
-        mux = self._stream()
-        opened = await mux.open(pb.OpenSession(model=model, session_id=session_id))
+        if self._stream_per_session and not session_id:
+            session_id = secrets.token_hex(16)  # chosen here so the proxy can route the stream
+        mux = self._stream(session_id)
+        try:
+            opened = await mux.open(
+                pb.OpenSession(model=model, session_id=session_id, resume=resume)
+            )
+        except RnnstreamError as exc:
+            if resume and exc.code == grpc.StatusCode.NOT_FOUND:
+                raise SessionLost(exc.code, exc.message, session_id=session_id) from None
+            raise
         session = AsyncSession(mux, info, opened)
         mux.sessions[session.id] = session
         return session

@@ -42,7 +42,28 @@ class Settings:
     output_ring: int = _setting(64, "Outputs kept per session to answer frames resent after a reconnect.")
     max_steps_per_frame: int = _setting(4096, "Most time steps (T) one frame may carry.")
     max_message_bytes: int = _setting(16 * 1024 * 1024, "Largest gRPC message accepted or sent.")
+    max_sessions_per_stream: int = _setting(1024, "Most sessions one stream may open.")
+    max_pending_frames: int = _setting(
+        64, "Frames queued per session before the server stops reading that stream (back-pressure)."
+    )
+    evict_idle_when_full: bool = _setting(
+        False, "At the session cap, evict the longest-idle session instead of refusing the open."
+    )
+    keepalive_time: float = _setting(30.0, "Seconds between keepalive pings on idle connections.")
+    keepalive_timeout: float = _setting(10.0, "Seconds to wait for a ping ack before dropping.")
+    grace: float = _setting(10.0, "Seconds a SIGTERM/SIGINT shutdown may take before closing.")
+    metrics_port: int = _setting(9400, "Prometheus metrics HTTP port on --host; 0 turns it off.")
+    log_format: str = _setting("text", "Log line format.", choices=("text", "json"))
     log_level: str = _setting("INFO", "Logging level.")
+    tls_cert: str = _setting("", "PEM server certificate chain; with --tls-key enables TLS.")
+    tls_key: str = _setting("", "PEM private key of --tls-cert.")
+    tls_client_ca: str = _setting("", "PEM CA bundle; when set, clients must present a certificate.")
+    auth_tokens: tuple[str, ...] = _setting(
+        (), "Bearer tokens, comma-separated, each 'principal=token' or a bare token."
+    )
+    auth_tokens_file: str = _setting(
+        "", "File of bearer tokens, one per line: 'principal=token' or a bare token."
+    )
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -63,7 +84,10 @@ class Settings:
             }
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
-            kwargs["type"] = lambda text, f=f: cls._parse(f, text)
+            if f.type == "bool":
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = lambda text, f=f: cls._parse(f, text)
             parser.add_argument(flag, **kwargs)
         return cls(**vars(parser.parse_args(argv)))
 

@@ -42,14 +42,19 @@ class RunningServer:
         return self.call(wrapper())
 
     def stop(self, grace: float = 2.0) -> None:
-        self.call(self.server.stop(grace))
+        async def stop() -> None:
+            await self.server.stop(grace)
+
+        self.call(stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
 
 
 def test_settings(**overrides: Any) -> Settings:
-    base = Settings(host="127.0.0.1", port=0, model_repository=MODELS, session_ttl=0)
+    base = Settings(
+        host="127.0.0.1", port=0, model_repository=MODELS, session_ttl=0, metrics_port=0
+    )
     return replace(base, **overrides)
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from server._metrics import Metrics
 from server._settings import Settings
-from server.core._errors import InvalidArgument, NotFound
+from server.core._errors import InvalidArgument, NotFound, Unavailable
 from server.core._models import ModelConfigError, ModelSpec
 from server.core._runtime import OrtModel, load_model
 from server.core._scheduler import ModelScheduler
@@ -59,14 +60,18 @@ class Engine:
         self.settings = settings
         self.models: dict[str, OrtModel] = {}
         self.schedulers: dict[str, ModelScheduler] = {}
+        self.metrics = Metrics()
         self.sessions = SessionManager(
             self.schedulers,
             max_sessions=settings.max_sessions,
             ttl=settings.session_ttl,
             ring_size=settings.output_ring,
+            evict_when_full=settings.evict_idle_when_full,
+            metrics=self.metrics,
         )
         # One thread per model would let models overlap; ORT releases the GIL while it runs.
         self._executor: ThreadPoolExecutor | None = None
+        self.accepting_frames = True
         self._expiry: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -82,10 +87,16 @@ class Engine:
         )
         for name, model in self.models.items():
             scheduler = ModelScheduler(
-                model, max_batch_size=self.settings.max_batch_size, executor=self._executor
+                model,
+                max_batch_size=self.settings.max_batch_size,
+                executor=self._executor,
+                metrics=self.metrics,
             )
             scheduler.start()
             self.schedulers[name] = scheduler
+            self.metrics.active_sessions.labels(name).set_function(
+                lambda name=name: self.sessions.count(name)
+            )
         self._expiry = asyncio.get_running_loop().create_task(self.sessions.run_expiry())
 
     async def stop(self) -> None:
@@ -114,8 +125,19 @@ class Engine:
             raise NotFound(f"unknown model {name!r}; loaded models: {sorted(self.models)}") from None
 
     # -- sessions --------------------------------------------------------------------------
-    def open_session(self, model: str, session_id: str, owner: str) -> OpenedSession:
-        session, resumed = self.sessions.open(model, session_id, owner)
+    def open_session(
+        self,
+        model: str,
+        session_id: str,
+        owner: str,
+        *,
+        resume_only: bool = False,
+        listener: Callable[[Session, str], None] | None = None,
+    ) -> OpenedSession:
+        """Open or resume; `listener` hears when the server ends the session on its own."""
+        session, resumed = self.sessions.open(model, session_id, owner, resume_only=resume_only)
+        if listener is not None:
+            session.listener = listener
         return OpenedSession(session.id, session.model, session.next_index, resumed)
 
     def submit_frame(
@@ -128,6 +150,12 @@ class Engine:
     def _submit(
         self, session: Session, index: int, tensors: Sequence[NamedArray]
     ) -> asyncio.Future[FrameResult]:
+        if not self.accepting_frames:
+            raise Unavailable(
+                "server is shutting down; resume the session on another replica",
+                session_id=session.id,
+                frame_index=index,
+            )
         if index < 0:
             raise InvalidArgument(f"frame index {index} is negative", session_id=session.id)
         scheduler = self.schedulers[session.model]
@@ -141,10 +169,31 @@ class Engine:
         scheduler.submit(session, FrameWork(index, arrays, key, future))
         return future
 
-    def reset(self, session_id: str, owner: str) -> asyncio.Future[int]:
+    async def wait_for_space(self, session_id: str, owner: str) -> None:
+        """Return once the session has room for another queued frame (back-pressure)."""
+        limit = self.settings.max_pending_frames
+        while True:
+            try:
+                session = self.sessions.get(session_id, owner)
+            except NotFound:
+                return
+            if session.frames_queued < limit or session.closed:
+                return
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            session.space_waiter = waiter
+            try:
+                await waiter
+            finally:
+                session.space_waiter = None
+
+    def reset(
+        self, session_id: str, owner: str, at_index: int | None = None
+    ) -> asyncio.Future[int]:
+        """Queue a reset. With `at_index` it applies only while that is the next frame index,
+        so a reset resent after a reconnect is not applied twice."""
         session = self.sessions.get(session_id, owner)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.schedulers[session.model].submit(session, ControlWork("reset", future))
+        self.schedulers[session.model].submit(session, ControlWork("reset", future, at_index=at_index))
         return future
 
     def end(self, session_id: str, owner: str) -> asyncio.Future[int]:

@@ -6,10 +6,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,8 +33,8 @@ class BatchStats:
     run_seconds: float = 0.0
 
 
-# Called after each batch with (batch size, seconds in ONNX Runtime, per-frame queue waits).
-BatchObserver = Callable[[int, float, list[float]], None]
+if TYPE_CHECKING:
+    from server._metrics import Metrics
 
 
 class ModelScheduler:
@@ -52,7 +51,7 @@ class ModelScheduler:
         *,
         max_batch_size: int,
         executor: Executor | None = None,
-        observer: BatchObserver | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.model = model
         self.spec = model.spec
@@ -60,7 +59,16 @@ class ModelScheduler:
         self.pool = StatePool(self.spec.states)
         self.stats = BatchStats()
         self._executor = executor
-        self._observer = observer
+        self.queued_frames = 0
+        self._observe: tuple[Any, Any, Any] | None = None
+        if metrics is not None:
+            name = self.spec.name
+            self._observe = (
+                metrics.ort_run.labels(name),
+                metrics.batch_size.labels(name),
+                metrics.frame_latency.labels(name),
+            )
+            metrics.queue_depth.labels(name).set_function(lambda: self.queued_frames)
         self._ready: deque[Session] = deque()
         self._slot_owner: dict[int, Session] = {}
         self._wake = asyncio.Event()
@@ -85,6 +93,9 @@ class ModelScheduler:
         self._slot_owner[session.slot] = session
 
     def submit(self, session: Session, work: FrameWork | ControlWork) -> None:
+        if isinstance(work, FrameWork):
+            self.queued_frames += 1
+            session.frames_queued += 1
         session.pending.append(work)
         session.last_active = time.monotonic()
         self._mark_ready(session)
@@ -104,10 +115,19 @@ class ModelScheduler:
         self.pool.release(session.slot)
         while session.pending:
             work = session.pending.popleft()
+            if isinstance(work, FrameWork):
+                self._dequeued(session)
             if not work.future.done():
                 work.future.set_exception(
                     NotFound(f"session {session.id!r} has ended", session_id=session.id)
                 )
+
+    def _dequeued(self, session: Session) -> None:
+        self.queued_frames -= 1
+        session.frames_queued -= 1
+        waiter = session.space_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _relocate(self, old: int, new: int) -> None:
         session = self._slot_owner.pop(old)
@@ -136,11 +156,12 @@ class ModelScheduler:
                 if session.closed:
                     return None
                 continue
-            if work.index == session.next_index:
+            if work.index == session.next_index and not work.future.done():
                 return work
             session.pending.popleft()
+            self._dequeued(session)
             if work.future.done():
-                continue
+                continue  # cancelled before it ran (a deadline passed): its index stays free
             if work.index < session.next_index:
                 replayed = session.replay(work.index)
                 if replayed is not None:
@@ -168,7 +189,8 @@ class ModelScheduler:
 
     def _apply_control(self, session: Session, work: ControlWork) -> None:
         if work.action == "reset":
-            self.pool.reset(session.slot)
+            if work.at_index is None or work.at_index >= session.next_index:
+                self.pool.reset(session.slot)
         else:
             self._close(session)
         if not work.future.done():
@@ -191,6 +213,7 @@ class ModelScheduler:
                 skipped.append(session)  # a different T: it leads a later batch
                 continue
             session.pending.popleft()
+            self._dequeued(session)
             session.in_flight = True
             sessions.append(session)
             frames.append(frame)
@@ -228,6 +251,7 @@ class ModelScheduler:
             np.moveaxis(out, spec.batch_axis, 0)
             for out, spec in zip(outputs, self.spec.outputs, strict=True)
         ]
+        done_at = time.perf_counter()
         for i, (session, frame) in enumerate(zip(sessions, frames, strict=True)):
             result = FrameResult(frame.index, [np.array(out[i]) for out in per_output])
             session.next_index += 1
@@ -240,8 +264,12 @@ class ModelScheduler:
         self.stats.batches += 1
         self.stats.frames += len(frames)
         self.stats.run_seconds += elapsed
-        if self._observer is not None:
-            self._observer(len(frames), elapsed, [started - f.enqueued_at for f in frames])
+        if self._observe is not None:
+            ort_run, batch_size, latency = self._observe
+            ort_run.observe(elapsed)
+            batch_size.observe(len(frames))
+            for frame in frames:
+                latency.observe(done_at - frame.enqueued_at)
 
     def _fail(self, sessions: list[Session], frames: list[FrameWork], error: RnnstreamError) -> None:
         """A failed run leaves every state as it was: the frames may be sent again."""

@@ -23,6 +23,7 @@ from server.core._errors import (
 )
 
 if TYPE_CHECKING:
+    from server._metrics import Metrics
     from server.core._scheduler import ModelScheduler
 
 __all__ = ["ControlWork", "FrameResult", "FrameWork", "Session", "SessionManager"]
@@ -59,6 +60,7 @@ class ControlWork:
     action: Literal["reset", "end"]
     future: asyncio.Future[int]
     reason: str = "client"
+    at_index: int | None = None  # a reset applies only while this is the next frame index
 
 
 class Session:
@@ -66,9 +68,11 @@ class Session:
 
     __slots__ = (
         "closed",
+        "frames_queued",
         "id",
         "in_flight",
         "last_active",
+        "listener",
         "model",
         "next_index",
         "owner",
@@ -77,6 +81,7 @@ class Session:
         "ring",
         "ring_size",
         "slot",
+        "space_waiter",
     )
 
     def __init__(self, session_id: str, model: str, owner: str, ring_size: int) -> None:
@@ -92,6 +97,11 @@ class Session:
         self.ring: deque[FrameResult] | None = None  # created on first output: idle sessions stay small
         self.ring_size = ring_size
         self.last_active = time.monotonic()
+        # Told when the server ends the session (expired, evicted, shutdown): the attached stream.
+        self.listener: Callable[[Session, str], None] | None = None
+        self.frames_queued = 0
+        # Set by a reader that stopped reading because this session's queue is full.
+        self.space_waiter: asyncio.Future[None] | None = None
 
     def remember(self, result: FrameResult) -> None:
         if self.ring_size <= 0:
@@ -107,11 +117,11 @@ class Session:
         return None
 
     def pending_frames(self) -> int:
-        return sum(1 for w in self.pending if isinstance(w, FrameWork))
+        return self.frames_queued
 
 
 class SessionManager:
-    """Every open session by id; enforces the session cap, ownership and idle expiry."""
+    """Every open session, keyed by (owner, id): one principal never sees another's sessions."""
 
     def __init__(
         self,
@@ -120,19 +130,25 @@ class SessionManager:
         max_sessions: int,
         ttl: float,
         ring_size: int,
-        on_expired: Callable[[Session], None] | None = None,
+        evict_when_full: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self._schedulers = schedulers
-        self._sessions: dict[str, Session] = {}
-        self._expired: OrderedDict[str, None] = OrderedDict()
+        self._sessions: dict[tuple[str, str], Session] = {}
+        self._expired: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._per_model: dict[str, int] = {}
         self.max_sessions = max_sessions
         self.ttl = ttl
         self.ring_size = ring_size
-        self._on_expired = on_expired
+        self.evict_when_full = evict_when_full
+        self.metrics = metrics
         self.accepting = True
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def count(self, model: str) -> int:
+        return self._per_model.get(model, 0)
 
     def scheduler(self, model: str) -> ModelScheduler:
         try:
@@ -142,7 +158,9 @@ class SessionManager:
                 f"unknown model {model!r}; loaded models: {sorted(self._schedulers)}"
             ) from None
 
-    def open(self, model: str, session_id: str, owner: str) -> tuple[Session, bool]:
+    def open(
+        self, model: str, session_id: str, owner: str, *, resume_only: bool = False
+    ) -> tuple[Session, bool]:
         """Open a session, or resume it when `session_id` names one this owner holds."""
         scheduler = self.scheduler(model)
         if session_id:
@@ -150,13 +168,8 @@ class SessionManager:
                 raise InvalidArgument(
                     f"session id must be at most {_MAX_ID_LENGTH} printable characters"
                 )
-            existing = self._sessions.get(session_id)
+            existing = self._sessions.get((owner, session_id))
             if existing is not None:
-                if existing.owner != owner:
-                    raise FailedPrecondition(
-                        f"session id {session_id!r} is taken; choose another id",
-                        session_id=session_id,
-                    )
                 if existing.model != model:
                     raise FailedPrecondition(
                         f"session {session_id!r} runs model {existing.model!r}, not {model!r}",
@@ -164,43 +177,70 @@ class SessionManager:
                     )
                 existing.last_active = time.monotonic()
                 return existing, True
+            if resume_only:
+                raise self._missing(session_id, owner)
         if not self.accepting:
             raise Unavailable("server is shutting down and opens no new sessions")
-        if len(self._sessions) >= self.max_sessions:
+        if len(self._sessions) >= self.max_sessions and not self._evict_one():
             raise ResourceExhausted(
                 f"session limit reached ({self.max_sessions} open); end idle sessions or raise "
                 "--max-sessions"
             )
         session = Session(session_id or secrets.token_hex(16), model, owner, self.ring_size)
         scheduler.attach(session)
-        self._sessions[session.id] = session
-        self._expired.pop(session.id, None)
-        log.debug("session opened", extra={"session_id": session.id, "model": model})
+        self._sessions[(owner, session.id)] = session
+        self._expired.pop((owner, session.id), None)
+        self._per_model[model] = self._per_model.get(model, 0) + 1
+        if self.metrics is not None:
+            self.metrics.sessions_opened.labels(model).inc()
+        log.info("session opened", extra={"session_id": session.id, "model": model})
         return session, False
 
+    def _evict_one(self) -> bool:
+        if not self.evict_when_full:
+            return False
+        idle = [s for s in self._sessions.values() if not s.pending and not s.in_flight]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda s: s.last_active)
+        self._end(victim, "evicted")
+        return True
+
+    def _missing(self, session_id: str, owner: str) -> NotFound:
+        reason = self._expired.get((owner, session_id))
+        if reason == "expired":
+            return NotFound(
+                f"session {session_id!r} expired after {self.ttl:g} s idle", session_id=session_id
+            )
+        if reason is not None:
+            return NotFound(f"session {session_id!r} was {reason}", session_id=session_id)
+        return NotFound(f"unknown session {session_id!r}", session_id=session_id)
+
     def get(self, session_id: str, owner: str) -> Session:
-        session = self._sessions.get(session_id)
-        # Another owner's session is refused exactly as a missing one, so ids leak nothing.
-        if session is None or session.owner != owner:
-            if session is None and session_id in self._expired:
-                raise NotFound(
-                    f"session {session_id!r} expired after {self.ttl:g} s idle",
-                    session_id=session_id,
-                )
-            raise NotFound(f"unknown session {session_id!r}", session_id=session_id)
+        session = self._sessions.get((owner, session_id))
+        if session is None:
+            raise self._missing(session_id, owner)
         return session
 
     def end(self, session_id: str, owner: str, reason: str = "client") -> asyncio.Future[int]:
         """Remove the session now; its queued frames still run, then its slot is freed."""
-        session = self.get(session_id, owner)
-        return self._end(session, reason)
+        return self._end(self.get(session_id, owner), reason)
 
     def _end(self, session: Session, reason: str) -> asyncio.Future[int]:
-        del self._sessions[session.id]
-        if reason == "expired":
-            self._expired[session.id] = None
+        del self._sessions[(session.owner, session.id)]
+        self._per_model[session.model] -= 1
+        if reason != "client":
+            # Remembered so a later request hears why the session is gone, not just "unknown".
+            self._expired[(session.owner, session.id)] = reason
             while len(self._expired) > _EXPIRED_MEMORY:
                 self._expired.popitem(last=False)
+            if session.listener is not None:
+                session.listener(session, reason)
+        if self.metrics is not None:
+            self.metrics.sessions_ended.labels(session.model, reason).inc()
+        log.info(
+            "session ended (%s)", reason, extra={"session_id": session.id, "model": session.model}
+        )
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._schedulers[session.model].submit(session, ControlWork("end", future, reason))
         return future
@@ -220,9 +260,6 @@ class SessionManager:
         ]
         for session in idle:
             self._end(session, "expired")
-            log.info("session expired", extra={"session_id": session.id, "model": session.model})
-            if self._on_expired is not None:
-                self._on_expired(session)
         return idle
 
     async def run_expiry(self) -> None:

@@ -24,59 +24,61 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frnnstream_pb/v1/rnnstream.proto\x12\x0crnnstream.v1\"Z\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.rnnstream.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xc5\x01\n\rStreamRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.rnnstream.v1.OpenSessionH\x00\x12$\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x13.rnnstream.v1.FrameH\x00\x12+\n\x05reset\x18\x03 \x01(\x0b\x32\x1a.rnnstream.v1.ResetSessionH\x00\x12.\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1f.rnnstream.v1.EndSessionRequestH\x00\x42\x06\n\x04kind\"\xfa\x01\n\x0eStreamResponse\x12-\n\x06opened\x18\x01 \x01(\x0b\x32\x1b.rnnstream.v1.SessionOpenedH\x00\x12+\n\x06output\x18\x02 \x01(\x0b\x32\x19.rnnstream.v1.FrameOutputH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.rnnstream.v1.StreamErrorH\x00\x12+\n\x05reset\x18\x04 \x01(\x0b\x32\x1a.rnnstream.v1.SessionResetH\x00\x12+\n\x05\x65nded\x18\x05 \x01(\x0b\x32\x1a.rnnstream.v1.SessionEndedH\x00\x42\x06\n\x04kind\"0\n\x0bOpenSession\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"]\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10next_frame_index\x18\x03 \x01(\x04\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\"V\n\x05\x46rame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rame_index\x18\x02 \x01(\x04\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.rnnstream.v1.Tensor\"]\n\x0b\x46rameOutput\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rame_index\x18\x02 \x01(\x04\x12%\n\x07outputs\x18\x03 \x03(\x0b\x32\x14.rnnstream.v1.Tensor\"\"\n\x0cResetSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\"<\n\x0cSessionReset\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10next_frame_index\x18\x02 \x01(\x04\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"L\n\x0cSessionEnded\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x18\n\x10next_frame_index\x18\x03 \x01(\x04\"j\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x18\n\x0b\x66rame_index\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x0e\n\x0c_frame_index\"\x81\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x18\n\x0b\x66rame_index\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12$\n\x06inputs\x18\x04 \x03(\x0b\x32\x14.rnnstream.v1.TensorB\x0e\n\x0c_frame_index\"_\n\rInferResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rame_index\x18\x02 \x01(\x04\x12%\n\x07outputs\x18\x03 \x03(\x0b\x32\x14.rnnstream.v1.Tensor\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.rnnstream.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"w\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.rnnstream.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x12\n\nbatch_axis\x18\x04 \x01(\x05\x12\x11\n\ttime_axis\x18\x05 \x01(\x05\"~\n\tStateInfo\x12\x12\n\ninput_name\x18\x01 \x01(\t\x12\x13\n\x0boutput_name\x18\x02 \x01(\t\x12%\n\x05\x64type\x18\x03 \x01(\x0e\x32\x16.rnnstream.v1.DataType\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x12\n\nbatch_axis\x18\x05 \x01(\x05\"\xcb\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x03(\x0b\x32\x18.rnnstream.v1.TensorInfo\x12)\n\x07outputs\x18\x03 \x03(\x0b\x32\x18.rnnstream.v1.TensorInfo\x12\'\n\x06states\x18\x04 \x03(\x0b\x32\x17.rnnstream.v1.StateInfo\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x94\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10next_frame_index\x18\x03 \x01(\x04\x12\x16\n\x0epending_frames\x18\x04 \x01(\r\x12\x14\n\x0cidle_seconds\x18\x05 \x01(\x01\x12\x1a\n\x12\x65xpires_in_seconds\x18\x06 \x01(\x01*\x81\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT64\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x12\x08\n\x04INT8\x10\x06\x12\t\n\x05UINT8\x10\x07\x12\x08\n\x04\x42OOL\x10\x08\x32\xc0\x03\n\tRnnstream\x12G\n\x06Stream\x12\x1b.rnnstream.v1.StreamRequest\x1a\x1c.rnnstream.v1.StreamResponse(\x01\x30\x01\x12@\n\x05Infer\x12\x1a.rnnstream.v1.InferRequest\x1a\x1b.rnnstream.v1.InferResponse\x12O\n\nListModels\x12\x1f.rnnstream.v1.ListModelsRequest\x1a .rnnstream.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.rnnstream.v1.GetModelRequest\x1a\x17.rnnstream.v1.ModelInfo\x12H\n\nGetSession\x12\x1f.rnnstream.v1.GetSessionRequest\x1a\x19.rnnstream.v1.SessionInfo\x12I\n\nEndSession\x12\x1f.rnnstream.v1.EndSessionRequest\x1a\x1a.rnnstream.v1.SessionEndedb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frnnstream_pb/v1/rnnstream.proto\x12\x0crnnstream.v1\"Z\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.rnnstream.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xc5\x01\n\rStreamRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.rnnstream.v1.OpenSessionH\x00\x12$\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x13.rnnstream.v1.FrameH\x00\x12+\n\x05reset\x18\x03 \x01(\x0b\x32\x1a.rnnstream.v1.ResetSessionH\x00\x12.\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1f.rnnstream.v1.EndSessionRequestH\x00\x42\x06\n\x04kind\"\xa2\x02\n\x0eStreamResponse\x12-\n\x06opened\x18\x01 \x01(\x0b\x32\x1b.rnnstream.v1.SessionOpenedH\x00\x12+\n\x06output\x18\x02 \x01(\x0b\x32\x19.rnnstream.v1.FrameOutputH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.rnnstream.v1.StreamErrorH\x00\x12+\n\x05reset\x18\x04 \x01(\x0b\x32\x1a.rnnstream.v1.SessionResetH\x00\x12+\n\x05\x65nded\x18\x05 \x01(\x0b\x32\x1a.rnnstream.v1.SessionEndedH\x00\x12&\n\x06notice\x18\x06 \x01(\x0b\x32\x14.rnnstream.v1.NoticeH\x00\x42\x06\n\x04kind\"\'\n\x06Notice\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"@\n\x0bOpenSession\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06resume\x18\x03 \x01(\x08\"]\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10next_frame_index\x18\x03 \x01(\x04\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\"V\n\x05\x46rame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rame_index\x18\x02 \x01(\x04\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.rnnstream.v1.Tensor\"]\n\x0b\x46rameOutput\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rame_index\x18\x02 \x01(\x04\x12%\n\x07outputs\x18\x03 \x03(\x0b\x32\x14.rnnstream.v1.Tensor\"L\n\x0cResetSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x0b\x66rame_index\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x0e\n\x0c_frame_index\"<\n\x0cSessionReset\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10next_frame_index\x18\x02 \x01(\x04\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"L\n\x0cSessionEnded\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x18\n\x10next_frame_index\x18\x03 \x01(\x04\"j\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x18\n\x0b\x66rame_index\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x0e\n\x0c_frame_index\"\x81\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x18\n\x0b\x66rame_index\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12$\n\x06inputs\x18\x04 \x03(\x0b\x32\x14.rnnstream.v1.TensorB\x0e\n\x0c_frame_index\"_\n\rInferResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rame_index\x18\x02 \x01(\x04\x12%\n\x07outputs\x18\x03 \x03(\x0b\x32\x14.rnnstream.v1.Tensor\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.rnnstream.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"w\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.rnnstream.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x12\n\nbatch_axis\x18\x04 \x01(\x05\x12\x11\n\ttime_axis\x18\x05 \x01(\x05\"~\n\tStateInfo\x12\x12\n\ninput_name\x18\x01 \x01(\t\x12\x13\n\x0boutput_name\x18\x02 \x01(\t\x12%\n\x05\x64type\x18\x03 \x01(\x0e\x32\x16.rnnstream.v1.DataType\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x12\n\nbatch_axis\x18\x05 \x01(\x05\"\xcb\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x03(\x0b\x32\x18.rnnstream.v1.TensorInfo\x12)\n\x07outputs\x18\x03 \x03(\x0b\x32\x18.rnnstream.v1.TensorInfo\x12\'\n\x06states\x18\x04 \x03(\x0b\x32\x17.rnnstream.v1.StateInfo\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x94\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10next_frame_index\x18\x03 \x01(\x04\x12\x16\n\x0epending_frames\x18\x04 \x01(\r\x12\x14\n\x0cidle_seconds\x18\x05 \x01(\x01\x12\x1a\n\x12\x65xpires_in_seconds\x18\x06 \x01(\x01*\x81\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT64\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x12\x08\n\x04INT8\x10\x06\x12\t\n\x05UINT8\x10\x07\x12\x08\n\x04\x42OOL\x10\x08\x32\xc0\x03\n\tRnnstream\x12G\n\x06Stream\x12\x1b.rnnstream.v1.StreamRequest\x1a\x1c.rnnstream.v1.StreamResponse(\x01\x30\x01\x12@\n\x05Infer\x12\x1a.rnnstream.v1.InferRequest\x1a\x1b.rnnstream.v1.InferResponse\x12O\n\nListModels\x12\x1f.rnnstream.v1.ListModelsRequest\x1a .rnnstream.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.rnnstream.v1.GetModelRequest\x1a\x17.rnnstream.v1.ModelInfo\x12H\n\nGetSession\x12\x1f.rnnstream.v1.GetSessionRequest\x1a\x19.rnnstream.v1.SessionInfo\x12I\n\nEndSession\x12\x1f.rnnstream.v1.EndSessionRequest\x1a\x1a.rnnstream.v1.SessionEndedb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rnnstream_pb.v1.rnnstream_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=2241
-  _globals['_DATATYPE']._serialized_end=2370
+  _globals['_DATATYPE']._serialized_start=2380
+  _globals['_DATATYPE']._serialized_end=2509
   _globals['_TENSOR']._serialized_start=49
   _globals['_TENSOR']._serialized_end=139
   _globals['_STREAMREQUEST']._serialized_start=142
   _globals['_STREAMREQUEST']._serialized_end=339
   _globals['_STREAMRESPONSE']._serialized_start=342
-  _globals['_STREAMRESPONSE']._serialized_end=592
-  _globals['_OPENSESSION']._serialized_start=594
-  _globals['_OPENSESSION']._serialized_end=642
-  _globals['_SESSIONOPENED']._serialized_start=644
-  _globals['_SESSIONOPENED']._serialized_end=737
-  _globals['_FRAME']._serialized_start=739
-  _globals['_FRAME']._serialized_end=825
-  _globals['_FRAMEOUTPUT']._serialized_start=827
-  _globals['_FRAMEOUTPUT']._serialized_end=920
-  _globals['_RESETSESSION']._serialized_start=922
-  _globals['_RESETSESSION']._serialized_end=956
-  _globals['_SESSIONRESET']._serialized_start=958
-  _globals['_SESSIONRESET']._serialized_end=1018
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1020
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1059
-  _globals['_SESSIONENDED']._serialized_start=1061
-  _globals['_SESSIONENDED']._serialized_end=1137
-  _globals['_STREAMERROR']._serialized_start=1139
-  _globals['_STREAMERROR']._serialized_end=1245
-  _globals['_INFERREQUEST']._serialized_start=1248
-  _globals['_INFERREQUEST']._serialized_end=1377
-  _globals['_INFERRESPONSE']._serialized_start=1379
-  _globals['_INFERRESPONSE']._serialized_end=1474
-  _globals['_LISTMODELSREQUEST']._serialized_start=1476
-  _globals['_LISTMODELSREQUEST']._serialized_end=1495
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1497
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1558
-  _globals['_GETMODELREQUEST']._serialized_start=1560
-  _globals['_GETMODELREQUEST']._serialized_end=1591
-  _globals['_TENSORINFO']._serialized_start=1593
-  _globals['_TENSORINFO']._serialized_end=1712
-  _globals['_STATEINFO']._serialized_start=1714
-  _globals['_STATEINFO']._serialized_end=1840
-  _globals['_MODELINFO']._serialized_start=1843
-  _globals['_MODELINFO']._serialized_end=2046
-  _globals['_GETSESSIONREQUEST']._serialized_start=2048
-  _globals['_GETSESSIONREQUEST']._serialized_end=2087
-  _globals['_SESSIONINFO']._serialized_start=2090
-  _globals['_SESSIONINFO']._serialized_end=2238
-  _globals['_RNNSTREAM']._serialized_start=2373
-  _globals['_RNNSTREAM']._serialized_end=2821
+  _globals['_STREAMRESPONSE']._serialized_end=632
+  _globals['_NOTICE']._serialized_start=634
+  _globals['_NOTICE']._serialized_end=673
+  _globals['_OPENSESSION']._serialized_start=675
+  _globals['_OPENSESSION']._serialized_end=739
+  _globals['_SESSIONOPENED']._serialized_start=741
+  _globals['_SESSIONOPENED']._serialized_end=834
+  _globals['_FRAME']._serialized_start=836
+  _globals['_FRAME']._serialized_end=922
+  _globals['_FRAMEOUTPUT']._serialized_start=924
+  _globals['_FRAMEOUTPUT']._serialized_end=1017
+  _globals['_RESETSESSION']._serialized_start=1019
+  _globals['_RESETSESSION']._serialized_end=1095
+  _globals['_SESSIONRESET']._serialized_start=1097
+  _globals['_SESSIONRESET']._serialized_end=1157
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1159
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1198
+  _globals['_SESSIONENDED']._serialized_start=1200
+  _globals['_SESSIONENDED']._serialized_end=1276
+  _globals['_STREAMERROR']._serialized_start=1278
+  _globals['_STREAMERROR']._serialized_end=1384
+  _globals['_INFERREQUEST']._serialized_start=1387
+  _globals['_INFERREQUEST']._serialized_end=1516
+  _globals['_INFERRESPONSE']._serialized_start=1518
+  _globals['_INFERRESPONSE']._serialized_end=1613
+  _globals['_LISTMODELSREQUEST']._serialized_start=1615
+  _globals['_LISTMODELSREQUEST']._serialized_end=1634
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1636
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1697
+  _globals['_GETMODELREQUEST']._serialized_start=1699
+  _globals['_GETMODELREQUEST']._serialized_end=1730
+  _globals['_TENSORINFO']._serialized_start=1732
+  _globals['_TENSORINFO']._serialized_end=1851
+  _globals['_STATEINFO']._serialized_start=1853
+  _globals['_STATEINFO']._serialized_end=1979
+  _globals['_MODELINFO']._serialized_start=1982
+  _globals['_MODELINFO']._serialized_end=2185
+  _globals['_GETSESSIONREQUEST']._serialized_start=2187
+  _globals['_GETSESSIONREQUEST']._serialized_end=2226
+  _globals['_SESSIONINFO']._serialized_start=2229
+  _globals['_SESSIONINFO']._serialized_end=2377
+  _globals['_RNNSTREAM']._serialized_start=2512
+  _globals['_RNNSTREAM']._serialized_end=2960
 # @@protoc_insertion_point(module_scope)

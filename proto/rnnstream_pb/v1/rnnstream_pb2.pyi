@@ -123,6 +123,7 @@ class StreamResponse(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     RESET_FIELD_NUMBER: _builtins.int
     ENDED_FIELD_NUMBER: _builtins.int
+    NOTICE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def opened(self) -> Global___SessionOpened: ...
     @_builtins.property
@@ -133,6 +134,8 @@ class StreamResponse(_message.Message):
     def reset(self) -> Global___SessionReset: ...
     @_builtins.property
     def ended(self) -> Global___SessionEnded: ...
+    @_builtins.property
+    def notice(self) -> Global___Notice: ...
     def __init__(
         self,
         *,
@@ -141,16 +144,41 @@ class StreamResponse(_message.Message):
         error: Global___StreamError | None = ...,
         reset: Global___SessionReset | None = ...,
         ended: Global___SessionEnded | None = ...,
+        notice: Global___Notice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "kind", b"kind", "opened", b"opened", "output", b"output", "reset", b"reset"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "reset", b"reset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "kind", b"kind", "opened", b"opened", "output", b"output", "reset", b"reset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "reset", b"reset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "output", "error", "reset", "ended"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "output", "error", "reset", "ended", "notice"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___StreamResponse: _TypeAlias = StreamResponse  # noqa: Y015
+
+@_typing.final
+class Notice(_message.Message):
+    """Something the server tells the stream that is not about one frame (e.g. "shutdown")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Notice: _TypeAlias = Notice  # noqa: Y015
 
 @_typing.final
 class OpenSession(_message.Message):
@@ -160,18 +188,22 @@ class OpenSession(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     session_id: _builtins.str
     """Optional. Empty: the server makes an unguessable 128-bit id."""
+    resume: _builtins.bool
+    """Only resume: NOT_FOUND (saying whether it expired or was evicted) if the server lacks it."""
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         session_id: _builtins.str = ...,
+        resume: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "resume", b"resume", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -272,17 +304,25 @@ class ResetSession(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    FRAME_INDEX_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    frame_index: _builtins.int
+    """The index of the next frame when the reset was sent. When set, a resent reset that the
+    server already applied (it has since applied that frame) is not applied again.
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        frame_index: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_frame_index", b"_frame_index", "frame_index", b"frame_index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frame_index", b"_frame_index", "frame_index", b"frame_index", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__frame_index: _TypeAlias = _typing.Literal["frame_index"]  # noqa: Y015
+    _WhichOneofArgType__frame_index: _TypeAlias = _typing.Literal["_frame_index", b"_frame_index"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__frame_index) -> _WhichOneofReturnType__frame_index | None: ...
 
 Global___ResetSession: _TypeAlias = ResetSession  # noqa: Y015
 

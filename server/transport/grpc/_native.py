@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import numpy as np
-from rnnstream_pb.tensor_codec import NUMPY_TO_DTYPE, decode, encode
+from rnnstream_pb.tensor_codec import NUMPY_TO_DTYPE
 from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
-from server.core import Engine, FrameResult, InvalidArgument, ModelSpec, TensorSpec
-from server.core._validation import NamedArray
+from server.core import Engine, ModelSpec, TensorSpec
 from server.transport.grpc._auth import Authenticator
-from server.transport.grpc._status import BadRequest, stream_error, tolerant, unary
+from server.transport.grpc._native_stream import SHUTDOWN, StreamCall, encode_outputs, named_arrays
+from server.transport.grpc._status import BadRequest, abort, tolerant, unary
 
 __all__ = ["NativeServicer", "model_info"]
 
@@ -56,47 +56,11 @@ def model_info(spec: ModelSpec, provider: str, max_batch_size: int) -> pb.ModelI
     )
 
 
-def _named_arrays(tensors: Any) -> list[NamedArray]:
-    return [(t.name, decode(t)) for t in tensors]
-
-
-def _encode_outputs(spec: ModelSpec, result: FrameResult) -> list[pb.Tensor]:
-    return [encode(a, t.name) for a, t in zip(result.outputs, spec.outputs, strict=True)]
-
-
-class _StreamState:
-    """Bookkeeping of one Stream call: responses to send and work still outstanding."""
-
-    def __init__(self) -> None:
-        self.outbox: asyncio.Queue[pb.StreamResponse | None] = asyncio.Queue()
-        self.outstanding = 0
-        self.reading = True
-
-    def track(self, future: asyncio.Future[Any], respond: Callable[[Any], pb.StreamResponse],
-              session_id: str, frame_index: int | None = None) -> None:
-        self.outstanding += 1
-
-        def done(f: asyncio.Future[Any]) -> None:
-            self.outstanding -= 1
-            if f.cancelled():
-                return
-            error = f.exception()
-            self.outbox.put_nowait(
-                stream_error(error, session_id, frame_index) if error else respond(f.result())
-            )
-            self.finish_if_done()
-
-        future.add_done_callback(done)
-
-    def finish_if_done(self) -> None:
-        if not self.reading and self.outstanding == 0:
-            self.outbox.put_nowait(None)
-
-
 class NativeServicer:
     def __init__(self, engine: Engine, auth: Authenticator) -> None:
         self._engine = engine
         self._auth = auth
+        self.calls: set[StreamCall] = set()
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Method handlers whose deserializers answer garbage bytes instead of failing."""
@@ -129,90 +93,36 @@ class NativeServicer:
     # -- streaming -------------------------------------------------------------------------
     async def Stream(
         self, requests: AsyncIterator[pb.StreamRequest | BadRequest], context: Context
-    ) -> AsyncIterator[pb.StreamResponse]:
-        owner = await self._auth.principal(context)
-        state = _StreamState()
-        reader = asyncio.get_running_loop().create_task(self._read(requests, state, owner))
-        try:
-            while (response := await state.outbox.get()) is not None:
-                yield response
-        finally:
-            reader.cancel()
-        await reader
-
-    async def _read(
-        self, requests: AsyncIterator[pb.StreamRequest | BadRequest], state: _StreamState, owner: str
     ) -> None:
         try:
-            async for request in requests:
-                self._dispatch(request, state, owner)
-        finally:
-            state.reading = False
-            state.finish_if_done()
-
-    def _dispatch(self, request: pb.StreamRequest | BadRequest, state: _StreamState, owner: str) -> None:
-        engine = self._engine
-        if isinstance(request, BadRequest):
-            state.outbox.put_nowait(
-                stream_error(InvalidArgument(request.message))
-            )
-            return
-        kind = request.WhichOneof("kind")
-        session_id = ""
-        frame_index: int | None = None
-        try:
-            if kind == "frame":
-                frame = request.frame
-                session_id, frame_index = frame.session_id, frame.frame_index
-                future = engine.submit_frame(
-                    session_id, frame_index, _named_arrays(frame.inputs), owner
-                )
-                spec = engine.model_spec(engine.sessions.get(session_id, owner).model)
-                state.track(
-                    future,
-                    lambda r, sid=session_id: pb.StreamResponse(
-                        output=pb.FrameOutput(
-                            session_id=sid, frame_index=r.index, outputs=_encode_outputs(spec, r)
-                        )
-                    ),
-                    session_id,
-                    frame_index,
-                )
-            elif kind == "open":
-                session_id = request.open.session_id
-                opened = engine.open_session(request.open.model, session_id, owner)
-                state.outbox.put_nowait(
-                    pb.StreamResponse(
-                        opened=pb.SessionOpened(
-                            session_id=opened.session_id,
-                            model=opened.model,
-                            next_frame_index=opened.next_index,
-                            resumed=opened.resumed,
-                        )
-                    )
-                )
-            elif kind == "reset":
-                session_id = request.reset.session_id
-                state.track(
-                    engine.reset(session_id, owner),
-                    lambda n, sid=session_id: pb.StreamResponse(
-                        reset=pb.SessionReset(session_id=sid, next_frame_index=n)
-                    ),
-                    session_id,
-                )
-            elif kind == "end":
-                session_id = request.end.session_id
-                state.track(
-                    engine.end(session_id, owner),
-                    lambda n, sid=session_id: pb.StreamResponse(
-                        ended=pb.SessionEnded(session_id=sid, reason="client", next_frame_index=n)
-                    ),
-                    session_id,
-                )
-            else:
-                raise InvalidArgument("empty StreamRequest: set one of open, frame, reset, end")
+            owner = await self._auth.principal(context)
         except Exception as exc:
-            state.outbox.put_nowait(stream_error(exc, session_id, frame_index))
+            await abort(context, exc)
+        call = StreamCall(self._engine, owner)
+        self.calls.add(call)
+        reader = asyncio.get_running_loop().create_task(call.read(requests))
+        try:
+            while (response := await call.outbox.get()) is not None:
+                if response is SHUTDOWN:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "server is shutting down; resume your sessions on another replica",
+                    )
+                assert isinstance(response, pb.StreamResponse)
+                try:
+                    await context.write(response)
+                except Exception:
+                    return  # the client is gone: its sessions wait for a resume
+
+        finally:
+            self.calls.discard(call)
+            call.detach()
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    def shutdown_streams(self, message: str) -> None:
+        for call in list(self.calls):
+            call.shutdown(message)
 
     # -- unary -----------------------------------------------------------------------------
     @unary
@@ -220,13 +130,13 @@ class NativeServicer:
         owner = await self._auth.principal(context)
         index = request.frame_index if request.HasField("frame_index") else None
         session_id, result = await self._engine.infer(
-            request.model, request.session_id, index, _named_arrays(request.inputs), owner
+            request.model, request.session_id, index, named_arrays(request.inputs), owner
         )
         model = request.model or self._engine.sessions.get(session_id, owner).model
         return pb.InferResponse(
             session_id=session_id,
             frame_index=result.index,
-            outputs=_encode_outputs(self._engine.model_spec(model), result),
+            outputs=encode_outputs(self._engine, model, result),
         )
 
     @unary

@@ -1,15 +1,16 @@
-"""Builds the asyncio gRPC server: services, health checking, reflection, graceful shutdown."""
+"""Builds the asyncio gRPC server: services, health checking, reflection, TLS, graceful shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
 from server._settings import Settings
 from server.core import Engine
@@ -21,65 +22,114 @@ __all__ = ["GrpcServer"]
 log = logging.getLogger("rnnstream.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _server_options(settings: Settings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Keepalive pings find dead clients whose sessions would otherwise hold a stream open.
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert and not settings.tls_key:
+        if settings.tls_client_ca:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (settings.tls_cert and settings.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    pair = (Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())
+    ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
 class GrpcServer:
-    """An engine served over gRPC on one port."""
+    """An engine served over gRPC on one port, with metrics on another."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine = Engine(settings)
         self.health = health.aio.HealthServicer()
+        self.auth = Authenticator.from_settings(settings.auth_tokens, settings.auth_tokens_file)
+        self.native = NativeServicer(self.engine, self.auth)
         self.port = 0
+        self.metrics_port = 0
+        self._services = [SERVICE]
         self._server: grpc.aio.Server | None = None
+        self._stopping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
         await self.engine.start()
-        limit = self.settings.max_message_bytes
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
-        server.add_generic_rpc_handlers([NativeServicer(self.engine, Authenticator()).handler()])
+        server = grpc.aio.server(options=_server_options(self.settings))
+        server.add_generic_rpc_handlers([self.native.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            [*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"could not bind {address}")
+        credentials = _credentials(self.settings)
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         await server.start()
         self._server = server
-        for service in ("", SERVICE):
+        for service in ("", *self._services):
             await self.health.set(service, SERVING)
-        log.info("serving %s on %s:%d", sorted(self.engine.models), self.settings.host, self.port)
+        if self.settings.metrics_port:
+            self.metrics_port = self.engine.metrics.serve(self.settings.host, self.settings.metrics_port)
+        log.info(
+            "serving %s on %s:%d (%s)%s",
+            sorted(self.engine.models),
+            self.settings.host,
+            self.port,
+            "TLS" if credentials else "plaintext",
+            f", metrics on :{self.metrics_port}" if self.metrics_port else "",
+        )
         return self.port
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Refuse new sessions, answer what was received, then close within `grace` seconds."""
+    def stop(self, grace: float | None = None) -> asyncio.Task[None]:
+        """Start a graceful shutdown (idempotent); await the returned task to wait for it."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(
+                self._stop(self.settings.grace if grace is None else grace)
+            )
+        return self._stopping
+
+    async def _stop(self, grace: float) -> None:
+        """Health says NOT_SERVING at once; new sessions and frames are refused; frames already
+        received are answered; attached streams get a notice, then UNAVAILABLE."""
         if self._server is None:
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        log.info("shutting down within %.1f s", grace)
         await self.health.enter_graceful_shutdown()
         self.engine.sessions.accepting = False
-        await self.engine.drain(grace / 2)
-        await self._server.stop(grace / 2)
+        self.engine.accepting_frames = False
+        await self.engine.drain(max(0.0, (deadline - loop.time()) * 0.6))
+        self.native.shutdown_streams("server is shutting down; resume your sessions elsewhere")
+        await asyncio.sleep(0)  # let the streams write their notice before the transport closes
+        await self._server.stop(max(0.0, deadline - loop.time()))
         await self.engine.stop()
+        self.engine.metrics.close()
         self._server = None
         self._stopped.set()
 
     async def wait(self) -> None:
         await self._stopped.wait()
 
-    def install_signal_handlers(self, grace: float) -> None:
+    def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: loop.create_task(self.stop(grace)))
-
-
-_ = pb  # the generated module registers the service descriptor used by reflection
+            loop.add_signal_handler(sig, self.stop)

@@ -1,0 +1,225 @@
+"""One logical Stream shared by many sessions; reconnects and resumes them after connection loss."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+from rnnstream_pb.v1 import rnnstream_pb2 as pb
+from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
+
+from client._errors import RnnstreamError, SessionLost
+
+if TYPE_CHECKING:
+    from client._aio import AsyncSession
+
+__all__ = ["RetryPolicy", "StreamMux"]
+
+# Statuses after which the stream is re-established and the sessions resumed.
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff; `max_attempts` reconnects in a row without any progress."""
+
+    max_attempts: int = 8
+    initial_backoff: float = 0.05
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+
+    def backoff(self, attempt: int) -> float:
+        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)  # jitter spreads reconnect storms
+
+
+class StreamMux:
+    """Routes each response to its session; on a broken stream, reconnects with backoff, resumes
+    every session (OpenSession with resume) and resends what was not yet answered, in order. The
+    server applies each frame index once and answers resent ones from its output ring."""
+
+    def __init__(
+        self,
+        stub: pb_grpc.RnnstreamStub,
+        metadata: Sequence[tuple[str, str]],
+        retry: RetryPolicy | None,
+    ) -> None:
+        self._stub = stub
+        self._metadata = tuple(metadata)
+        self._retry = retry
+        self.sessions: dict[str, AsyncSession] = {}
+        self._call: grpc.aio.StreamStreamCall[pb.StreamRequest, pb.StreamResponse] | None = None
+        self._connected = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._open_lock = asyncio.Lock()
+        self._opening: asyncio.Future[pb.SessionOpened] | None = None
+        self.failure: RnnstreamError | None = None
+        self.reconnects = 0
+        self._closing = False
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    # -- sending ---------------------------------------------------------------------------
+    async def send(self, request: pb.StreamRequest) -> None:
+        """Write now, or after the reconnect under way (the request is resent on resume)."""
+        while True:
+            if self.failure is not None:
+                raise self.failure
+            await self._connected.wait()
+            call = self._call
+            try:
+                async with self._write_lock:
+                    if call is not self._call or call is None:
+                        continue
+                    await call.write(request)
+                return
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                if self._retry is None:
+                    raise RnnstreamError(grpc.StatusCode.UNAVAILABLE, "stream broke") from None
+                # The reader notices the broken call and reconnects; the session resends.
+                return
+
+    async def open(self, request: pb.OpenSession) -> pb.SessionOpened:
+        # Opens go one at a time: the reply to an open carries no request id.
+        async with self._open_lock:
+            self._opening = asyncio.get_running_loop().create_future()
+            try:
+                await self.send(pb.StreamRequest(open=request))
+                return await self._opening
+            finally:
+                self._opening = None
+
+    # -- the connection loop -------------------------------------------------------------
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            # wait_for_ready: a call made while the channel reconnects waits instead of failing.
+            self._call = self._stub.Stream(metadata=self._metadata, wait_for_ready=True)
+            progressed = False
+            try:
+                await self._resume_all()
+                self._connected.set()
+                async for response in self._call:
+                    progressed = True
+                    self._route(response)
+                error = RnnstreamError(grpc.StatusCode.UNAVAILABLE, "stream closed by the server")
+            except grpc.aio.AioRpcError as exc:
+                error = RnnstreamError(exc.code(), exc.details() or "stream failed")
+            except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                error = RnnstreamError(grpc.StatusCode.UNAVAILABLE, f"stream broke: {exc}")
+            except asyncio.CancelledError:
+                error = RnnstreamError(grpc.StatusCode.CANCELLED, "client closed the stream")
+                self._closing = True
+            self._connected.clear()
+            if self._closing or self._retry is None or error.code not in RETRYABLE:
+                break
+            attempt = 1 if progressed else attempt + 1
+            if attempt > self._retry.max_attempts:
+                error = SessionLost(
+                    error.code,
+                    f"gave up after {self._retry.max_attempts} reconnects: {error.message}",
+                )
+                break
+            self.reconnects += 1
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(self._retry.backoff(attempt))
+        self._fail(error)
+
+    async def _resume_all(self) -> None:
+        """Re-open every session on the new call and resend its unanswered requests in order."""
+        call = self._call
+        assert call is not None
+        # Holding the write lock: grpc allows one write at a time on a call.
+        async with self._write_lock:
+            for session in list(self.sessions.values()):
+                session.resuming = True
+                resume = pb.OpenSession(model=session.model.name, session_id=session.id, resume=True)
+                await call.write(pb.StreamRequest(open=resume))
+                for request in session.unanswered():
+                    await call.write(request)
+
+    def reconnect(self) -> None:
+        """Drop the current call; the loop reconnects and resumes (used after in-band UNAVAILABLE)."""
+        if self._call is not None:
+            self._call.cancel()
+
+    def _fail(self, error: RnnstreamError) -> None:
+        self.failure = error
+        self._connected.set()  # wake senders so they see the failure
+        if self._opening is not None and not self._opening.done():
+            self._opening.set_exception(error)
+        for session in list(self.sessions.values()):
+            session.fail_all(error)
+
+    # -- routing ---------------------------------------------------------------------------
+    def _route(self, response: pb.StreamResponse) -> None:
+        kind = response.WhichOneof("kind")
+        if kind == "output":
+            session = self.sessions.get(response.output.session_id)
+            if session is not None:
+                session.on_output(response.output)
+        elif kind == "opened":
+            opened = response.opened
+            session = self.sessions.get(opened.session_id)
+            if session is not None and session.resuming:
+                session.resuming = session.recovering = False
+            elif self._opening is not None and not self._opening.done():
+                self._opening.set_result(opened)
+        elif kind == "error":
+            self._route_error(response.error)
+        elif kind == "reset":
+            session = self.sessions.get(response.reset.session_id)
+            if session is not None:
+                session.on_control(response.reset.next_frame_index)
+        elif kind == "ended":
+            ended = response.ended
+            session = self.sessions.pop(ended.session_id, None)
+            if session is not None:
+                session.on_ended(ended)
+
+    def _route_error(self, error: pb.StreamError) -> None:
+        index = error.frame_index if error.HasField("frame_index") else None
+        exc = RnnstreamError.from_number(error.code, error.message, error.session_id, index)
+        session = self.sessions.get(error.session_id)
+        if session is None:
+            if self._opening is not None and not self._opening.done():
+                self._opening.set_exception(exc)
+            return
+        if session.resuming and index is None:
+            # The resume itself was refused: the server no longer holds this session.
+            self.sessions.pop(session.id, None)
+            session.fail_all(SessionLost(exc.code, f"cannot resume: {exc.message}",
+                                         session_id=session.id))
+            return
+        if session.recovering and index is not None:
+            return  # a later frame refused because an earlier one was: it is resent on resume
+        if exc.code == grpc.StatusCode.UNAVAILABLE and self._retry is not None:
+            # E.g. the server is draining or its state store is down: resume once reachable.
+            session.recovering = True
+            self.reconnect()
+            return
+        if index is not None:
+            session.on_frame_error(index, exc)
+        else:
+            session.on_control_error(exc)
+
+    async def close(self) -> None:
+        self._closing = True
+        call = self._call
+        if call is not None and self.failure is None:
+            with contextlib.suppress(Exception):
+                async with self._write_lock:
+                    await call.done_writing()
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=5)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        if call is not None:
+            call.cancel()

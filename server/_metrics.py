@@ -1,0 +1,68 @@
+"""Prometheus metrics of one server, in a registry of its own so servers can share a process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """Every metric rnnstream exports; names are part of the public interface (dashboards)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.frames = Counter(
+            "rnnstream_frames", "Frames answered, by model and gRPC status", ["model", "status"],
+            registry=r,
+        )
+        self.frame_latency = Histogram(
+            "rnnstream_frame_latency_seconds", "Time from receiving a frame to its output",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ort_run = Histogram(
+            "rnnstream_ort_run_seconds", "ONNX Runtime time per batch", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "rnnstream_batch_size", "Frames per ONNX Runtime call", ["model"],
+            buckets=_BATCH_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge(
+            "rnnstream_queue_depth", "Frames waiting to be batched", ["model"], registry=r
+        )
+        self.active_sessions = Gauge(
+            "rnnstream_active_sessions", "Open sessions", ["model"], registry=r
+        )
+        self.sessions_opened = Counter(
+            "rnnstream_sessions_opened", "Sessions opened", ["model"], registry=r
+        )
+        self.sessions_ended = Counter(
+            "rnnstream_sessions_ended", "Sessions ended, by reason (client, expired, evicted, "
+            "shutdown)", ["model", "reason"], registry=r,
+        )
+        self.bytes_received = Counter(
+            "rnnstream_bytes_received", "Tensor bytes received", registry=r
+        )
+        self.bytes_sent = Counter("rnnstream_bytes_sent", "Tensor bytes sent", registry=r)
+        self._http: Any = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics over HTTP; returns the port bound."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,211 @@
+"""One rnnstream.v1 Stream call: reads ahead, hands each message to the engine, writes replies as
+they become ready (each session's in order), and carries errors in-band."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from rnnstream_pb.tensor_codec import decode, encode
+from rnnstream_pb.v1 import rnnstream_pb2 as pb
+
+from server.core import Engine, FrameResult, InvalidArgument, ResourceExhausted, Session
+from server.core._validation import NamedArray
+from server.transport.grpc._status import BadRequest, as_rnnstream_error, stream_error
+
+__all__ = ["SHUTDOWN", "StreamCall", "encode_outputs", "named_arrays"]
+
+# Placed in a stream's outbox by a graceful shutdown: the call ends with UNAVAILABLE after it.
+SHUTDOWN = object()
+
+
+def named_arrays(tensors: Any) -> list[NamedArray]:
+    return [(t.name, decode(t)) for t in tensors]
+
+
+def encode_outputs(engine: Engine, model: str, result: FrameResult) -> list[pb.Tensor]:
+    specs = engine.model_spec(model).outputs
+    return [encode(a, t.name) for a, t in zip(result.outputs, specs, strict=True)]
+
+
+class StreamCall:
+    """State of one Stream call."""
+
+    def __init__(self, engine: Engine, owner: str) -> None:
+        self.engine = engine
+        self.owner = owner
+        self.outbox: asyncio.Queue[pb.StreamResponse | object | None] = asyncio.Queue()
+        self.outstanding = 0
+        self.reading = True
+        self.opened: set[str] = set()
+        metrics = engine.metrics
+        self._frames = metrics.frames
+        self._bytes_in = metrics.bytes_received
+        self._bytes_out = metrics.bytes_sent
+
+    # -- replies ---------------------------------------------------------------------------
+    def _track(
+        self,
+        future: asyncio.Future[Any],
+        respond: Callable[[Any], pb.StreamResponse],
+        session_id: str,
+        frame_index: int | None = None,
+        model: str | None = None,
+    ) -> None:
+        self.outstanding += 1
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self.outstanding -= 1
+            if not f.cancelled():
+                error = f.exception()
+                if error is not None:
+                    self._count(model, as_rnnstream_error(error).code.name)
+                    self.outbox.put_nowait(stream_error(error, session_id, frame_index))
+                else:
+                    self._count(model, "OK")
+                    self.outbox.put_nowait(respond(f.result()))
+            self.finish_if_done()
+
+        future.add_done_callback(done)
+
+    def _count(self, model: str | None, status: str) -> None:
+        if model is not None:
+            self._frames.labels(model, status).inc()
+
+    def finish_if_done(self) -> None:
+        if not self.reading and self.outstanding == 0:
+            self.outbox.put_nowait(None)
+
+    def notify_ended(self, session: Session, reason: str) -> None:
+        """The server ended a session this stream holds: tell the client in-band."""
+        self.opened.discard(session.id)
+        self.outbox.put_nowait(
+            pb.StreamResponse(
+                ended=pb.SessionEnded(
+                    session_id=session.id, reason=reason, next_frame_index=session.next_index
+                )
+            )
+        )
+
+    def detach(self) -> None:
+        """The call is over: stop routing server-side session ends to it."""
+        for session_id in self.opened:
+            try:
+                session = self.engine.sessions.get(session_id, self.owner)
+            except Exception:
+                continue
+            if session.listener == self.notify_ended:
+                session.listener = None
+
+    def shutdown(self, message: str) -> None:
+        self.outbox.put_nowait(pb.StreamResponse(notice=pb.Notice(kind="shutdown", message=message)))
+        self.outbox.put_nowait(SHUTDOWN)
+
+    # -- requests --------------------------------------------------------------------------
+    async def read(self, requests: AsyncIterator[pb.StreamRequest | BadRequest]) -> None:
+        try:
+            async for request in requests:
+                waiting_on = self.dispatch(request)
+                if waiting_on:
+                    # Stop reading while this session's queue is full: flow control pushes back.
+                    await self.engine.wait_for_space(waiting_on, self.owner)
+        finally:
+            self.reading = False
+            self.finish_if_done()
+
+    def dispatch(self, request: pb.StreamRequest | BadRequest) -> str:
+        """Hand one message to the engine; returns a session id whose queue is full, else ''."""
+        if isinstance(request, BadRequest):
+            self.outbox.put_nowait(stream_error(InvalidArgument(request.message)))
+            return ""
+        kind = request.WhichOneof("kind")
+        session_id = ""
+        frame_index: int | None = None
+        try:
+            if kind == "frame":
+                frame = request.frame
+                session_id, frame_index = frame.session_id, frame.frame_index
+                return self._frame(frame)
+            if kind == "open":
+                session_id = request.open.session_id
+                self._open(request.open)
+            elif kind == "reset":
+                reset = request.reset
+                session_id = reset.session_id
+                at = reset.frame_index if reset.HasField("frame_index") else None
+                self._track(
+                    self.engine.reset(session_id, self.owner, at),
+                    lambda n: pb.StreamResponse(
+                        reset=pb.SessionReset(session_id=reset.session_id, next_frame_index=n)
+                    ),
+                    session_id,
+                )
+            elif kind == "end":
+                session_id = request.end.session_id
+                self.opened.discard(session_id)
+                self._track(
+                    self.engine.end(session_id, self.owner),
+                    lambda n: pb.StreamResponse(
+                        ended=pb.SessionEnded(
+                            session_id=request.end.session_id, reason="client", next_frame_index=n
+                        )
+                    ),
+                    session_id,
+                )
+            else:
+                raise InvalidArgument("empty StreamRequest: set one of open, frame, reset, end")
+        except Exception as exc:
+            self.outbox.put_nowait(stream_error(exc, session_id, frame_index))
+        return ""
+
+    def _frame(self, frame: pb.Frame) -> str:
+        session = self.engine.sessions.get(frame.session_id, self.owner)
+        model = session.model
+        try:
+            self._bytes_in.inc(sum(len(t.data) for t in frame.inputs))
+            future = self.engine.submit_frame(
+                frame.session_id, frame.frame_index, named_arrays(frame.inputs), self.owner
+            )
+        except Exception as exc:
+            self._count(model, as_rnnstream_error(exc).code.name)
+            raise
+
+        def respond(result: FrameResult) -> pb.StreamResponse:
+            outputs = encode_outputs(self.engine, model, result)
+            self._bytes_out.inc(sum(len(t.data) for t in outputs))
+            return pb.StreamResponse(
+                output=pb.FrameOutput(
+                    session_id=frame.session_id, frame_index=result.index, outputs=outputs
+                )
+            )
+
+        self._track(future, respond, frame.session_id, frame.frame_index, model)
+        limit = self.engine.settings.max_pending_frames
+        return frame.session_id if session.frames_queued >= limit else ""
+
+    def _open(self, request: pb.OpenSession) -> None:
+        cap = self.engine.settings.max_sessions_per_stream
+        if request.session_id not in self.opened and len(self.opened) >= cap:
+            raise ResourceExhausted(
+                f"this stream already holds {cap} sessions (--max-sessions-per-stream); "
+                "open another stream"
+            )
+        opened = self.engine.open_session(
+            request.model,
+            request.session_id,
+            self.owner,
+            resume_only=request.resume,
+            listener=self.notify_ended,
+        )
+        self.opened.add(opened.session_id)
+        self.outbox.put_nowait(
+            pb.StreamResponse(
+                opened=pb.SessionOpened(
+                    session_id=opened.session_id,
+                    model=opened.model,
+                    next_frame_index=opened.next_index,
+                    resumed=opened.resumed,
+                )
+            )
+        )
