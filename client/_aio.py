@@ -181,6 +181,9 @@ class AsyncSession:
             entry[0].set_result(decode_outputs(self.model, output.outputs, entry[1]))
 
     def _on_frame_error(self, index: int, exc: RnnstreamError) -> None:
+        if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+            # The server refused the frame before queueing it, so its index is still the next.
+            self.next_index = min(self.next_index, index)
         entry = self._frames.pop(index, None)
         if entry is not None and not entry[0].done():
             entry[0].set_exception(exc)
