@@ -78,6 +78,13 @@ CASES: dict[str, tuple[BadStream, int, tuple[str, ...]]] = {
         INVALID,
         ("tensor 'x' has 60 bytes", "need 128"),
     ),
+    "absurd shape": (
+        lambda sid, i: frame_request(
+            sid, i, pb.Tensor(name="x", dtype=pb.FLOAT32, shape=[0, 2**62], data=b"")
+        ),
+        INVALID,
+        ("tensor 'x' has an unusable shape",),
+    ),
     "unspecified dtype": (
         lambda sid, i: frame_request(sid, i, pb.Tensor(name="x", shape=[1, 16], data=bytes(64))),
         INVALID,
