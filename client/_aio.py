@@ -30,7 +30,9 @@ def _status_error(exc: grpc.aio.AioRpcError) -> RnnstreamError:
 class _Mux:
     """One Stream call; routes each response to the session or request it answers."""
 
-    def __init__(self, stub: pb_grpc.RnnstreamStub, metadata: Sequence[tuple[str, str]]) -> None:
+    def __init__(
+        self, stub: pb_grpc.RnnstreamAsyncStub, metadata: Sequence[tuple[str, str]]
+    ) -> None:
         self._call = stub.Stream(metadata=tuple(metadata))
         self._write_lock = asyncio.Lock()
         self._open_lock = asyncio.Lock()
@@ -197,19 +199,20 @@ class AsyncSession:
         if self._controls:
             self._controls.popleft().set_result(ended.next_frame_index)
         self._fail_all(
-            RnnstreamError(grpc.StatusCode.NOT_FOUND, f"session ended ({ended.reason})",
-                           session_id=self.id)
+            RnnstreamError(
+                grpc.StatusCode.NOT_FOUND, f"session ended ({ended.reason})", session_id=self.id
+            )
         )
 
     def _fail_all(self, exc: RnnstreamError) -> None:
-        for future, _ in self._frames.values():
-            if not future.done():
-                future.set_exception(exc)
+        for frame_future, _ in self._frames.values():
+            if not frame_future.done():
+                frame_future.set_exception(exc)
         self._frames.clear()
         while self._controls:
-            future = self._controls.popleft()
-            if not future.done():
-                future.set_exception(exc)
+            control = self._controls.popleft()
+            if not control.done():
+                control.set_exception(exc)
 
 
 class AsyncClient:
@@ -228,7 +231,7 @@ class AsyncClient:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        self._stub = pb_grpc.RnnstreamStub(self._channel)
+        self._stub: pb_grpc.RnnstreamAsyncStub = pb_grpc.RnnstreamStub(self._channel)
         self._metadata = tuple(metadata)
         self._models: dict[str, pb.ModelInfo] = {}
         self._mux: _Mux | None = None
@@ -257,7 +260,9 @@ class AsyncClient:
 
     async def get_model(self, name: str) -> pb.ModelInfo:
         if name not in self._models:
-            self._models[name] = await self._unary(self._stub.GetModel, pb.GetModelRequest(name=name))
+            self._models[name] = await self._unary(
+                self._stub.GetModel, pb.GetModelRequest(name=name)
+            )
         return self._models[name]
 
     async def get_session(self, session_id: str) -> pb.SessionInfo:

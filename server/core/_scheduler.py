@@ -243,7 +243,9 @@ class ModelScheduler:
         if self._observer is not None:
             self._observer(len(frames), elapsed, [started - f.enqueued_at for f in frames])
 
-    def _fail(self, sessions: list[Session], frames: list[FrameWork], error: RnnstreamError) -> None:
+    def _fail(
+        self, sessions: list[Session], frames: list[FrameWork], error: RnnstreamError
+    ) -> None:
         """A failed run leaves every state as it was: the frames may be sent again."""
         for session, frame in zip(sessions, frames, strict=True):
             session.in_flight = False

@@ -89,7 +89,9 @@ class Session:
         self.in_flight = False
         self.queued = False
         self.closed = False
-        self.ring: deque[FrameResult] | None = None  # created on first output: idle sessions stay small
+        self.ring: deque[FrameResult] | None = (
+            None  # created on first output: idle sessions stay small
+        )
         self.ring_size = ring_size
         self.last_active = time.monotonic()
 

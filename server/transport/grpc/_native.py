@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -64,6 +65,28 @@ def _encode_outputs(spec: ModelSpec, result: FrameResult) -> list[pb.Tensor]:
     return [encode(a, t.name) for a, t in zip(result.outputs, spec.outputs, strict=True)]
 
 
+def _output_response(spec: ModelSpec, session_id: str, result: FrameResult) -> pb.StreamResponse:
+    return pb.StreamResponse(
+        output=pb.FrameOutput(
+            session_id=session_id,
+            frame_index=result.index,
+            outputs=_encode_outputs(spec, result),
+        )
+    )
+
+
+def _reset_response(session_id: str, next_index: int) -> pb.StreamResponse:
+    return pb.StreamResponse(
+        reset=pb.SessionReset(session_id=session_id, next_frame_index=next_index)
+    )
+
+
+def _ended_response(session_id: str, next_index: int) -> pb.StreamResponse:
+    return pb.StreamResponse(
+        ended=pb.SessionEnded(session_id=session_id, reason="client", next_frame_index=next_index)
+    )
+
+
 class _StreamState:
     """Bookkeeping of one Stream call: responses to send and work still outstanding."""
 
@@ -72,8 +95,13 @@ class _StreamState:
         self.outstanding = 0
         self.reading = True
 
-    def track(self, future: asyncio.Future[Any], respond: Callable[[Any], pb.StreamResponse],
-              session_id: str, frame_index: int | None = None) -> None:
+    def track(
+        self,
+        future: asyncio.Future[Any],
+        respond: Callable[[Any], pb.StreamResponse],
+        session_id: str,
+        frame_index: int | None = None,
+    ) -> None:
         self.outstanding += 1
 
         def done(f: asyncio.Future[Any]) -> None:
@@ -104,7 +132,9 @@ class NativeServicer:
         def unary_handler(method: Any, request_type: Any, response_type: Any) -> Any:
             return grpc.unary_unary_rpc_method_handler(
                 method,
-                request_deserializer=tolerant(request_type.FromString, request_type.DESCRIPTOR.full_name),
+                request_deserializer=tolerant(
+                    request_type.FromString, request_type.DESCRIPTOR.full_name
+                ),
                 response_serializer=response_type.SerializeToString,
             )
 
@@ -119,7 +149,9 @@ class NativeServicer:
                     response_serializer=pb.StreamResponse.SerializeToString,
                 ),
                 "Infer": unary_handler(self.Infer, pb.InferRequest, pb.InferResponse),
-                "ListModels": unary_handler(self.ListModels, pb.ListModelsRequest, pb.ListModelsResponse),
+                "ListModels": unary_handler(
+                    self.ListModels, pb.ListModelsRequest, pb.ListModelsResponse
+                ),
                 "GetModel": unary_handler(self.GetModel, pb.GetModelRequest, pb.ModelInfo),
                 "GetSession": unary_handler(self.GetSession, pb.GetSessionRequest, pb.SessionInfo),
                 "EndSession": unary_handler(self.EndSession, pb.EndSessionRequest, pb.SessionEnded),
@@ -141,7 +173,10 @@ class NativeServicer:
         await reader
 
     async def _read(
-        self, requests: AsyncIterator[pb.StreamRequest | BadRequest], state: _StreamState, owner: str
+        self,
+        requests: AsyncIterator[pb.StreamRequest | BadRequest],
+        state: _StreamState,
+        owner: str,
     ) -> None:
         try:
             async for request in requests:
@@ -150,12 +185,12 @@ class NativeServicer:
             state.reading = False
             state.finish_if_done()
 
-    def _dispatch(self, request: pb.StreamRequest | BadRequest, state: _StreamState, owner: str) -> None:
+    def _dispatch(
+        self, request: pb.StreamRequest | BadRequest, state: _StreamState, owner: str
+    ) -> None:
         engine = self._engine
         if isinstance(request, BadRequest):
-            state.outbox.put_nowait(
-                stream_error(InvalidArgument(request.message))
-            )
+            state.outbox.put_nowait(stream_error(InvalidArgument(request.message)))
             return
         kind = request.WhichOneof("kind")
         session_id = ""
@@ -170,11 +205,7 @@ class NativeServicer:
                 spec = engine.model_spec(engine.sessions.get(session_id, owner).model)
                 state.track(
                     future,
-                    lambda r, sid=session_id: pb.StreamResponse(
-                        output=pb.FrameOutput(
-                            session_id=sid, frame_index=r.index, outputs=_encode_outputs(spec, r)
-                        )
-                    ),
+                    functools.partial(_output_response, spec, session_id),
                     session_id,
                     frame_index,
                 )
@@ -195,18 +226,14 @@ class NativeServicer:
                 session_id = request.reset.session_id
                 state.track(
                     engine.reset(session_id, owner),
-                    lambda n, sid=session_id: pb.StreamResponse(
-                        reset=pb.SessionReset(session_id=sid, next_frame_index=n)
-                    ),
+                    functools.partial(_reset_response, session_id),
                     session_id,
                 )
             elif kind == "end":
                 session_id = request.end.session_id
                 state.track(
                     engine.end(session_id, owner),
-                    lambda n, sid=session_id: pb.StreamResponse(
-                        ended=pb.SessionEnded(session_id=sid, reason="client", next_frame_index=n)
-                    ),
+                    functools.partial(_ended_response, session_id),
                     session_id,
                 )
             else:
@@ -230,9 +257,13 @@ class NativeServicer:
         )
 
     @unary
-    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
         await self._auth.principal(context)
-        return pb.ListModelsResponse(models=[self._info(name) for name in sorted(self._engine.models)])
+        return pb.ListModelsResponse(
+            models=[self._info(name) for name in sorted(self._engine.models)]
+        )
 
     @unary
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.ModelInfo:
@@ -260,4 +291,6 @@ class NativeServicer:
     async def EndSession(self, request: pb.EndSessionRequest, context: Context) -> pb.SessionEnded:
         owner = await self._auth.principal(context)
         next_index = await self._engine.end(request.session_id, owner)
-        return pb.SessionEnded(session_id=request.session_id, reason="client", next_frame_index=next_index)
+        return pb.SessionEnded(
+            session_id=request.session_id, reason="client", next_frame_index=next_index
+        )
