@@ -19,6 +19,7 @@ from client._mux import RetryPolicy, StreamMux
 __all__ = ["SESSION_METADATA", "AsyncClient", "AsyncSession"]
 
 SESSION_METADATA = "rnnstream-session-id"
+DEFAULT_RETRY = RetryPolicy()
 
 DEFAULT_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -113,6 +114,9 @@ class AsyncSession:
             entry[1].set_result(decode_outputs(self.model, output.outputs, entry[2]))
 
     def on_frame_error(self, index: int, exc: RnnstreamError) -> None:
+        if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+            # The server refused the frame before queueing it, so its index is still the next.
+            self.next_index = min(self.next_index, index)
         entry = self._frames.pop(index, None)
         self._order.pop(("frame", index), None)
         if entry is not None and not entry[1].done():
@@ -171,7 +175,7 @@ class AsyncClient:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
-        retry: RetryPolicy | None = RetryPolicy(),
+        retry: RetryPolicy | None = DEFAULT_RETRY,
         stream_per_session: bool = False,
         options: Sequence[tuple[str, Any]] = DEFAULT_OPTIONS,
     ) -> None:
@@ -184,7 +188,9 @@ class AsyncClient:
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
         self._stub = pb_grpc.RnnstreamStub(self._channel)
-        self._metadata = tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
+        self._metadata = tuple(metadata) + (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
         self._retry = retry
         self._stream_per_session = stream_per_session
         self._models: dict[str, pb.ModelInfo] = {}
@@ -216,7 +222,9 @@ class AsyncClient:
 
     async def get_model(self, name: str) -> pb.ModelInfo:
         if name not in self._models:
-            self._models[name] = await self._unary(self._stub.GetModel, pb.GetModelRequest(name=name))
+            self._models[name] = await self._unary(
+                self._stub.GetModel, pb.GetModelRequest(name=name)
+            )
         return self._models[name]
 
     async def get_session(self, session_id: str) -> pb.SessionInfo:

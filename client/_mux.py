@@ -47,7 +47,7 @@ class StreamMux:
 
     def __init__(
         self,
-        stub: pb_grpc.RnnstreamStub,
+        stub: pb_grpc.RnnstreamAsyncStub,
         metadata: Sequence[tuple[str, str]],
         retry: RetryPolicy | None,
     ) -> None:
@@ -139,13 +139,15 @@ class StreamMux:
         async with self._write_lock:
             for session in list(self.sessions.values()):
                 session.resuming = True
-                resume = pb.OpenSession(model=session.model.name, session_id=session.id, resume=True)
+                resume = pb.OpenSession(
+                    model=session.model.name, session_id=session.id, resume=True
+                )
                 await call.write(pb.StreamRequest(open=resume))
                 for request in session.unanswered():
                     await call.write(request)
 
     def reconnect(self) -> None:
-        """Drop the current call; the loop reconnects and resumes (used after in-band UNAVAILABLE)."""
+        """Drop the current call; the loop reconnects and resumes (after in-band UNAVAILABLE)."""
         if self._call is not None:
             self._call.cancel()
 
@@ -194,8 +196,9 @@ class StreamMux:
         if session.resuming and index is None:
             # The resume itself was refused: the server no longer holds this session.
             self.sessions.pop(session.id, None)
-            session.fail_all(SessionLost(exc.code, f"cannot resume: {exc.message}",
-                                         session_id=session.id))
+            session.fail_all(
+                SessionLost(exc.code, f"cannot resume: {exc.message}", session_id=session.id)
+            )
             return
         if session.recovering and index is not None:
             return  # a later frame refused because an earlier one was: it is resent on resume

@@ -44,7 +44,9 @@ def generate(out_dir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=PROTO_ROOT, help="output root (default: proto/)")
+    parser.add_argument(
+        "--out", type=Path, default=PROTO_ROOT, help="output root (default: proto/)"
+    )
     generate(parser.parse_args().out)
 
 

@@ -11,6 +11,7 @@ from server._settings import Settings
 from server.core import DeviceError, ModelConfigError
 from server.transport.grpc import GrpcServer
 
+
 async def _serve(settings: Settings) -> None:
     server = GrpcServer(settings)
     await server.start()

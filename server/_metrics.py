@@ -9,7 +9,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -21,20 +34,31 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.frames = Counter(
-            "rnnstream_frames", "Frames answered, by model and gRPC status", ["model", "status"],
+            "rnnstream_frames",
+            "Frames answered, by model and gRPC status",
+            ["model", "status"],
             registry=r,
         )
         self.frame_latency = Histogram(
-            "rnnstream_frame_latency_seconds", "Time from receiving a frame to its output",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+            "rnnstream_frame_latency_seconds",
+            "Time from receiving a frame to its output",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.ort_run = Histogram(
-            "rnnstream_ort_run_seconds", "ONNX Runtime time per batch", ["model"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "rnnstream_ort_run_seconds",
+            "ONNX Runtime time per batch",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "rnnstream_batch_size", "Frames per ONNX Runtime call", ["model"],
-            buckets=_BATCH_BUCKETS, registry=r,
+            "rnnstream_batch_size",
+            "Frames per ONNX Runtime call",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge(
             "rnnstream_queue_depth", "Frames waiting to be batched", ["model"], registry=r
@@ -46,8 +70,10 @@ class Metrics:
             "rnnstream_sessions_opened", "Sessions opened", ["model"], registry=r
         )
         self.sessions_ended = Counter(
-            "rnnstream_sessions_ended", "Sessions ended, by reason (client, expired, evicted, "
-            "shutdown)", ["model", "reason"], registry=r,
+            "rnnstream_sessions_ended",
+            "Sessions ended, by reason (client, expired, evicted, shutdown)",
+            ["model", "reason"],
+            registry=r,
         )
         self.bytes_received = Counter(
             "rnnstream_bytes_received", "Tensor bytes received", registry=r

@@ -25,21 +25,27 @@ class Settings:
 
     host: str = _setting("127.0.0.1", "Address to listen on (0.0.0.0 inside containers).")
     port: int = _setting(50051, "gRPC port; 0 picks a free one.")
-    model_repository: Path = _setting(
-        Path("models"), "Folder with one sub-folder per model holding model.onnx."
+    model_repository: Path = field(
+        default=Path("models"),
+        metadata={"doc": "Folder with one sub-folder per model holding model.onnx."},
     )
     models: tuple[str, ...] = _setting(
         (), "Load only these models (comma-separated); empty loads every model found."
     )
     device: str = _setting(
-        "auto", "Execution provider: auto (CUDA if it really works, else CPU), cpu or cuda.",
+        "auto",
+        "Execution provider: auto (CUDA if it really works, else CPU), cpu or cuda.",
         choices=("auto", "cpu", "cuda"),
     )
     ort_threads: int = _setting(1, "ONNX Runtime intra-op threads per model; 0 lets ORT decide.")
-    max_batch_size: int = _setting(256, "Most sessions stepped in one ONNX Runtime call; 1 disables batching.")
+    max_batch_size: int = _setting(
+        256, "Most sessions stepped in one ONNX Runtime call; 1 disables batching."
+    )
     max_sessions: int = _setting(100_000, "Most sessions open at once across all models.")
     session_ttl: float = _setting(600.0, "Seconds an idle session lives; 0 turns expiry off.")
-    output_ring: int = _setting(64, "Outputs kept per session to answer frames resent after a reconnect.")
+    output_ring: int = _setting(
+        64, "Outputs kept per session to answer frames resent after a reconnect."
+    )
     max_steps_per_frame: int = _setting(4096, "Most time steps (T) one frame may carry.")
     max_message_bytes: int = _setting(16 * 1024 * 1024, "Largest gRPC message accepted or sent.")
     max_sessions_per_stream: int = _setting(1024, "Most sessions one stream may open.")
@@ -57,7 +63,9 @@ class Settings:
     log_level: str = _setting("INFO", "Logging level.")
     tls_cert: str = _setting("", "PEM server certificate chain; with --tls-key enables TLS.")
     tls_key: str = _setting("", "PEM private key of --tls-cert.")
-    tls_client_ca: str = _setting("", "PEM CA bundle; when set, clients must present a certificate.")
+    tls_client_ca: str = _setting(
+        "", "PEM CA bundle; when set, clients must present a certificate."
+    )
     auth_tokens: tuple[str, ...] = _setting(
         (), "Bearer tokens, comma-separated, each 'principal=token' or a bare token."
     )
@@ -66,7 +74,9 @@ class Settings:
     )
 
     @classmethod
-    def from_args(cls, argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    def from_args(
+        cls, argv: Sequence[str] | None = None, env: dict[str, str] | None = None
+    ) -> Settings:
         """Parse flags; each flag's default comes from its RNNSTREAM_* variable when set."""
         env = dict(os.environ) if env is None else env
         parser = argparse.ArgumentParser(
@@ -76,7 +86,7 @@ class Settings:
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             env_name = _ENV_PREFIX + f.name.upper()
-            default = cls._parse(f, env[env_name]) if env_name in env else f.default
+            default = cls._env_default(parser, f, env_name, env)
             kwargs: dict[str, Any] = {
                 "default": default,
                 "help": f"{f.metadata['doc']} [env {env_name}; default {f.default!r}]",
@@ -87,9 +97,36 @@ class Settings:
             if f.type == "bool":
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
-                kwargs["type"] = lambda text, f=f: cls._parse(f, text)
+
+                def parse(text: str, f: dataclasses.Field[Any] = f) -> Any:
+                    return cls._parse(f, text)
+
+                # argparse names the type in its error message: "invalid int value: 'abc'".
+                parse.__name__ = str(f.type)
+                kwargs["type"] = parse
             parser.add_argument(flag, **kwargs)
         return cls(**vars(parser.parse_args(argv)))
+
+    @classmethod
+    def _env_default(
+        cls,
+        parser: argparse.ArgumentParser,
+        f: dataclasses.Field[Any],
+        env_name: str,
+        env: dict[str, str],
+    ) -> Any:
+        """The flag's default from its variable, checked as strictly as the flag itself."""
+        if env_name not in env:
+            return f.default
+        text = env[env_name]
+        try:
+            value = cls._parse(f, text)
+        except ValueError:
+            parser.error(f"{env_name}={text!r} is not a valid {f.type}")
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            parser.error(f"{env_name}={text!r}: choose from {', '.join(choices)}")
+        return value
 
     @staticmethod
     def _parse(f: dataclasses.Field[Any], text: str) -> Any:

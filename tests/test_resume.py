@@ -22,7 +22,10 @@ def _reference(model: str, xs: np.ndarray) -> np.ndarray:
     """Full-sequence ORT run of each session's frames, batched over sessions."""
     sess = ort.InferenceSession(str(MODELS / model / "model.onnx"))
     hidden = sess.get_inputs()[1].shape[2]
-    feeds = {"x": np.ascontiguousarray(xs.transpose(1, 0, 2)), "initial_h": np.zeros((1, len(xs), hidden), np.float32)}
+    feeds = {
+        "x": np.ascontiguousarray(xs.transpose(1, 0, 2)),
+        "initial_h": np.zeros((1, len(xs), hidden), np.float32),
+    }
     return sess.run(["y"], feeds)[0].transpose(1, 0, 2)
 
 

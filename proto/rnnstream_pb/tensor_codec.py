@@ -45,7 +45,10 @@ def decode(tensor: pb.Tensor) -> npt.NDArray[np.generic]:
             f"{label} has {len(tensor.data)} bytes but dtype {dtype.name} and shape "
             f"{list(shape)} need {expected}"
         )
-    array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    try:
+        array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    except ValueError as exc:  # e.g. a zero-size shape whose other dimensions overflow
+        raise TensorDecodeError(f"{label} has an unusable shape {list(shape)}: {exc}") from None
     if dtype.byteorder == "<" and not np.little_endian:  # pragma: no cover - big-endian hosts
         array = array.astype(dtype.newbyteorder("="))
     return array

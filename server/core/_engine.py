@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy.typing as npt
 
 from server._metrics import Metrics
 from server._settings import Settings
@@ -22,6 +27,9 @@ from server.core._validation import NamedArray, validate_frame
 __all__ = ["Engine", "OpenedSession", "SessionSnapshot", "discover_models"]
 
 log = logging.getLogger("rnnstream.engine")
+
+# Room for everything in an output message besides the tensor bytes (ids, names, shapes).
+_MESSAGE_OVERHEAD = 1024
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,26 @@ class SessionSnapshot:
     pending_frames: int
     idle_seconds: float
     expires_in: float
+
+
+def output_bytes(spec: ModelSpec, arrays: Sequence[npt.NDArray[Any]]) -> int | None:
+    """Bytes of one frame's outputs, when the model's output shapes fix them; else None."""
+    steps = next(
+        (
+            a.shape[t.frame_time_axis]
+            for t, a in zip(spec.inputs, arrays, strict=True)
+            if t.frame_time_axis is not None
+        ),
+        None,
+    )
+    total = 0
+    for out in spec.outputs:
+        dims = [steps if i == out.frame_time_axis else d for i, d in enumerate(out.frame_shape)]
+        known = [d for d in dims if d is not None]
+        if len(known) != len(dims):
+            return None
+        total += math.prod(known) * out.dtype.itemsize
+    return total
 
 
 def discover_models(repository: Path, only: Sequence[str] = ()) -> dict[str, Path]:
@@ -95,7 +123,7 @@ class Engine:
             scheduler.start()
             self.schedulers[name] = scheduler
             self.metrics.active_sessions.labels(name).set_function(
-                lambda name=name: self.sessions.count(name)
+                functools.partial(self.sessions.count, name)
             )
         self._expiry = asyncio.get_running_loop().create_task(self.sessions.run_expiry())
 
@@ -122,7 +150,9 @@ class Engine:
         try:
             return self.models[name]
         except KeyError:
-            raise NotFound(f"unknown model {name!r}; loaded models: {sorted(self.models)}") from None
+            raise NotFound(
+                f"unknown model {name!r}; loaded models: {sorted(self.models)}"
+            ) from None
 
     # -- sessions --------------------------------------------------------------------------
     def open_session(
@@ -161,6 +191,7 @@ class Engine:
         scheduler = self.schedulers[session.model]
         try:
             arrays = validate_frame(scheduler.spec, tensors, self.settings.max_steps_per_frame)
+            self._check_output_size(scheduler.spec, arrays)
         except InvalidArgument as exc:
             exc.session_id, exc.frame_index = session.id, index
             raise
@@ -168,6 +199,16 @@ class Engine:
         key = tuple(a.shape for a in arrays)
         scheduler.submit(session, FrameWork(index, arrays, key, future))
         return future
+
+    def _check_output_size(self, spec: ModelSpec, arrays: Sequence[npt.NDArray[Any]]) -> None:
+        # Refused before it runs: once applied, an output too big to send would be lost.
+        size = output_bytes(spec, arrays)
+        limit = self.settings.max_message_bytes
+        if size is not None and size + _MESSAGE_OVERHEAD > limit:
+            raise InvalidArgument(
+                f"the frame's outputs would take {size} bytes, over the server's message limit "
+                f"of {limit} bytes (--max-message-bytes); send fewer time steps per frame"
+            )
 
     async def wait_for_space(self, session_id: str, owner: str) -> None:
         """Return once the session has room for another queued frame (back-pressure)."""
@@ -193,7 +234,9 @@ class Engine:
         so a reset resent after a reconnect is not applied twice."""
         session = self.sessions.get(session_id, owner)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.schedulers[session.model].submit(session, ControlWork("reset", future, at_index=at_index))
+        self.schedulers[session.model].submit(
+            session, ControlWork("reset", future, at_index=at_index)
+        )
         return future
 
     def end(self, session_id: str, owner: str) -> asyncio.Future[int]:
@@ -240,4 +283,3 @@ class Engine:
         finally:
             done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             scheduler.submit(scratch, ControlWork("end", done, "stateless"))
-

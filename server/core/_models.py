@@ -187,7 +187,7 @@ def _initial_state(
         raise ModelConfigError(
             f"model {model!r}: state {t.name!r} has dynamic axes besides the batch axis "
             f"(shape {list(t.shape)}); give its initial value as a .npy file in config.toml "
-            f"(initial = \"...\")"
+            f'(initial = "...")'
         )
     return np.zeros([int(d) for d in per_session if isinstance(d, int)], dtype=dtype)
 
@@ -254,7 +254,9 @@ def build_spec(
             if t.name in skip:
                 continue
             batch, time = _axes(t, section_cfg.get(t.name), model=name, is_state=False)
-            specs.append(TensorSpec(t.name, ort_dtype(t.type_name), _concrete(t.shape), batch, time))
+            specs.append(
+                TensorSpec(t.name, ort_dtype(t.type_name), _concrete(t.shape), batch, time)
+            )
         return tuple(specs)
 
     data_in = data_specs(inputs, state_ins, "inputs")

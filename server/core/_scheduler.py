@@ -271,7 +271,9 @@ class ModelScheduler:
             for frame in frames:
                 latency.observe(done_at - frame.enqueued_at)
 
-    def _fail(self, sessions: list[Session], frames: list[FrameWork], error: RnnstreamError) -> None:
+    def _fail(
+        self, sessions: list[Session], frames: list[FrameWork], error: RnnstreamError
+    ) -> None:
         """A failed run leaves every state as it was: the frames may be sent again."""
         for session, frame in zip(sessions, frames, strict=True):
             session.in_flight = False

@@ -94,7 +94,9 @@ class Session:
         self.in_flight = False
         self.queued = False
         self.closed = False
-        self.ring: deque[FrameResult] | None = None  # created on first output: idle sessions stay small
+        self.ring: deque[FrameResult] | None = (
+            None  # created on first output: idle sessions stay small
+        )
         self.ring_size = ring_size
         self.last_active = time.monotonic()
         # Told when the server ends the session (expired, evicted, shutdown): the attached stream.

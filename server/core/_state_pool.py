@@ -43,7 +43,7 @@ class StatePool:
     def live(self) -> int:
         return self._live
 
-    def _index(self, state: StateSpec, slots: int | SlotIndex) -> tuple[Any, ...]:
+    def _index(self, state: StateSpec, slots: int | slice | SlotIndex) -> tuple[Any, ...]:
         return (slice(None),) * state.batch_axis + (slots,)
 
     def allocate(self) -> int:

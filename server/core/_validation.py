@@ -26,9 +26,7 @@ def describe_shape(spec: TensorSpec) -> str:
     return "[" + ", ".join(dims) + "]"
 
 
-def _check_one(
-    spec: TensorSpec, array: npt.NDArray[Any], model: str, max_steps: int
-) -> int | None:
+def _check_one(spec: TensorSpec, array: npt.NDArray[Any], model: str, max_steps: int) -> int | None:
     label = f"model {model!r} input {spec.name!r}"
     if array.dtype != spec.dtype:
         raise InvalidArgument(f"{label} must be {spec.dtype.name}, got {array.dtype.name}")

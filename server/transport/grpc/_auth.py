@@ -57,7 +57,9 @@ class Authenticator:
                 header = value.decode() if isinstance(value, bytes) else str(value)
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented:
-            raise Unauthenticated("missing bearer token: send metadata 'authorization: Bearer <token>'")
+            raise Unauthenticated(
+                "missing bearer token: send metadata 'authorization: Bearer <token>'"
+            )
         candidate = presented.strip().encode()
         principal = None
         # Compare against every token, always, so timing says nothing about which one matched.

@@ -68,7 +68,9 @@ class NativeServicer:
         def unary_handler(method: Any, request_type: Any, response_type: Any) -> Any:
             return grpc.unary_unary_rpc_method_handler(
                 method,
-                request_deserializer=tolerant(request_type.FromString, request_type.DESCRIPTOR.full_name),
+                request_deserializer=tolerant(
+                    request_type.FromString, request_type.DESCRIPTOR.full_name
+                ),
                 response_serializer=response_type.SerializeToString,
             )
 
@@ -83,7 +85,9 @@ class NativeServicer:
                     response_serializer=pb.StreamResponse.SerializeToString,
                 ),
                 "Infer": unary_handler(self.Infer, pb.InferRequest, pb.InferResponse),
-                "ListModels": unary_handler(self.ListModels, pb.ListModelsRequest, pb.ListModelsResponse),
+                "ListModels": unary_handler(
+                    self.ListModels, pb.ListModelsRequest, pb.ListModelsResponse
+                ),
                 "GetModel": unary_handler(self.GetModel, pb.GetModelRequest, pb.ModelInfo),
                 "GetSession": unary_handler(self.GetSession, pb.GetSessionRequest, pb.SessionInfo),
                 "EndSession": unary_handler(self.EndSession, pb.EndSessionRequest, pb.SessionEnded),
@@ -140,9 +144,13 @@ class NativeServicer:
         )
 
     @unary
-    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
         await self._auth.principal(context)
-        return pb.ListModelsResponse(models=[self._info(name) for name in sorted(self._engine.models)])
+        return pb.ListModelsResponse(
+            models=[self._info(name) for name in sorted(self._engine.models)]
+        )
 
     @unary
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.ModelInfo:
@@ -170,4 +178,6 @@ class NativeServicer:
     async def EndSession(self, request: pb.EndSessionRequest, context: Context) -> pb.SessionEnded:
         owner = await self._auth.principal(context)
         next_index = await self._engine.end(request.session_id, owner)
-        return pb.SessionEnded(session_id=request.session_id, reason="client", next_frame_index=next_index)
+        return pb.SessionEnded(
+            session_id=request.session_id, reason="client", next_frame_index=next_index
+        )

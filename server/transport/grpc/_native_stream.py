@@ -99,7 +99,9 @@ class StreamCall:
                 session.listener = None
 
     def shutdown(self, message: str) -> None:
-        self.outbox.put_nowait(pb.StreamResponse(notice=pb.Notice(kind="shutdown", message=message)))
+        self.outbox.put_nowait(
+            pb.StreamResponse(notice=pb.Notice(kind="shutdown", message=message))
+        )
         self.outbox.put_nowait(SHUTDOWN)
 
     # -- requests --------------------------------------------------------------------------

@@ -87,7 +87,9 @@ class GrpcServer:
         for service in ("", *self._services):
             await self.health.set(service, SERVING)
         if self.settings.metrics_port:
-            self.metrics_port = self.engine.metrics.serve(self.settings.host, self.settings.metrics_port)
+            self.metrics_port = self.engine.metrics.serve(
+                self.settings.host, self.settings.metrics_port
+            )
         log.info(
             "serving %s on %s:%d (%s)%s",
             sorted(self.engine.models),
