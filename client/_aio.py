@@ -43,7 +43,13 @@ class _Mux:
         if self.closed is not None:
             raise self.closed
         async with self._write_lock:
-            await self._call.write(request)
+            try:
+                await self._call.write(request)
+            except grpc.aio.AioRpcError as exc:
+                # The call ended before the reader noticed: same error the reader will report.
+                raise _status_error(exc) from None
+            except grpc.aio.UsageError as exc:
+                raise RnnstreamError(grpc.StatusCode.CANCELLED, f"stream closed: {exc}") from None
 
     async def open(self, request: pb.OpenSession) -> pb.SessionOpened:
         # Opens go one at a time: the reply to an open carries no request id.
@@ -64,6 +70,9 @@ class _Mux:
             error = _status_error(exc)
         except asyncio.CancelledError:
             error = RnnstreamError(grpc.StatusCode.CANCELLED, "stream closed by the client")
+        except Exception as exc:  # a bug in routing must fail the waiters, not strand them
+            error = RnnstreamError(grpc.StatusCode.INTERNAL, f"stream reader failed: {exc!r}")
+            self._call.cancel()
         self.closed = error
         if self._opening is not None and not self._opening.done():
             self._opening.set_exception(error)
@@ -98,8 +107,11 @@ class _Mux:
             error.frame_index if error.HasField("frame_index") else None,
         )
         session = self.sessions.get(error.session_id)
-        if error.HasField("frame_index") and session is not None:
-            session._on_frame_error(error.frame_index, exc)
+        if error.HasField("frame_index"):
+            # A frame's error, even for a session this stream no longer knows, never fails an
+            # open that happens to be in flight.
+            if session is not None:
+                session._on_frame_error(error.frame_index, exc)
         elif session is not None and session._controls:
             session._controls.popleft().set_exception(exc)
         elif self._opening is not None and not self._opening.done():
@@ -131,6 +143,7 @@ class AsyncSession:
 
     async def send(self, frame: FrameInput, index: int | None = None) -> asyncio.Future[Outputs]:
         """Send one frame now; the returned future resolves with its outputs."""
+        self._check_open()
         tensors, squeeze = encode_frame(self.model, frame)
         if index is None:
             index = self.next_index
@@ -160,7 +173,14 @@ class AsyncSession:
         while window:
             yield await window.popleft()
 
+    def _check_open(self) -> None:
+        # The stream forgets an ended session, so the server's answer to anything sent for it
+        # could reach no one: the call would wait forever. Refuse it here instead.
+        if self.ended:
+            raise RnnstreamError(grpc.StatusCode.NOT_FOUND, "session ended", session_id=self.id)
+
     async def _control(self, request: pb.StreamRequest) -> int:
+        self._check_open()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._controls.append(future)
         await self._mux.send(request)
@@ -177,8 +197,23 @@ class AsyncSession:
     # -- called by the mux ---------------------------------------------------------------
     def _on_output(self, output: pb.FrameOutput) -> None:
         entry = self._frames.pop(output.frame_index, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(decode_outputs(self.model, output.outputs, entry[1]))
+        if entry is None or entry[0].done():
+            return
+        try:
+            outputs = decode_outputs(self.model, output.outputs, entry[1])
+        except ValueError as exc:
+            # A bad tensor fails its frame only; raised here it would kill the stream's reader
+            # and leave every other frame of every session waiting forever.
+            entry[0].set_exception(
+                RnnstreamError(
+                    grpc.StatusCode.INTERNAL,
+                    f"undecodable output: {exc}",
+                    session_id=self.id,
+                    frame_index=output.frame_index,
+                )
+            )
+            return
+        entry[0].set_result(outputs)
 
     def _on_frame_error(self, index: int, exc: RnnstreamError) -> None:
         entry = self._frames.pop(index, None)
@@ -194,8 +229,9 @@ class AsyncSession:
         if self._controls:
             self._controls.popleft().set_result(ended.next_frame_index)
         self._fail_all(
-            RnnstreamError(grpc.StatusCode.NOT_FOUND, f"session ended ({ended.reason})",
-                           session_id=self.id)
+            RnnstreamError(
+                grpc.StatusCode.NOT_FOUND, f"session ended ({ended.reason})", session_id=self.id
+            )
         )
 
     def _fail_all(self, exc: RnnstreamError) -> None:
@@ -254,7 +290,9 @@ class AsyncClient:
 
     async def get_model(self, name: str) -> pb.ModelInfo:
         if name not in self._models:
-            self._models[name] = await self._unary(self._stub.GetModel, pb.GetModelRequest(name=name))
+            self._models[name] = await self._unary(
+                self._stub.GetModel, pb.GetModelRequest(name=name)
+            )
         return self._models[name]
 
     async def get_session(self, session_id: str) -> pb.SessionInfo:
