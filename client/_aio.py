@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from rnnstream_pb.v1 import rnnstream_pb2 as pb
@@ -31,7 +31,10 @@ class _Mux:
     """One Stream call; routes each response to the session or request it answers."""
 
     def __init__(self, stub: pb_grpc.RnnstreamStub, metadata: Sequence[tuple[str, str]]) -> None:
-        self._call = stub.Stream(metadata=tuple(metadata))
+        # The generated stub is typed for the blocking API; on an aio channel this is the call.
+        self._call: grpc.aio.StreamStreamCall[pb.StreamRequest, pb.StreamResponse] = cast(
+            Any, stub
+        ).Stream(metadata=tuple(metadata))
         self._write_lock = asyncio.Lock()
         self._open_lock = asyncio.Lock()
         self._opening: asyncio.Future[pb.SessionOpened] | None = None
@@ -240,9 +243,9 @@ class AsyncSession:
                 future.set_exception(exc)
         self._frames.clear()
         while self._controls:
-            future = self._controls.popleft()
-            if not future.done():
-                future.set_exception(exc)
+            control = self._controls.popleft()
+            if not control.done():
+                control.set_exception(exc)
 
 
 class AsyncClient:

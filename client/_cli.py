@@ -22,6 +22,7 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def _read_rows(path: Path) -> npt.NDArray[Any]:
+    array: npt.NDArray[Any]
     if path.suffix == ".npy":
         array = np.load(path)
     elif path.suffix == ".csv":
@@ -39,7 +40,9 @@ def _models(args: argparse.Namespace) -> int:
             ins = ", ".join(f"{t.name}{list(t.shape)}" for t in model.inputs)
             outs = ", ".join(f"{t.name}{list(t.shape)}" for t in model.outputs)
             states = ", ".join(f"{s.input_name}->{s.output_name}" for s in model.states)
-            print(f"{model.name}\t{model.execution_provider}\tin: {ins}\tout: {outs}\tstate: {states}")
+            print(
+                f"{model.name}\t{model.execution_provider}\tin: {ins}\tout: {outs}\tstate: {states}"
+            )
     return 0
 
 
@@ -76,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
     stream.add_argument("--model", required=True)
     stream.add_argument("--input", type=Path, required=True, help=".npy or .csv, shape [time, ...]")
-    stream.add_argument("--output", type=Path, required=True, help=".npy (.npz for several outputs)")
+    stream.add_argument(
+        "--output", type=Path, required=True, help=".npy (.npz for several outputs)"
+    )
     stream.add_argument("--inflight", type=int, default=16, help="frames on the wire at once")
     stream.set_defaults(run=_stream)
     loadtest = sub.add_parser(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -13,7 +13,7 @@ from rnnstream_pb.v1 import rnnstream_pb2 as pb
 __all__ = ["FrameInput", "Outputs", "decode_outputs", "encode_frame"]
 
 Array = npt.NDArray[Any]
-FrameInput = Union[Array, Mapping[str, Any]]
+FrameInput = Array | Mapping[str, Any]
 Outputs = dict[str, Array]
 
 
@@ -53,9 +53,7 @@ def encode_frame(model: pb.ModelInfo, frame: FrameInput) -> tuple[list[pb.Tensor
     return tensors, added_time
 
 
-def decode_outputs(
-    model: pb.ModelInfo, tensors: Any, squeeze_time: bool = False
-) -> Outputs:
+def decode_outputs(model: pb.ModelInfo, tensors: Any, squeeze_time: bool = False) -> Outputs:
     infos = {t.name: t for t in model.outputs}
     outputs: Outputs = {}
     for tensor in tensors:

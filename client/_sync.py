@@ -22,7 +22,9 @@ T = TypeVar("T")
 class _LoopThread:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="rnnstream-client", daemon=True)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="rnnstream-client", daemon=True
+        )
         self._thread.start()
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:

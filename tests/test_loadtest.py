@@ -19,8 +19,7 @@ from onnx import numpy_helper
 
 from client._loadtest import LoadtestOptions, run_loadtest
 from client._loadtest._plot import write_plot
-from client._loadtest._stats import WorkerStats, decode_histogram, new_histogram
-from client._loadtest._stats import Timeline
+from client._loadtest._stats import Timeline, WorkerStats, decode_histogram, new_histogram
 from tests.conftest import MODELS, REPO, RunningServer
 
 GRU = MODELS / "gru" / "model.onnx"
@@ -31,7 +30,10 @@ def cli(*args: str, timeout: float = 60) -> tuple[int, str, dict[str, Any] | Non
     out_dir = Path(args[args.index("--json") + 1]).parent if "--json" in args else None
     proc = subprocess.run(
         [sys.executable, "-m", "client", "loadtest", "--no-progress", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
     )
     report = None
     if out_dir is not None:
@@ -55,9 +57,20 @@ def perturbed_copy(source: Path, folder: Path) -> Path:
 def test_frames_bounded_counts_are_exact(server: RunningServer, tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
     rc, stdout, report, stderr = cli(
-        "--target", server.target, "--model", "gru", "--sessions", "6",
-        "--frames-per-session", "40", "--inflight", "3", "--connections", "2",
-        "--json", str(report_path),
+        "--target",
+        server.target,
+        "--model",
+        "gru",
+        "--sessions",
+        "6",
+        "--frames-per-session",
+        "40",
+        "--inflight",
+        "3",
+        "--connections",
+        "2",
+        "--json",
+        str(report_path),
     )
     assert rc == 0, stderr + stdout
     assert report is not None
@@ -75,8 +88,14 @@ def test_frames_bounded_counts_are_exact(server: RunningServer, tmp_path: Path) 
 
 def test_processes_merge_exactly(server: RunningServer) -> None:
     options = LoadtestOptions(
-        model="gru", target=server.target, sessions=5, frames_per_session=30, processes=2,
-        connections=3, inflight=2, progress=False,
+        model="gru",
+        target=server.target,
+        sessions=5,
+        frames_per_session=30,
+        processes=2,
+        connections=3,
+        inflight=2,
+        progress=False,
     )
     report = run_loadtest(options)
     assert (report.sent, report.answered, report.frames_failed) == (150, 150, 0)
@@ -90,8 +109,13 @@ def test_processes_merge_exactly(server: RunningServer) -> None:
 def test_open_loop_holds_its_rate(server: RunningServer, arrivals: str) -> None:
     rate, seconds = 300.0, 2.0
     options = LoadtestOptions(
-        model="gru", target=server.target, sessions=6, duration=seconds, warmup=0.3,
-        rate=rate, arrivals=arrivals,  # type: ignore[arg-type]
+        model="gru",
+        target=server.target,
+        sessions=6,
+        duration=seconds,
+        warmup=0.3,
+        rate=rate,
+        arrivals=arrivals,  # type: ignore[arg-type]
         progress=False,
     )
     report = run_loadtest(options)
@@ -109,10 +133,25 @@ def test_verify_passes_against_the_served_model(server: RunningServer, tmp_path:
     np.save(tmp_path / "frames.npy", rows)
     report_path = tmp_path / "report.json"
     rc, _, report, stderr = cli(
-        "--target", server.target, "--model", "gru", "--sessions", "4",
-        "--frames-per-session", "300", "--inflight", "4", "--warmup", "0.2",
-        "--frames-file", str(tmp_path / "frames.npy"),
-        "--verify", "--verify-model", str(GRU), "--json", str(report_path),
+        "--target",
+        server.target,
+        "--model",
+        "gru",
+        "--sessions",
+        "4",
+        "--frames-per-session",
+        "300",
+        "--inflight",
+        "4",
+        "--warmup",
+        "0.2",
+        "--frames-file",
+        str(tmp_path / "frames.npy"),
+        "--verify",
+        "--verify-model",
+        str(GRU),
+        "--json",
+        str(report_path),
     )
     assert rc == 0, stderr
     assert report is not None
@@ -127,9 +166,19 @@ def test_verify_reports_a_perturbed_model(server: RunningServer, tmp_path: Path)
     wrong = perturbed_copy(GRU, tmp_path / "gru_perturbed")
     report_path = tmp_path / "report.json"
     rc, stdout, report, _ = cli(
-        "--target", server.target, "--model", "gru", "--sessions", "3",
-        "--frames-per-session", "50", "--verify", "--verify-model", str(wrong),
-        "--json", str(report_path),
+        "--target",
+        server.target,
+        "--model",
+        "gru",
+        "--sessions",
+        "3",
+        "--frames-per-session",
+        "50",
+        "--verify",
+        "--verify-model",
+        str(wrong),
+        "--json",
+        str(report_path),
     )
     assert rc == 1
     assert report is not None
@@ -149,9 +198,19 @@ def test_verify_catches_a_model_served_under_another_name(
     running = make_server(model_repository=repo)
     report_path = tmp_path / "report.json"
     rc, _, report, _ = cli(
-        "--target", running.target, "--model", "rnn_relu", "--sessions", "2",
-        "--frames-per-session", "30", "--verify",
-        "--verify-model", str(MODELS / "rnn_relu" / "model.onnx"), "--json", str(report_path),
+        "--target",
+        running.target,
+        "--model",
+        "rnn_relu",
+        "--sessions",
+        "2",
+        "--frames-per-session",
+        "30",
+        "--verify",
+        "--verify-model",
+        str(MODELS / "rnn_relu" / "model.onnx"),
+        "--json",
+        str(report_path),
     )
     assert rc == 1
     assert report is not None and report["verify"]["mismatched_sessions"] == 2
@@ -162,8 +221,18 @@ def test_refused_sessions_are_counted_by_status(
 ) -> None:
     running = make_server(max_sessions=2)
     report_path = tmp_path / "report.json"
-    args = ("--target", running.target, "--model", "gru", "--sessions", "5",
-            "--frames-per-session", "20", "--json", str(report_path))
+    args = (
+        "--target",
+        running.target,
+        "--model",
+        "gru",
+        "--sessions",
+        "5",
+        "--frames-per-session",
+        "20",
+        "--json",
+        str(report_path),
+    )
     rc, stdout, report, stderr = cli(*args)
     assert rc == 1, stderr
     assert report is not None
@@ -180,9 +249,27 @@ def test_refused_sessions_are_counted_by_status(
 def test_ctrl_c_stops_cleanly_and_prints_the_table(server: RunningServer, tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "client", "loadtest", "--no-progress", "--target", server.target,
-         "--model", "gru", "--sessions", "4", "--duration", "60", "--json", str(report_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "client",
+            "loadtest",
+            "--no-progress",
+            "--target",
+            server.target,
+            "--model",
+            "gru",
+            "--sessions",
+            "4",
+            "--duration",
+            "60",
+            "--json",
+            str(report_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
@@ -196,7 +283,9 @@ def test_ctrl_c_stops_cleanly_and_prints_the_table(server: RunningServer, tmp_pa
 
 
 def test_unknown_model_is_a_clean_error(server: RunningServer) -> None:
-    rc, _, _, stderr = cli("--target", server.target, "--model", "nope", "--frames-per-session", "1")
+    rc, _, _, stderr = cli(
+        "--target", server.target, "--model", "nope", "--frames-per-session", "1"
+    )
     assert rc == 2
     assert "nope" in stderr and "Traceback" not in stderr
 
