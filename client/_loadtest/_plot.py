@@ -16,6 +16,7 @@ def write_plot(report: Report, path: Path) -> None:
 
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import ScalarFormatter
     except ImportError:
         raise OptionsError("--plot needs matplotlib: pip install 'rnnstream[plot]'") from None
     seconds = [s.second for s in report.timeline]
@@ -25,6 +26,7 @@ def write_plot(report: Report, path: Path) -> None:
         lat.plot(seconds, [float("nan") if v is None else v for v in values], label=label)
     lat.set_ylabel("latency (ms)")
     lat.set_yscale("log")
+    lat.yaxis.set_major_formatter(ScalarFormatter())
     lat.legend(loc="upper left")
     lat.grid(True, alpha=0.3)
     thr.plot(seconds, [s.answered for s in report.timeline], label="answered")
