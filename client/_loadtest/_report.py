@@ -196,8 +196,15 @@ def print_report(report: Report, console: Console | None = None) -> None:
 
 
 def progress_text(
-    elapsed: float, warmup: float, answered: int, failed: int, rate: float, p99_ms: float | None
+    elapsed: float | None,
+    warmup: float,
+    answered: int,
+    failed: int,
+    rate: float,
+    p99_ms: float | None,
 ) -> Text:
+    if elapsed is None:
+        return Text("opening sessions...")
     if elapsed < 0:
         return Text(f"warming up: {-elapsed:.1f} s to go")
     p99 = "-" if p99_ms is None else f"{p99_ms:.2f} ms"

@@ -104,7 +104,7 @@ class _StartValue:
 class Progress:
     """What the live line shows; passed to the caller's callback about twice a second."""
 
-    elapsed: float  # measured seconds so far; negative while warming up
+    elapsed: float | None  # measured seconds so far; negative while warming up, None opening
     answered: int
     failed: int
     rate: float  # frames/s over the last second or so
@@ -231,7 +231,7 @@ class _Run:
         self._history.append((now, answered))
         then, before = self._history[0]
         rate = (answered - before) / (now - then) if now > then else 0.0
-        elapsed = now - self.start - self.options.warmup if self.start is not None else -1e-9
+        elapsed = now - self.start - self.options.warmup if self.start is not None else None
         p99 = (
             summary_ms(self.timeline.total)["p99"]
             if self.timeline.total.get_total_count()
