@@ -54,6 +54,7 @@ class AsyncSession:
 
     async def send(self, frame: FrameInput, index: int | None = None) -> asyncio.Future[Outputs]:
         """Send one frame now; the returned future resolves with its outputs."""
+        self._check_open()
         tensors, squeeze = encode_frame(self.model, frame)
         if index is None:
             index = self.next_index
@@ -87,7 +88,14 @@ class AsyncSession:
         while window:
             yield await window.popleft()
 
+    def _check_open(self) -> None:
+        # The stream forgets an ended session, so the server's answer to anything sent for it
+        # could reach no one: the call would wait forever. Refuse it here instead.
+        if self.ended:
+            raise RnnstreamError(grpc.StatusCode.NOT_FOUND, "session ended", session_id=self.id)
+
     async def _control(self, request: pb.StreamRequest) -> int:
+        self._check_open()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._controls.append((request, future))
         self._order[("control", id(future))] = request
@@ -110,8 +118,22 @@ class AsyncSession:
     def on_output(self, output: pb.FrameOutput) -> None:
         entry = self._frames.pop(output.frame_index, None)
         self._order.pop(("frame", output.frame_index), None)
-        if entry is not None and not entry[1].done():
-            entry[1].set_result(decode_outputs(self.model, output.outputs, entry[2]))
+        if entry is None or entry[1].done():
+            return
+        try:
+            outputs = decode_outputs(self.model, output.outputs, entry[2])
+        except ValueError as exc:
+            # A bad tensor fails its frame only; raised here it would kill the stream's reader.
+            entry[1].set_exception(
+                RnnstreamError(
+                    grpc.StatusCode.INTERNAL,
+                    f"undecodable output: {exc}",
+                    session_id=self.id,
+                    frame_index=output.frame_index,
+                )
+            )
+            return
+        entry[1].set_result(outputs)
 
     def on_frame_error(self, index: int, exc: RnnstreamError) -> None:
         if exc.code == grpc.StatusCode.INVALID_ARGUMENT:

@@ -12,6 +12,8 @@ import numpy as np
 import numpy.typing as npt
 
 from client._errors import RnnstreamError
+from client._loadtest import add_arguments as add_loadtest_arguments
+from client._loadtest import command as loadtest_command
 from client._sync import Client
 
 __all__ = ["build_parser", "main"]
@@ -82,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stream.add_argument("--inflight", type=int, default=16, help="frames on the wire at once")
     stream.set_defaults(run=_stream)
+    loadtest = sub.add_parser(
+        "loadtest",
+        help="open many sessions and stream frames through them; report latency and errors",
+        description="Load test a server: closed loop (default) or open loop (--rate). Exit "
+        "status 1 when the error rate exceeds --max-error-rate or --verify finds a mismatch.",
+    )
+    add_loadtest_arguments(loadtest)
+    loadtest.set_defaults(run=loadtest_command)
     return parser
 
 

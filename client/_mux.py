@@ -116,6 +116,10 @@ class StreamMux:
             except asyncio.CancelledError:
                 error = RnnstreamError(grpc.StatusCode.CANCELLED, "client closed the stream")
                 self._closing = True
+            except Exception as exc:  # a bug in routing must fail the waiters, not strand them
+                error = RnnstreamError(grpc.StatusCode.INTERNAL, f"stream reader failed: {exc!r}")
+                self._call.cancel()
+                self._closing = True
             self._connected.clear()
             if self._closing or self._retry is None or error.code not in RETRYABLE:
                 break
@@ -190,7 +194,9 @@ class StreamMux:
         exc = RnnstreamError.from_number(error.code, error.message, error.session_id, index)
         session = self.sessions.get(error.session_id)
         if session is None:
-            if self._opening is not None and not self._opening.done():
+            # A frame's error, even for a session this stream no longer knows, never fails an
+            # open that happens to be in flight.
+            if index is None and self._opening is not None and not self._opening.done():
                 self._opening.set_exception(exc)
             return
         if session.resuming and index is None:

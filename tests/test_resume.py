@@ -44,7 +44,7 @@ async def test_outputs_survive_100_dropped_connections(make_server) -> None:
         # Cut at random points of the stream: after a random number of newly answered frames.
         chooser = random.Random(3)
         while not done.is_set():
-            target = answered[0] + chooser.randint(5, 120)
+            target = answered[0] + chooser.randint(5, 80)
             while answered[0] < target and not done.is_set():
                 await asyncio.sleep(0.002)
             await asyncio.sleep(chooser.uniform(0, 0.01))

@@ -1,0 +1,220 @@
+"""Load test options: one dataclass, its command-line flags and its checks."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["DEFAULT_DURATION", "LoadtestOptions", "OptionsError", "add_arguments", "from_args"]
+
+DEFAULT_DURATION = 10.0
+# An open-loop session keeps sending on schedule while earlier frames are still queued; this caps
+# how many it may have outstanding so a stalled server cannot make the client hoard memory.
+OPEN_LOOP_INFLIGHT = 1024
+
+
+class OptionsError(ValueError):
+    """The options cannot describe a run; the message says which one and why."""
+
+
+@dataclass(frozen=True)
+class LoadtestOptions:
+    """Everything one load test run needs. Unset bounds default to a 10 s run."""
+
+    model: str
+    target: str = "127.0.0.1:50051"
+    sessions: int = 16
+    duration: float | None = None
+    frames_per_session: int | None = None
+    warmup: float = 0.0
+    inflight: int | None = None
+    rate: float | None = None
+    arrivals: Literal["constant", "poisson"] = "constant"
+    connections: int = 1
+    processes: int = 1
+    seed: int = 0
+    frames_file: Path | None = None
+    verify: bool = False
+    verify_model: Path | None = None
+    max_error_rate: float = 0.0
+    timeout: float | None = None
+    drain: float = 10.0
+    json_path: Path | None = None
+    plot_path: Path | None = None
+    progress: bool = True
+
+    @property
+    def open_loop(self) -> bool:
+        return self.rate is not None
+
+    @property
+    def window(self) -> int:
+        """Frames one session may have on the wire at once."""
+        if self.inflight is not None:
+            return self.inflight
+        return OPEN_LOOP_INFLIGHT if self.open_loop else 1
+
+    @property
+    def send_seconds(self) -> float | None:
+        """Measured seconds of sending, or None when only the frame count bounds the run."""
+        if self.duration is None and self.frames_per_session is None:
+            return DEFAULT_DURATION
+        return self.duration
+
+    @property
+    def hard_limit(self) -> float:
+        """Seconds after the start (warm-up included) when sending stops whatever else holds."""
+        if self.timeout is not None:
+            return self.timeout
+        seconds = self.send_seconds
+        return self.warmup + (seconds if seconds is not None else 600.0)
+
+    def checked(self) -> LoadtestOptions:
+        """These options, or OptionsError naming the first one that makes no sense."""
+        positive_ints = {
+            "sessions": self.sessions,
+            "connections": self.connections,
+            "processes": self.processes,
+        }
+        for name, value in positive_ints.items():
+            if value < 1:
+                raise OptionsError(f"--{name} must be at least 1, got {value}")
+        if self.frames_per_session is not None and self.frames_per_session < 1:
+            raise OptionsError(
+                f"--frames-per-session must be at least 1, got {self.frames_per_session}"
+            )
+        if self.inflight is not None and self.inflight < 1:
+            raise OptionsError(f"--inflight must be at least 1, got {self.inflight}")
+        for name, number in (
+            ("duration", self.duration),
+            ("rate", self.rate),
+            ("timeout", self.timeout),
+        ):
+            if number is not None and not (math.isfinite(number) and number > 0):
+                raise OptionsError(f"--{name} must be a positive number of seconds, got {number}")
+        if not (math.isfinite(self.warmup) and self.warmup >= 0):
+            raise OptionsError(f"--warmup must be zero or more seconds, got {self.warmup}")
+        if not (math.isfinite(self.drain) and self.drain >= 0):
+            raise OptionsError(f"--drain must be zero or more seconds, got {self.drain}")
+        if not 0 <= self.max_error_rate <= 1:
+            raise OptionsError(f"--max-error-rate must be within [0, 1], got {self.max_error_rate}")
+        if self.arrivals not in ("constant", "poisson"):
+            raise OptionsError(f"--arrivals must be constant or poisson, got {self.arrivals!r}")
+        if self.processes > self.sessions:
+            raise OptionsError(
+                f"--processes ({self.processes}) exceeds --sessions ({self.sessions}): "
+                "every process needs a session"
+            )
+        if self.verify and self.verify_model is None:
+            raise OptionsError("--verify needs --verify-model PATH (the .onnx file served)")
+        for name, path in (("verify-model", self.verify_model), ("frames-file", self.frames_file)):
+            if path is not None and not path.is_file():
+                raise OptionsError(f"--{name}: {path} is not a file")
+        if self.frames_file is not None and self.frames_file.suffix != ".npy":
+            raise OptionsError(f"--frames-file: {self.frames_file} is not a .npy file")
+        if not self.target or ":" not in self.target:
+            raise OptionsError(f"--target must be HOST:PORT, got {self.target!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `rnnstream loadtest` flags."""
+    add = parser.add_argument
+    add("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+    add("--model", required=True, help="model to open the sessions on")
+    add("--sessions", type=int, default=16, help="sessions open at once (default 16)")
+    bound = parser.add_argument_group("bounds (without either: --duration 10)")
+    bound.add_argument("--duration", type=float, help="seconds of measured sending")
+    bound.add_argument("--frames-per-session", type=int, help="measured frames each session sends")
+    bound.add_argument(
+        "--warmup",
+        type=float,
+        default=0.0,
+        help="seconds of sending first that are not measured (default 0)",
+    )
+    bound.add_argument(
+        "--timeout",
+        type=float,
+        help="stop sending this many seconds after the start whatever else holds "
+        "(default: warm-up + duration, or warm-up + 600 s)",
+    )
+    bound.add_argument(
+        "--drain",
+        type=float,
+        default=10.0,
+        help="seconds to wait for outstanding answers after sending stops",
+    )
+    load = parser.add_argument_group("load")
+    load.add_argument(
+        "--inflight",
+        type=int,
+        help="frames in flight per session (default: 1 closed loop, "
+        f"{OPEN_LOOP_INFLIGHT} open loop)",
+    )
+    load.add_argument(
+        "--rate",
+        type=float,
+        help="open loop: frames/s in total across all sessions (default: closed loop)",
+    )
+    load.add_argument(
+        "--arrivals",
+        choices=("constant", "poisson"),
+        default="constant",
+        help="open-loop arrival process (default constant)",
+    )
+    load.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="TCP connections the sessions are spread over (default 1)",
+    )
+    load.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="client processes, each driving its share of sessions (default 1)",
+    )
+    data = parser.add_argument_group("frames and checks")
+    data.add_argument("--seed", type=int, default=0, help="seed of the random frames (default 0)")
+    data.add_argument(
+        "--frames-file",
+        type=Path,
+        help=".npy of frames, shape [n, ...frame]; session s starts at row s",
+    )
+    data.add_argument(
+        "--verify", action="store_true", help="check every output against a local ONNX Runtime run"
+    )
+    data.add_argument("--verify-model", type=Path, help="the .onnx file --verify runs")
+    data.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.0,
+        help="exit 1 when failed requests / requests exceeds this (default 0)",
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", type=Path, dest="json_path", help="write the full report here")
+    out.add_argument(
+        "--plot",
+        type=Path,
+        dest="plot_path",
+        help="draw latency and throughput over time into this .png (extra: plot)",
+    )
+    out.add_argument(
+        "--no-progress", action="store_false", dest="progress", help="no live progress line"
+    )
+
+
+def from_args(args: argparse.Namespace) -> LoadtestOptions:
+    names = {f.name for f in dataclasses.fields(LoadtestOptions)}
+    return LoadtestOptions(**{k: v for k, v in vars(args).items() if k in names}).checked()
