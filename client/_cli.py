@@ -1,4 +1,4 @@
-"""The `rnnstream` command: list models and stream files through a session."""
+"""The `rnnstream` command: list models, stream files through a session, health-check a server."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from client._errors import RnnstreamError
+from client._health import check_health
 from client._sync import Client
 
 __all__ = ["build_parser", "main"]
@@ -64,6 +65,14 @@ def _stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    if args.timeout <= 0:
+        raise SystemExit("rnnstream: --timeout must be positive")
+    result = check_health(args.target, args.service, args.timeout)
+    print(result.message, file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnstream", description="rnnstream client")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--output", type=Path, required=True, help=".npy (.npz for several outputs)")
     stream.add_argument("--inflight", type=int, default=16, help="frames on the wire at once")
     stream.set_defaults(run=_stream)
+    health = sub.add_parser(
+        "health", help="gRPC health check: exit 0 when SERVING, 1 otherwise"
+    )
+    health.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+    health.add_argument("--service", default="", help="service name; empty checks the server")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    health.set_defaults(run=_health)
     return parser
 
 
