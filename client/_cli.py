@@ -86,9 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--output", type=Path, required=True, help=".npy (.npz for several outputs)")
     stream.add_argument("--inflight", type=int, default=16, help="frames on the wire at once")
     stream.set_defaults(run=_stream)
-    health = sub.add_parser(
-        "health", help="gRPC health check: exit 0 when SERVING, 1 otherwise"
-    )
+    health = sub.add_parser("health", help="gRPC health check: exit 0 when SERVING, 1 otherwise")
     health.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
     health.add_argument("--service", default="", help="service name; empty checks the server")
     health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
