@@ -1,4 +1,4 @@
-"""The `rnnstream` command: list models and stream files through a session."""
+"""The `rnnstream` command: list models, stream files through a session, health-check a server."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from client._errors import RnnstreamError
+from client._health import check_health
 from client._loadtest import add_arguments as add_loadtest_arguments
 from client._loadtest import command as loadtest_command
 from client._sync import Client
@@ -69,6 +70,14 @@ def _stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    if args.timeout <= 0:
+        raise SystemExit("rnnstream: --timeout must be positive")
+    result = check_health(args.target, args.service, args.timeout)
+    print(result.message, file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnstream", description="rnnstream client")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_loadtest_arguments(loadtest)
     loadtest.set_defaults(run=loadtest_command)
+    health = sub.add_parser("health", help="gRPC health check: exit 0 when SERVING, 1 otherwise")
+    health.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+    health.add_argument("--service", default="", help="service name; empty checks the server")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    health.set_defaults(run=_health)
     return parser
 
 
