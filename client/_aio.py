@@ -15,10 +15,9 @@ from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
 from client._errors import RnnstreamError, SessionLost
 from client._frames import FrameInput, Outputs, decode_outputs, encode_frame
 from client._mux import RetryPolicy, StreamMux
+from client._routing import SESSION_ID_METADATA_KEY
 
-__all__ = ["SESSION_METADATA", "AsyncClient", "AsyncSession"]
-
-SESSION_METADATA = "rnnstream-session-id"
+__all__ = ["AsyncClient", "AsyncSession"]
 DEFAULT_RETRY = RetryPolicy()
 
 DEFAULT_OPTIONS: Sequence[tuple[str, Any]] = (
@@ -264,7 +263,7 @@ class AsyncClient:
     def _stream(self, session_id: str) -> StreamMux:
         if self._stream_per_session:
             mux = StreamMux(
-                self._stub, (*self._metadata, (SESSION_METADATA, session_id)), self._retry
+                self._stub, (*self._metadata, (SESSION_ID_METADATA_KEY, session_id)), self._retry
             )
             self._own_muxes.append(mux)
             return mux
