@@ -15,6 +15,8 @@ from server._settings import Settings
 from server.core import Engine
 from server.transport.grpc._auth import Authenticator
 from server.transport.grpc._native import SERVICE, NativeServicer
+from server.transport.grpc._oip import SERVICE as OIP_SERVICE
+from server.transport.grpc._oip import OipServicer
 
 __all__ = ["GrpcServer"]
 
@@ -45,10 +47,12 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        server.add_generic_rpc_handlers([NativeServicer(self.engine, Authenticator()).handler()])
+        auth = Authenticator()
+        server.add_generic_rpc_handlers([NativeServicer(self.engine, auth).handler()])
+        server.add_generic_rpc_handlers([OipServicer(self.engine, auth).handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            [SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         address = f"{self.settings.host}:{self.settings.port}"
         self.port = server.add_insecure_port(address)
@@ -56,7 +60,7 @@ class GrpcServer:
             raise OSError(f"could not bind {address}")
         await server.start()
         self._server = server
-        for service in ("", SERVICE):
+        for service in ("", SERVICE, OIP_SERVICE):
             await self.health.set(service, SERVING)
         log.info("serving %s on %s:%d", sorted(self.engine.models), self.settings.host, self.port)
         return self.port
