@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import queue
 import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -40,7 +41,7 @@ def _kwargs(step: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     target, plan_path, arrays_path, out_path = sys.argv[1:5]
-    plan = json.loads(open(plan_path).read())
+    plan = json.loads(Path(plan_path).read_text())
     arrays = dict(np.load(arrays_path))
     client = triton.InferenceServerClient(target)
     outputs: dict[str, np.ndarray[Any, Any]] = {}

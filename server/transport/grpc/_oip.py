@@ -452,7 +452,7 @@ def _batch_items(
         item: list[NamedArray] = []
         for name, array in inputs:
             if name in by_name:
-                frame, squeeze = to_frame(by_name[name], array[i])
+                frame, squeeze = to_frame(by_name[name], array[i], spec.name, array.shape)
                 squeezed.add(squeeze)
             else:
                 frame = array[i]  # the engine names the unknown input in its error

@@ -72,12 +72,30 @@ def oip_dims(spec: TensorSpec) -> list[int]:
     return [-1 if d is None else d for i, d in enumerate(spec.frame_shape) if i != skip]
 
 
-def to_frame(spec: TensorSpec, item: Array) -> tuple[Array, bool]:
+def _fits(want: Sequence[int | None], got: Sequence[int]) -> bool:
+    return len(want) == len(got) and all(
+        w is None or w == g for w, g in zip(want, got, strict=True)
+    )
+
+
+def to_frame(
+    spec: TensorSpec, item: Array, model: str, request_shape: Sequence[int]
+) -> tuple[Array, bool]:
     """A request item as a session frame; True when the item left out its single time step."""
     time_axis = _dynamic_time(spec)
-    if time_axis is not None and item.ndim == len(spec.frame_shape) - 1:
+    one_step = [None if d < 0 else d for d in oip_dims(spec)]
+    if time_axis is not None and _fits(one_step, item.shape):
         return np.expand_dims(item, time_axis), True
-    return item, False
+    if _fits(spec.frame_shape, item.shape):
+        return item, False
+    shapes = [[-1, *oip_dims(spec)]]
+    if time_axis is not None:
+        shapes.append([-1, *(-1 if d is None else d for d in spec.frame_shape)])
+    raise InvalidArgument(
+        f"model {model!r} input {spec.name!r} must have shape "
+        + " or ".join(str(s) for s in shapes)
+        + f" (batch first; -1 is any size), got {list(request_shape)}"
+    )
 
 
 def _one_input(
