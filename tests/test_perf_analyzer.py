@@ -28,10 +28,10 @@ def test_perf_analyzer_streams_sequences(server: RunningServer) -> None:
         pytest.skip(reason)
     args = [str(PERF_ANALYZER), "-m", "gru", "-i", "grpc", "-u", server.target, "--streaming"]
     args += ["--sequence-length", "20", "--sequence-id-range", "1000:100000"]
-    args += ["--concurrency-range", "4", "--measurement-interval", "1500", "-s", "80"]
-    args += ["--max-trials", "3"]
+    args += ["--concurrency-range", "4", "--measurement-interval", "1500", "-s", "1000"]
+    args += ["--max-trials", "6"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    # Unstable measurements still print a table; only a failure to drive the server fails here.
+    # A smoke run, not a benchmark: -s 1000 accepts any measurement on a busy machine.
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     throughput = re.search(r"Throughput: ([0-9.]+) infer/sec", done.stdout)
     assert throughput is not None, done.stdout[-3000:]
