@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,14 +36,14 @@ from server.transport.grpc._oip_config import (
     model_metadata,
     model_statistics,
 )
-from server.transport.grpc._status import BadRequest, as_rnnstream_error, tolerant, unary
+from server.transport.grpc._oip_stream import Stream, chain, consume, error_response
+from server.transport.grpc._status import BadRequest, tolerant, unary
 
 __all__ = ["EXTENSIONS", "SERVICE", "OipServicer", "session_id_for"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
 SERVICE = "inference.GRPCInferenceService"
 EXTENSIONS = ("model_configuration", "sequence", "statistics")
-_READ_AHEAD = 4096  # requests one stream may have queued before it stops reading
 
 
 def session_id_for(sequence_id: int | str) -> str:
@@ -96,111 +96,8 @@ def _session_key(request: oip.ModelInferRequest) -> str:
         return ""
 
 
-def _consume(future: asyncio.Future[Any]) -> None:
-    """Controls answer nothing on their own; read their outcome so none goes unretrieved."""
-    future.add_done_callback(lambda f: None if f.cancelled() else f.exception())
-
-
 def _next_index(session: Session) -> int:
     return session.next_index + session.pending_frames() + (1 if session.in_flight else 0)
-
-
-def _chain(
-    source: asyncio.Future[Any], build: Callable[[Any], oip.ModelInferResponse]
-) -> asyncio.Future[oip.ModelInferResponse]:
-    out: asyncio.Future[oip.ModelInferResponse] = asyncio.get_running_loop().create_future()
-
-    def done(f: asyncio.Future[Any]) -> None:
-        if out.done():
-            return
-        if f.cancelled():
-            out.cancel()
-        elif (exc := f.exception()) is not None:
-            out.set_exception(exc)
-        else:
-            try:
-                out.set_result(build(f.result()))
-            except Exception as err:
-                out.set_exception(err)
-
-    source.add_done_callback(done)
-    return out
-
-
-class _Stream:
-    """One ModelStreamInfer call: responses to write, and the requests still being worked on."""
-
-    def __init__(self) -> None:
-        self.outbox: asyncio.Queue[oip.ModelStreamInferResponse | None] = asyncio.Queue()
-        self.outstanding = 0
-        self.reading = True
-        self.room = asyncio.Event()
-        self.room.set()
-        self._last: dict[str, asyncio.Future[Any]] = {}  # newest unanswered future per sequence
-
-    def track(
-        self,
-        session_id: str,
-        future: asyncio.Future[oip.ModelInferResponse],
-        request: oip.ModelInferRequest,
-    ) -> None:
-        self._hold(session_id, future)
-
-        def done(f: asyncio.Future[oip.ModelInferResponse]) -> None:
-            if not f.cancelled():
-                error = f.exception()
-                self.outbox.put_nowait(
-                    _error(request, error)
-                    if error
-                    else oip.ModelStreamInferResponse(infer_response=f.result())
-                )
-            self._release(session_id, f)
-
-        future.add_done_callback(done)
-
-    def answer(self, session_id: str, response: oip.ModelStreamInferResponse) -> None:
-        """Queue a response behind the ones its sequence still owes."""
-        last = self._last.get(session_id) if session_id else None
-        if last is None:
-            self.outbox.put_nowait(response)
-            return
-        self._hold(session_id, last, replace=False)
-
-        def after(_: asyncio.Future[Any]) -> None:
-            self.outbox.put_nowait(response)
-            self._release(session_id, None)
-
-        last.add_done_callback(after)
-
-    def _hold(self, session_id: str, future: asyncio.Future[Any], replace: bool = True) -> None:
-        self.outstanding += 1
-        if session_id and replace:
-            self._last[session_id] = future
-        if self.outstanding >= _READ_AHEAD:
-            self.room.clear()
-
-    def _release(self, session_id: str, future: asyncio.Future[Any] | None) -> None:
-        self.outstanding -= 1
-        if future is not None and self._last.get(session_id) is future:
-            del self._last[session_id]
-        if self.outstanding < _READ_AHEAD:
-            self.room.set()
-        self.finish_if_done()
-
-    def finish_if_done(self) -> None:
-        if not self.reading and self.outstanding == 0:
-            self.outbox.put_nowait(None)
-
-
-def _error(
-    request: oip.ModelInferRequest | None, exc: BaseException
-) -> oip.ModelStreamInferResponse:
-    response = oip.ModelStreamInferResponse(error_message=as_rnnstream_error(exc).message)
-    if request is not None:
-        response.infer_response.model_name = request.model_name
-        response.infer_response.model_version = request.model_version
-        response.infer_response.id = request.id
-    return response
 
 
 class OipServicer:
@@ -276,7 +173,7 @@ class OipServicer:
             )
         if controls.start:
             # A new sequence on a live id starts from the initial state, after what was queued.
-            _consume(self._engine.reset(sid, owner))
+            consume(self._engine.reset(sid, owner))
         return session
 
     def _submit(
@@ -309,7 +206,7 @@ class OipServicer:
                 for item in items
             ]
             gathered = asyncio.gather(*frames)
-            return "", _chain(gathered, lambda done: respond([r for _, r in done]))
+            return "", chain(gathered, lambda done: respond([r for _, r in done]))
         sid = controls.session_id
         if len(items) != 1:
             raise InvalidArgument(
@@ -323,8 +220,8 @@ class OipServicer:
         finally:
             if controls.end:
                 # The end queues behind the frame: the sequence is freed once it is answered.
-                _consume(engine.end(sid, owner))
-        return sid, _chain(frame, lambda result: respond([result]))
+                consume(engine.end(sid, owner))
+        return sid, chain(frame, lambda result: respond([result]))
 
     @unary
     async def ModelInfer(
@@ -338,7 +235,7 @@ class OipServicer:
         self, requests: AsyncIterator[oip.ModelInferRequest | BadRequest], context: Context
     ) -> AsyncIterator[oip.ModelStreamInferResponse]:
         owner = await self._auth.principal(context)
-        stream = _Stream()
+        stream = Stream()
         reader = asyncio.get_running_loop().create_task(self._read(requests, stream, owner))
         try:
             while (response := await stream.outbox.get()) is not None:
@@ -350,18 +247,18 @@ class OipServicer:
     async def _read(
         self,
         requests: AsyncIterator[oip.ModelInferRequest | BadRequest],
-        stream: _Stream,
+        stream: Stream,
         owner: str,
     ) -> None:
         try:
             async for request in requests:
                 if isinstance(request, BadRequest):
-                    stream.answer("", _error(None, InvalidArgument(request.message)))
+                    stream.answer("", error_response(None, InvalidArgument(request.message)))
                     continue
                 try:
                     session_id, future = self._submit(request, owner)
                 except Exception as exc:
-                    stream.answer(_session_key(request), _error(request, exc))
+                    stream.answer(_session_key(request), error_response(request, exc))
                     continue
                 stream.track(session_id, future, request)
                 await stream.room.wait()
