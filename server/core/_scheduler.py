@@ -7,7 +7,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +31,12 @@ class BatchStats:
     frames: int = 0
     failed_batches: int = 0
     run_seconds: float = 0.0
+    # Per-frame totals: each frame counts its batch's run time and its own queue wait.
+    failed_frames: int = 0
+    frame_run_seconds: float = 0.0
+    queue_seconds: float = 0.0
+    last_batch_unix: float = 0.0  # wall-clock end of the latest successful batch
+    by_size: dict[int, list[float]] = field(default_factory=dict)  # size -> [batches, seconds]
 
 
 if TYPE_CHECKING:
@@ -242,6 +248,7 @@ class ModelScheduler:
             raise
         except Exception as exc:
             self.stats.failed_batches += 1
+            self.stats.failed_frames += len(frames)
             log.exception("model %s failed on a batch of %d", self.spec.name, len(frames))
             self._fail(sessions, frames, Internal(f"model {self.spec.name!r} failed: {exc}"))
             return
@@ -264,6 +271,12 @@ class ModelScheduler:
         self.stats.batches += 1
         self.stats.frames += len(frames)
         self.stats.run_seconds += elapsed
+        self.stats.frame_run_seconds += elapsed * len(frames)
+        self.stats.queue_seconds += sum(started - f.enqueued_at for f in frames)
+        self.stats.last_batch_unix = time.time()
+        size = self.stats.by_size.setdefault(len(frames), [0, 0.0])
+        size[0] += 1
+        size[1] += elapsed
         if self._observe is not None:
             ort_run, batch_size, latency = self._observe
             ort_run.observe(elapsed)

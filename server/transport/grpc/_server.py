@@ -16,6 +16,8 @@ from server._settings import Settings
 from server.core import Engine
 from server.transport.grpc._auth import Authenticator
 from server.transport.grpc._native import SERVICE, NativeServicer
+from server.transport.grpc._oip import SERVICE as OIP_SERVICE
+from server.transport.grpc._oip import OipServicer
 
 __all__ = ["GrpcServer"]
 
@@ -61,9 +63,10 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         self.auth = Authenticator.from_settings(settings.auth_tokens, settings.auth_tokens_file)
         self.native = NativeServicer(self.engine, self.auth)
+        self.oip = OipServicer(self.engine, self.auth)
         self.port = 0
         self.metrics_port = 0
-        self._services = [SERVICE]
+        self._services = [SERVICE, OIP_SERVICE]
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -71,7 +74,7 @@ class GrpcServer:
     async def start(self) -> int:
         await self.engine.start()
         server = grpc.aio.server(options=_server_options(self.settings))
-        server.add_generic_rpc_handlers([self.native.handler()])
+        server.add_generic_rpc_handlers([self.native.handler(), self.oip.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME], server

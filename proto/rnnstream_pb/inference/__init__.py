@@ -1,0 +1,1 @@
+"""Open Inference Protocol (KServe v2) gRPC subset with Triton's extensions (generated)."""

@@ -1,0 +1,360 @@
+"""Open Inference Protocol (KServe v2) servicer with Triton's sequence extension, over the engine.
+
+A sequence is an ordinary engine session named ``oip-<sequence_id>``: sequence_start opens it
+(or resets a live one), each request is that session's next frame, sequence_end ends it once
+the request is answered. ModelStreamInfer reads ahead and hands every request to the scheduler
+at once, so the sequences one stream carries batch together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from rnnstream_pb.inference import grpc_service_pb2 as oip
+
+from server.core import (
+    Engine,
+    FailedPrecondition,
+    FrameResult,
+    InvalidArgument,
+    ModelSpec,
+    NotFound,
+    OrtModel,
+    Session,
+)
+from server.core._validation import NamedArray
+from server.transport.grpc._auth import Authenticator
+from server.transport.grpc._oip_codec import decode_inputs, encode_outputs, to_frame
+from server.transport.grpc._oip_config import (
+    VERSION,
+    model_config,
+    model_metadata,
+    model_statistics,
+)
+from server.transport.grpc._oip_stream import Stream, chain, consume, error_response
+from server.transport.grpc._status import BadRequest, tolerant, unary
+
+__all__ = ["EXTENSIONS", "SERVICE", "OipServicer", "session_id_for"]
+
+Context = grpc.aio.ServicerContext[Any, Any]
+SERVICE = "inference.GRPCInferenceService"
+EXTENSIONS = ("model_configuration", "sequence", "statistics")
+
+
+def session_id_for(sequence_id: int | str) -> str:
+    """The engine session that carries an OIP sequence (uint64 and string ids alike)."""
+    return f"oip-{sequence_id}"
+
+
+@dataclass(frozen=True)
+class _Controls:
+    session_id: str  # "" when the request belongs to no sequence
+    start: bool
+    end: bool
+
+
+def _flag(params: Any, name: str) -> bool:
+    if name not in params:
+        return False
+    kind = params[name].WhichOneof("parameter_choice")
+    if kind != "bool_param":
+        raise InvalidArgument(f"parameter {name} must be a bool, got {kind or 'no value'}")
+    return bool(params[name].bool_param)
+
+
+def _controls(request: oip.ModelInferRequest) -> _Controls:
+    params = request.parameters
+    session_id = ""
+    if "sequence_id" in params:
+        param = params["sequence_id"]
+        kind = param.WhichOneof("parameter_choice")
+        if kind in ("int64_param", "uint64_param"):
+            value = getattr(param, kind)
+            if value < 0:
+                raise InvalidArgument(f"sequence_id must not be negative, got {value}")
+            session_id = session_id_for(value) if value else ""
+        elif kind == "string_param":
+            session_id = session_id_for(param.string_param) if param.string_param else ""
+        else:
+            raise InvalidArgument(f"sequence_id must be a uint64 or a string, got {kind}")
+    start, end = _flag(params, "sequence_start"), _flag(params, "sequence_end")
+    if (start or end) and not session_id:
+        raise InvalidArgument("sequence_start and sequence_end need a non-zero sequence_id")
+    return _Controls(session_id, start, end)
+
+
+def _session_key(request: oip.ModelInferRequest) -> str:
+    """Best-effort sequence of a request that failed, to answer it in that sequence's order."""
+    try:
+        return _controls(request).session_id
+    except Exception:
+        return ""
+
+
+def _next_index(session: Session) -> int:
+    return session.next_index + session.pending_frames() + (1 if session.in_flight else 0)
+
+
+class OipServicer:
+    def __init__(self, engine: Engine, auth: Authenticator) -> None:
+        self._engine = engine
+        self._auth = auth
+        try:
+            self._version = importlib.metadata.version("rnnstream")
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source tree only
+            self._version = "0"
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Method handlers whose deserializers answer garbage bytes instead of failing."""
+
+        def unary_handler(method: Any, request_type: Any, response_type: Any) -> Any:
+            return grpc.unary_unary_rpc_method_handler(
+                method,
+                request_deserializer=tolerant(
+                    request_type.FromString, request_type.DESCRIPTOR.full_name
+                ),
+                response_serializer=response_type.SerializeToString,
+            )
+
+        methods = {
+            "ServerLive": (oip.ServerLiveRequest, oip.ServerLiveResponse),
+            "ServerReady": (oip.ServerReadyRequest, oip.ServerReadyResponse),
+            "ModelReady": (oip.ModelReadyRequest, oip.ModelReadyResponse),
+            "ServerMetadata": (oip.ServerMetadataRequest, oip.ServerMetadataResponse),
+            "ModelMetadata": (oip.ModelMetadataRequest, oip.ModelMetadataResponse),
+            "ModelConfig": (oip.ModelConfigRequest, oip.ModelConfigResponse),
+            "ModelStatistics": (oip.ModelStatisticsRequest, oip.ModelStatisticsResponse),
+            "ModelInfer": (oip.ModelInferRequest, oip.ModelInferResponse),
+        }
+        handlers = {
+            name: unary_handler(getattr(self, name), req, resp)
+            for name, (req, resp) in methods.items()
+        }
+        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+            self.ModelStreamInfer,
+            request_deserializer=tolerant(
+                oip.ModelInferRequest.FromString, "inference.ModelInferRequest"
+            ),
+            response_serializer=oip.ModelStreamInferResponse.SerializeToString,
+        )
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+    # -- inference ---------------------------------------------------------------------------
+    def _model(self, name: str, version: str) -> OrtModel:
+        model = self._engine.model(name)
+        if version not in ("", VERSION):
+            raise NotFound(f"model {name!r} has no version {version!r}; it has version {VERSION}")
+        return model
+
+    def _session(self, model: str, controls: _Controls, owner: str) -> Session:
+        sessions = self._engine.sessions
+        sid = controls.session_id
+        try:
+            session = sessions.get(sid, owner)
+        except NotFound as exc:
+            if not controls.start:
+                raise FailedPrecondition(
+                    f"sequence {sid.removeprefix('oip-')!r} is not active ({exc.message}): its "
+                    "first request must set sequence_start=true",
+                    session_id=sid,
+                ) from None
+            self._engine.open_session(model, sid, owner)
+            return sessions.get(sid, owner)
+        if session.model != model:
+            raise InvalidArgument(
+                f"sequence {sid.removeprefix('oip-')!r} runs model {session.model!r}, "
+                f"not {model!r}",
+                session_id=sid,
+            )
+        if controls.start:
+            # A new sequence on a live id starts from the initial state, after what was queued.
+            consume(self._engine.reset(sid, owner))
+        return session
+
+    def _submit(
+        self, request: oip.ModelInferRequest, owner: str
+    ) -> tuple[str, asyncio.Future[oip.ModelInferResponse]]:
+        """Check and queue a request now; the future resolves with its response."""
+        model = self._model(request.model_name, request.model_version)
+        spec = model.spec
+        controls = _controls(request)
+        requested = [o.name for o in request.outputs]
+        unknown = [n for n in requested if n not in {t.name for t in spec.outputs}]
+        if unknown:
+            raise InvalidArgument(
+                f"model {spec.name!r} has no output(s) {unknown}; its outputs are "
+                f"{[t.name for t in spec.outputs]}"
+            )
+        items, squeeze = _batch_items(spec, decode_inputs(request))
+
+        def respond(results: Sequence[FrameResult]) -> oip.ModelInferResponse:
+            response = oip.ModelInferResponse(
+                model_name=spec.name, model_version=VERSION, id=request.id
+            )
+            encode_outputs(spec.outputs, [r.outputs for r in results], squeeze, requested, response)
+            return response
+
+        engine = self._engine
+        if not controls.session_id:
+            frames = [
+                asyncio.ensure_future(engine.infer(spec.name, "", None, item, owner))
+                for item in items
+            ]
+            gathered = asyncio.gather(*frames)
+            return "", chain(gathered, lambda done: respond([r for _, r in done]))
+        sid = controls.session_id
+        if len(items) != 1:
+            raise InvalidArgument(
+                f"a sequence request carries batch size 1 (one frame of one sequence), "
+                f"got {len(items)}",
+                session_id=sid,
+            )
+        session = self._session(spec.name, controls, owner)
+        try:
+            frame = engine.submit_frame(sid, _next_index(session), items[0], owner)
+        finally:
+            if controls.end:
+                # The end queues behind the frame: the sequence is freed once it is answered.
+                consume(engine.end(sid, owner))
+        return sid, chain(frame, lambda result: respond([result]))
+
+    @unary
+    async def ModelInfer(
+        self, request: oip.ModelInferRequest, context: Context
+    ) -> oip.ModelInferResponse:
+        owner = await self._auth.principal(context)
+        _, future = self._submit(request, owner)
+        return await future
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[oip.ModelInferRequest | BadRequest], context: Context
+    ) -> AsyncIterator[oip.ModelStreamInferResponse]:
+        owner = await self._auth.principal(context)
+        stream = Stream()
+        reader = asyncio.get_running_loop().create_task(self._read(requests, stream, owner))
+        try:
+            while (response := await stream.outbox.get()) is not None:
+                yield response
+        finally:
+            reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+    async def _read(
+        self,
+        requests: AsyncIterator[oip.ModelInferRequest | BadRequest],
+        stream: Stream,
+        owner: str,
+    ) -> None:
+        try:
+            async for request in requests:
+                if isinstance(request, BadRequest):
+                    stream.answer("", error_response(None, InvalidArgument(request.message)))
+                    continue
+                try:
+                    session_id, future = self._submit(request, owner)
+                except Exception as exc:
+                    stream.answer(_session_key(request), error_response(request, exc))
+                    continue
+                stream.track(session_id, future, request)
+                await stream.room.wait()
+        finally:
+            stream.reading = False
+            stream.finish_if_done()
+
+    # -- server and model information -----------------------------------------------------------
+    @unary
+    async def ServerLive(
+        self, request: oip.ServerLiveRequest, context: Context
+    ) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    @unary
+    async def ServerReady(
+        self, request: oip.ServerReadyRequest, context: Context
+    ) -> oip.ServerReadyResponse:
+        engine = self._engine
+        return oip.ServerReadyResponse(ready=bool(engine.schedulers) and engine.sessions.accepting)
+
+    @unary
+    async def ModelReady(
+        self, request: oip.ModelReadyRequest, context: Context
+    ) -> oip.ModelReadyResponse:
+        ready = (
+            request.name in self._engine.schedulers
+            and request.version in ("", VERSION)
+            and self._engine.sessions.accepting
+        )
+        return oip.ModelReadyResponse(ready=ready)
+
+    @unary
+    async def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: Context
+    ) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(
+            name="rnnstream", version=self._version, extensions=list(EXTENSIONS)
+        )
+
+    @unary
+    async def ModelMetadata(
+        self, request: oip.ModelMetadataRequest, context: Context
+    ) -> oip.ModelMetadataResponse:
+        await self._auth.principal(context)
+        return model_metadata(self._model(request.name, request.version))
+
+    @unary
+    async def ModelConfig(
+        self, request: oip.ModelConfigRequest, context: Context
+    ) -> oip.ModelConfigResponse:
+        await self._auth.principal(context)
+        model = self._model(request.name, request.version)
+        return oip.ModelConfigResponse(config=model_config(model, self._engine.settings))
+
+    @unary
+    async def ModelStatistics(
+        self, request: oip.ModelStatisticsRequest, context: Context
+    ) -> oip.ModelStatisticsResponse:
+        await self._auth.principal(context)
+        if request.name:
+            names = [self._model(request.name, request.version).spec.name]
+        else:
+            names = sorted(self._engine.schedulers)
+        return oip.ModelStatisticsResponse(
+            model_stats=[model_statistics(n, self._engine.schedulers[n].stats) for n in names]
+        )
+
+
+def _batch_items(
+    spec: ModelSpec, inputs: list[tuple[str, Any]]
+) -> tuple[list[list[NamedArray]], bool]:
+    """Split the request's batch into session frames; True when items left out the time axis."""
+    if not inputs:
+        expected = [t.name for t in spec.inputs]
+        raise InvalidArgument(f"request carries no inputs; model {spec.name!r} expects {expected}")
+    by_name = {t.name: t for t in spec.inputs}
+    sizes = {array.shape[0] if array.ndim else 0 for _, array in inputs}
+    if len(sizes) != 1 or 0 in sizes:
+        raise InvalidArgument(
+            "every input must have the same batch size as its first dimension, at least 1; got "
+            f"shapes {[list(a.shape) for _, a in inputs]}"
+        )
+    size = sizes.pop()
+    items: list[list[NamedArray]] = []
+    squeezed: set[bool] = set()
+    for i in range(size):
+        item: list[NamedArray] = []
+        for name, array in inputs:
+            if name in by_name:
+                frame, squeeze = to_frame(by_name[name], array[i], spec.name, array.shape)
+                squeezed.add(squeeze)
+            else:
+                frame = array[i]  # the engine names the unknown input in its error
+            item.append((name, frame))
+        items.append(item)
+    if len(squeezed) > 1:
+        raise InvalidArgument("inputs disagree: some carry a time axis and some leave it out")
+    return items, squeezed == {True}

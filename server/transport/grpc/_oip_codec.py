@@ -1,0 +1,177 @@
+"""Open Inference Protocol tensors <-> numpy arrays, and OIP shapes <-> session frame shapes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from rnnstream_pb.inference import grpc_service_pb2 as oip
+from rnnstream_pb.inference import model_config_pb2 as mc
+
+from server.core import InvalidArgument, TensorSpec
+
+__all__ = [
+    "CONFIG_TYPES",
+    "DATATYPES",
+    "decode_inputs",
+    "encode_outputs",
+    "oip_dims",
+    "to_frame",
+]
+
+Array = npt.NDArray[Any]
+
+# OIP datatype strings; FP16 (like BF16) travels only as raw bytes.
+DATATYPES: dict[np.dtype[Any], str] = {
+    np.dtype("bool"): "BOOL",
+    np.dtype("uint8"): "UINT8",
+    np.dtype("uint16"): "UINT16",
+    np.dtype("uint32"): "UINT32",
+    np.dtype("uint64"): "UINT64",
+    np.dtype("int8"): "INT8",
+    np.dtype("int16"): "INT16",
+    np.dtype("int32"): "INT32",
+    np.dtype("int64"): "INT64",
+    np.dtype("float16"): "FP16",
+    np.dtype("float32"): "FP32",
+    np.dtype("float64"): "FP64",
+}
+_NUMPY: dict[str, np.dtype[Any]] = {name: dtype for dtype, name in DATATYPES.items()}
+CONFIG_TYPES: dict[np.dtype[Any], mc.DataType.ValueType] = {
+    dtype: mc.DataType.Value("TYPE_" + name) for dtype, name in DATATYPES.items()
+}
+_TYPED_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+def _dynamic_time(spec: TensorSpec) -> int | None:
+    """The frame axis of a variable number of time steps, which OIP requests may leave out."""
+    axis = spec.frame_time_axis
+    if axis is None or spec.frame_shape[axis] is not None:
+        return None
+    return axis
+
+
+def oip_dims(spec: TensorSpec) -> list[int]:
+    """Shape of one request item (no batch axis): one time step, so the time axis is left out."""
+    skip = _dynamic_time(spec)
+    return [-1 if d is None else d for i, d in enumerate(spec.frame_shape) if i != skip]
+
+
+def _fits(want: Sequence[int | None], got: Sequence[int]) -> bool:
+    return len(want) == len(got) and all(
+        w is None or w == g for w, g in zip(want, got, strict=True)
+    )
+
+
+def to_frame(
+    spec: TensorSpec, item: Array, model: str, request_shape: Sequence[int]
+) -> tuple[Array, bool]:
+    """A request item as a session frame; True when the item left out its single time step."""
+    time_axis = _dynamic_time(spec)
+    one_step = [None if d < 0 else d for d in oip_dims(spec)]
+    if time_axis is not None and _fits(one_step, item.shape):
+        return np.expand_dims(item, time_axis), True
+    if _fits(spec.frame_shape, item.shape):
+        return item, False
+    shapes = [[-1, *oip_dims(spec)]]
+    if time_axis is not None:
+        shapes.append([-1, *(-1 if d is None else d for d in spec.frame_shape)])
+    raise InvalidArgument(
+        f"model {model!r} input {spec.name!r} must have shape "
+        + " or ".join(str(s) for s in shapes)
+        + f" (batch first; -1 is any size), got {list(request_shape)}"
+    )
+
+
+def _one_input(
+    tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None
+) -> tuple[str, Array]:
+    label = f"input {tensor.name!r}"
+    dtype = _NUMPY.get(tensor.datatype)
+    if dtype is None:
+        raise InvalidArgument(
+            f"{label} has datatype {tensor.datatype!r}; supported: {sorted(_NUMPY)}"
+        )
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{label} has a negative dimension in shape {list(shape)}")
+    count = math.prod(shape)
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidArgument(
+                f"{label} has {len(raw)} bytes of raw contents but {tensor.datatype} and shape "
+                f"{list(shape)} need {count * dtype.itemsize}"
+            )
+        array = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+        return tensor.name, array.reshape(shape)
+    field = _TYPED_FIELD.get(tensor.datatype)
+    if field is None:
+        raise InvalidArgument(f"{label}: {tensor.datatype} data must travel in raw_input_contents")
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"{label} has {len(values)} values in contents.{field} but shape {list(shape)} "
+            f"needs {count}"
+        )
+    try:
+        array = np.asarray(values, dtype=dtype)
+    except OverflowError:
+        raise InvalidArgument(f"{label} has values out of range for {tensor.datatype}") from None
+    return tensor.name, array.reshape(shape)
+
+
+def decode_inputs(request: oip.ModelInferRequest) -> list[tuple[str, Array]]:
+    """The request's input tensors as arrays, batch axis first, from raw or typed contents."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"request has {len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
+            "give one per input, in the order of inputs"
+        )
+    arrays = []
+    for i, tensor in enumerate(request.inputs):
+        if raw and tensor.HasField("contents"):
+            raise InvalidArgument(
+                f"input {tensor.name!r} has typed contents while raw_input_contents is used"
+            )
+        arrays.append(_one_input(tensor, raw[i] if raw else None))
+    return arrays
+
+
+def encode_outputs(
+    specs: Sequence[TensorSpec],
+    items: Sequence[Sequence[Array]],
+    squeeze: bool,
+    requested: Sequence[str],
+    response: oip.ModelInferResponse,
+) -> None:
+    """Fill a response with each batch item's outputs, stacked on a leading batch axis."""
+    names = [s.name for s in specs]
+    unknown = [n for n in requested if n not in names]
+    if unknown:
+        raise InvalidArgument(f"model has no output(s) {unknown}; its outputs are {names}")
+    for i, spec in enumerate(specs):
+        if requested and spec.name not in requested:
+            continue
+        per_item = [outputs[i] for outputs in items]
+        time_axis = _dynamic_time(spec)
+        if squeeze and time_axis is not None:
+            per_item = [np.take(a, 0, axis=time_axis) for a in per_item]
+        array = np.ascontiguousarray(np.stack(per_item), dtype=spec.dtype.newbyteorder("<"))
+        response.outputs.add(name=spec.name, datatype=DATATYPES[spec.dtype], shape=array.shape)
+        response.raw_output_contents.append(array.tobytes())

@@ -1,0 +1,118 @@
+"""One ModelStreamInfer call's bookkeeping: read-ahead limit, per-sequence answer order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from rnnstream_pb.inference import grpc_service_pb2 as oip
+
+from server.transport.grpc._status import as_rnnstream_error
+
+__all__ = ["READ_AHEAD", "Stream", "chain", "consume", "error_response"]
+
+READ_AHEAD = 4096  # requests one stream may have queued before it stops reading
+
+
+def consume(future: asyncio.Future[Any]) -> None:
+    """Controls answer nothing on their own; read their outcome so none goes unretrieved."""
+    future.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+
+
+def chain(
+    source: asyncio.Future[Any], build: Callable[[Any], oip.ModelInferResponse]
+) -> asyncio.Future[oip.ModelInferResponse]:
+    out: asyncio.Future[oip.ModelInferResponse] = asyncio.get_running_loop().create_future()
+
+    def done(f: asyncio.Future[Any]) -> None:
+        if out.done():
+            return
+        if f.cancelled():
+            out.cancel()
+        elif (exc := f.exception()) is not None:
+            out.set_exception(exc)
+        else:
+            try:
+                out.set_result(build(f.result()))
+            except Exception as err:
+                out.set_exception(err)
+
+    source.add_done_callback(done)
+    return out
+
+
+class Stream:
+    """One ModelStreamInfer call: responses to write, and the requests still being worked on."""
+
+    def __init__(self) -> None:
+        self.outbox: asyncio.Queue[oip.ModelStreamInferResponse | None] = asyncio.Queue()
+        self.outstanding = 0
+        self.reading = True
+        self.room = asyncio.Event()
+        self.room.set()
+        self._last: dict[str, asyncio.Future[Any]] = {}  # newest unanswered future per sequence
+
+    def track(
+        self,
+        session_id: str,
+        future: asyncio.Future[oip.ModelInferResponse],
+        request: oip.ModelInferRequest,
+    ) -> None:
+        self._hold(session_id, future)
+
+        def done(f: asyncio.Future[oip.ModelInferResponse]) -> None:
+            if not f.cancelled():
+                error = f.exception()
+                self.outbox.put_nowait(
+                    error_response(request, error)
+                    if error
+                    else oip.ModelStreamInferResponse(infer_response=f.result())
+                )
+            self._release(session_id, f)
+
+        future.add_done_callback(done)
+
+    def answer(self, session_id: str, response: oip.ModelStreamInferResponse) -> None:
+        """Queue a response behind the ones its sequence still owes."""
+        last = self._last.get(session_id) if session_id else None
+        if last is None:
+            self.outbox.put_nowait(response)
+            return
+        self._hold(session_id, last, replace=False)
+
+        def after(_: asyncio.Future[Any]) -> None:
+            self.outbox.put_nowait(response)
+            self._release(session_id, None)
+
+        last.add_done_callback(after)
+
+    def _hold(self, session_id: str, future: asyncio.Future[Any], replace: bool = True) -> None:
+        self.outstanding += 1
+        if session_id and replace:
+            self._last[session_id] = future
+        if self.outstanding >= READ_AHEAD:
+            self.room.clear()
+
+    def _release(self, session_id: str, future: asyncio.Future[Any] | None) -> None:
+        self.outstanding -= 1
+        if future is not None and self._last.get(session_id) is future:
+            del self._last[session_id]
+        if self.outstanding < READ_AHEAD:
+            self.room.set()
+        self.finish_if_done()
+
+    def finish_if_done(self) -> None:
+        if not self.reading and self.outstanding == 0:
+            self.outbox.put_nowait(None)
+
+
+def error_response(
+    request: oip.ModelInferRequest | None, exc: BaseException
+) -> oip.ModelStreamInferResponse:
+    response = oip.ModelStreamInferResponse(error_message=as_rnnstream_error(exc).message)
+    if request is not None:
+        response.infer_response.model_name = request.model_name
+        response.infer_response.model_version = request.model_version
+        response.infer_response.id = request.id
+    return response
