@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
@@ -82,3 +83,10 @@ def server() -> Iterator[RunningServer]:
     running = RunningServer(test_settings())
     yield running
     running.stop()
+
+
+def missing_dependency(reason: str) -> None:
+    """Skip for a missing external tool locally; in CI (.ci/run installs it) that is a failure."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must provide this: {reason}")
+    pytest.skip(reason)

@@ -15,17 +15,21 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from tests.conftest import MODELS, REPO, RunningServer
+from tests.conftest import MODELS, REPO, RunningServer, missing_dependency
 from tests.reference import load_reference
 
 TRITON_PYTHON = REPO / ".venv-triton" / "bin" / "python"
 DRIVER = Path(__file__).with_name("oip_triton_driver.py")
 ATOL = 1e-5
 
-pytestmark = pytest.mark.skipif(
-    not TRITON_PYTHON.exists(),
-    reason="tritonclient venv missing: run `bash bench/perf_analyzer_setup.sh` (.ci/run does)",
-)
+
+@pytest.fixture(autouse=True)
+def _tritonclient_installed() -> None:
+    if not TRITON_PYTHON.exists():
+        missing_dependency(
+            "tritonclient venv missing: run `bash bench/perf_analyzer_setup.sh` (.ci/run does)"
+        )
+
 
 F32 = npt.NDArray[np.float32]
 

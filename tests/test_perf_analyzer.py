@@ -5,9 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-import pytest
-
-from tests.conftest import REPO, RunningServer
+from tests.conftest import REPO, RunningServer, missing_dependency
 
 PERF_ANALYZER = REPO / ".venv-triton" / "bin" / "pa"  # wrapper setting LD_LIBRARY_PATH
 
@@ -25,7 +23,7 @@ def _runnable() -> str | None:
 def test_perf_analyzer_streams_sequences(server: RunningServer) -> None:
     reason = _runnable()
     if reason:
-        pytest.skip(reason)
+        missing_dependency(reason)
     args = [str(PERF_ANALYZER), "-m", "gru", "-i", "grpc", "-u", server.target, "--streaming"]
     args += ["--sequence-length", "20", "--sequence-id-range", "1000:100000"]
     args += ["--concurrency-range", "4", "--measurement-interval", "1500", "-s", "1000"]
