@@ -23,6 +23,9 @@ DEFAULT_OPTIONS: Sequence[tuple[str, Any]] = (
 )
 
 
+_EMIT = {"every": pb.EMIT_EVERY, "last": pb.EMIT_LAST}
+
+
 def _status_error(exc: grpc.aio.AioRpcError) -> RnnstreamError:
     return RnnstreamError(exc.code(), exc.details() or "")
 
@@ -89,6 +92,14 @@ class _Mux:
             session = self.sessions.pop(response.ended.session_id, None)
             if session is not None:
                 session._on_ended(response.ended)
+        elif kind == "flushed":
+            session = self.sessions.get(response.flushed.session_id)
+            if session is not None:
+                session._on_reply(response.flushed)
+        elif kind == "forecast":
+            session = self.sessions.get(response.forecast.session_id)
+            if session is not None:
+                session._on_reply(response.forecast)
 
     def _route_error(self, error: pb.StreamError) -> None:
         exc = RnnstreamError.from_number(
@@ -119,15 +130,21 @@ class _Mux:
 class AsyncSession:
     """A session on the server: `step` one frame, or `stream` many with several in flight."""
 
-    def __init__(self, mux: _Mux, model: pb.ModelInfo, opened: pb.SessionOpened) -> None:
+    def __init__(
+        self, mux: _Mux, model: pb.ModelInfo, opened: pb.SessionOpened, emit: str = "every"
+    ) -> None:
         self._mux = mux
         self.model = model
         self.id = opened.session_id
         self.resumed = opened.resumed
         self.next_index = opened.next_frame_index
         self._frames: dict[int, tuple[asyncio.Future[Outputs], bool]] = {}
-        self._controls: deque[asyncio.Future[int]] = deque()
+        self._controls: deque[asyncio.Future[Any]] = deque()
         self.ended = False
+        # "last": frames get no answer; flush() (or end()) returns the last frame's outputs.
+        self.emit = emit
+        self.last_outputs: Outputs | None = None  # set by end() of an emit-last session
+        self._frame_errors: list[RnnstreamError] = []  # emit-last frame errors, raised by flush
 
     async def send(self, frame: FrameInput, index: int | None = None) -> asyncio.Future[Outputs]:
         """Send one frame now; the returned future resolves with its outputs."""
@@ -136,8 +153,13 @@ class AsyncSession:
             index = self.next_index
         self.next_index = max(self.next_index, index + 1)
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        self._frames[index] = (future, squeeze)
         request = pb.Frame(session_id=self.id, frame_index=index, inputs=tensors)
+        if self.emit == "last":
+            # No answer will come: the frame counts as done once sent; errors wait for flush.
+            await self._mux.send(pb.StreamRequest(frame=request))
+            future.set_result({})
+            return future
+        self._frames[index] = (future, squeeze)
         try:
             await self._mux.send(pb.StreamRequest(frame=request))
         except BaseException:
@@ -160,19 +182,57 @@ class AsyncSession:
         while window:
             yield await window.popleft()
 
-    async def _control(self, request: pb.StreamRequest) -> int:
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    async def _control(self, request: pb.StreamRequest) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._controls.append(future)
         await self._mux.send(request)
         return await future
 
     async def reset(self) -> int:
         """Back to the initial state; returns the next frame index (numbering goes on)."""
-        return await self._control(pb.StreamRequest(reset=pb.ResetSession(session_id=self.id)))
+        next_index: int = await self._control(
+            pb.StreamRequest(reset=pb.ResetSession(session_id=self.id))
+        )
+        return next_index
 
     async def end(self) -> int:
-        """Free the session on the server after its queued frames; returns frames applied."""
-        return await self._control(pb.StreamRequest(end=pb.EndSessionRequest(session_id=self.id)))
+        """Free the session on the server after its queued frames; returns frames applied.
+
+        For an emit-last session the last frame's outputs land in `last_outputs`.
+        """
+        next_index: int = await self._control(
+            pb.StreamRequest(end=pb.EndSessionRequest(session_id=self.id))
+        )
+        return next_index
+
+    async def flush(self, reset: bool = False) -> Outputs:
+        """Outputs of the last frame applied, once every frame sent before is applied.
+
+        Empty when no frame was applied since the open or the last reset. With `reset`, the
+        state then goes back to its initial value for the next sequence. On an emit-last
+        session, raises the first error of a frame sent since the previous flush.
+        """
+        request = pb.FlushSession(session_id=self.id, reset=reset)
+        flushed: pb.SessionFlushed = await self._control(pb.StreamRequest(flush=request))
+        if self._frame_errors:
+            error, self._frame_errors = self._frame_errors[0], []
+            raise error
+        return decode_outputs(self.model, flushed.outputs)
+
+    async def forecast(
+        self, steps: int, commit: bool = False, first: FrameInput | None = None
+    ) -> Outputs:
+        """Roll the session `steps` steps ahead, each output fed back as the next input.
+
+        Step 1's input is `first` when given, else the session's last output. Each returned
+        array holds the `steps` outputs along its time axis. The session is unchanged unless
+        `commit`: then its state moves to after the last step.
+        """
+        request = pb.ForecastRequest(session_id=self.id, steps=steps, commit=commit)
+        if first is not None:
+            request.inputs.extend(encode_frame(self.model, first)[0])
+        reply: pb.ForecastResponse = await self._control(pb.StreamRequest(forecast=request))
+        return decode_outputs(self.model, reply.outputs)
 
     # -- called by the mux ---------------------------------------------------------------
     def _on_output(self, output: pb.FrameOutput) -> None:
@@ -184,6 +244,14 @@ class AsyncSession:
         entry = self._frames.pop(index, None)
         if entry is not None and not entry[0].done():
             entry[0].set_exception(exc)
+        elif entry is None and self.emit == "last":
+            self._frame_errors.append(exc)
+
+    def _on_reply(self, reply: pb.SessionFlushed | pb.ForecastResponse) -> None:
+        if self._controls:
+            future = self._controls.popleft()
+            if not future.done():
+                future.set_result(reply)
 
     def _on_control(self, next_index: int) -> None:
         if self._controls:
@@ -191,6 +259,8 @@ class AsyncSession:
 
     def _on_ended(self, ended: pb.SessionEnded) -> None:
         self.ended = True
+        if self.emit == "last":
+            self.last_outputs = decode_outputs(self.model, ended.last_outputs)
         if self._controls:
             self._controls.popleft().set_result(ended.next_frame_index)
         self._fail_all(
@@ -274,12 +344,20 @@ class AsyncClient:
             self._mux = _Mux(self._stub, self._metadata)
         return self._mux
 
-    async def open(self, model: str, session_id: str = "") -> AsyncSession:
-        """Open a session on `model`, or resume `session_id` if the server holds it."""
+    async def open(self, model: str, session_id: str = "", emit: str = "every") -> AsyncSession:
+        """Open a session on `model`, or resume `session_id` if the server holds it.
+
+        `emit="last"` opens a sequence-to-vector session: frames are not answered one by one;
+        `flush()` returns the last frame's outputs.
+        """
+        if emit not in _EMIT:
+            raise ValueError(f"emit must be one of {sorted(_EMIT)}, not {emit!r}")
         info = await self.get_model(model)
         mux = self._stream()
-        opened = await mux.open(pb.OpenSession(model=model, session_id=session_id))
-        session = AsyncSession(mux, info, opened)
+        opened = await mux.open(
+            pb.OpenSession(model=model, session_id=session_id, emit=_EMIT[emit])
+        )
+        session = AsyncSession(mux, info, opened, emit)
         mux.sessions[session.id] = session
         return session
 
@@ -299,3 +377,12 @@ class AsyncClient:
             request.frame_index = frame_index
         response = await self._unary(self._stub.Infer, request)
         return decode_outputs(info, response.outputs, squeeze)
+
+    async def forecast(
+        self, model: str, session_id: str, steps: int, *, commit: bool = False
+    ) -> Outputs:
+        """The Forecast RPC on a session named by id (it runs after frames the server holds)."""
+        info = await self.get_model(model)
+        request = pb.ForecastRequest(session_id=session_id, steps=steps, commit=commit)
+        response = await self._unary(self._stub.Forecast, request)
+        return decode_outputs(info, response.outputs)

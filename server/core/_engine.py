@@ -11,11 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server._settings import Settings
-from server.core._errors import InvalidArgument, NotFound
+from server.core._errors import FailedPrecondition, InvalidArgument, NotFound
+from server.core._forecast import FlushResult, ForecastResult, first_from_frame
 from server.core._models import ModelConfigError, ModelSpec
 from server.core._runtime import OrtModel, load_model
 from server.core._scheduler import ModelScheduler
-from server.core._sessions import ControlWork, FrameResult, FrameWork, Session, SessionManager
+from server.core._sessions import (
+    ControlWork,
+    ForecastParams,
+    FrameResult,
+    FrameWork,
+    Session,
+    SessionManager,
+)
 from server.core._validation import NamedArray, validate_frame
 
 __all__ = ["Engine", "OpenedSession", "SessionSnapshot", "discover_models"]
@@ -114,8 +122,10 @@ class Engine:
             raise NotFound(f"unknown model {name!r}; loaded models: {sorted(self.models)}") from None
 
     # -- sessions --------------------------------------------------------------------------
-    def open_session(self, model: str, session_id: str, owner: str) -> OpenedSession:
-        session, resumed = self.sessions.open(model, session_id, owner)
+    def open_session(
+        self, model: str, session_id: str, owner: str, emit: str = "every"
+    ) -> OpenedSession:
+        session, resumed = self.sessions.open(model, session_id, owner, emit)
         return OpenedSession(session.id, session.model, session.next_index, resumed)
 
     def submit_frame(
@@ -192,3 +202,54 @@ class Engine:
             done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             scheduler.submit(scratch, ControlWork("end", done, "stateless"))
 
+
+    # -- sequence patterns -------------------------------------------------------------------
+    def session_emit(self, session_id: str, owner: str) -> str:
+        """"every" or "last": whether the transport answers each frame of the session."""
+        return self.sessions.get(session_id, owner).emit
+
+    def last_output(self, session_id: str, owner: str) -> FrameResult | None:
+        """The session's latest output (None before its first frame or after a reset)."""
+        return self.sessions.get(session_id, owner).last
+
+    def flush(
+        self, session_id: str, owner: str, reset: bool = False
+    ) -> asyncio.Future[FlushResult]:
+        """Resolves, after every frame queued before it, with the session's last output."""
+        session = self.sessions.get(session_id, owner)
+        future: asyncio.Future[FlushResult] = asyncio.get_running_loop().create_future()
+        work = ControlWork("flush", future, reset_after=reset)
+        self.schedulers[session.model].submit(session, work)
+        return future
+
+    def forecast(
+        self,
+        session_id: str,
+        steps: int,
+        commit: bool,
+        tensors: Sequence[NamedArray],
+        owner: str,
+    ) -> asyncio.Future[ForecastResult]:
+        """Roll the session `steps` steps forward, in order with its frames; see ForecastRequest."""
+        session = self.sessions.get(session_id, owner)
+        spec = self.schedulers[session.model].spec
+        if not spec.feedback:
+            raise FailedPrecondition(spec.feedback_problem, session_id=session.id)
+        limit = self.settings.max_steps_per_frame
+        if not 1 <= steps <= limit:
+            raise InvalidArgument(
+                f"forecast steps must be between 1 and {limit} (--max-steps-per-frame), "
+                f"got {steps}",
+                session_id=session.id,
+            )
+        first = None
+        if tensors:
+            try:
+                first = first_from_frame(spec, validate_frame(spec, tensors, limit))
+            except InvalidArgument as exc:
+                exc.session_id = session.id
+                raise
+        future: asyncio.Future[ForecastResult] = asyncio.get_running_loop().create_future()
+        work = ControlWork("forecast", future, forecast=ForecastParams(steps, commit, first))
+        self.schedulers[session.model].submit(session, work)
+        return future

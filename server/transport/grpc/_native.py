@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -11,7 +12,15 @@ import numpy as np
 from rnnstream_pb.tensor_codec import NUMPY_TO_DTYPE, decode, encode
 from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
-from server.core import Engine, FrameResult, InvalidArgument, ModelSpec, TensorSpec
+from server.core import (
+    Engine,
+    FlushResult,
+    ForecastResult,
+    FrameResult,
+    InvalidArgument,
+    ModelSpec,
+    TensorSpec,
+)
 from server.core._validation import NamedArray
 from server.transport.grpc._auth import Authenticator
 from server.transport.grpc._status import BadRequest, stream_error, tolerant, unary
@@ -64,6 +73,58 @@ def _encode_outputs(spec: ModelSpec, result: FrameResult) -> list[pb.Tensor]:
     return [encode(a, t.name) for a, t in zip(result.outputs, spec.outputs, strict=True)]
 
 
+_EMIT_NAMES = {pb.EMIT_EVERY: "every", pb.EMIT_LAST: "last"}
+
+
+def _emit_name(value: int) -> str:
+    try:
+        return _EMIT_NAMES[pb.Emit.ValueType(value)]
+    except KeyError:
+        raise InvalidArgument(f"unknown emit mode {value}; use EMIT_EVERY or EMIT_LAST") from None
+
+
+def _flushed(spec: ModelSpec, session_id: str, result: FlushResult) -> pb.SessionFlushed:
+    message = pb.SessionFlushed(
+        session_id=session_id, next_frame_index=result.next_index, reset=result.reset
+    )
+    if result.last is not None:
+        message.outputs.extend(_encode_outputs(spec, result.last))
+        if result.last.index >= 0:
+            message.frame_index = result.last.index
+    return message
+
+
+def _forecasted(spec: ModelSpec, session_id: str, result: ForecastResult) -> pb.ForecastResponse:
+    return pb.ForecastResponse(
+        session_id=session_id,
+        outputs=[encode(a, t.name) for a, t in zip(result.outputs, spec.outputs, strict=True)],
+        next_frame_index=result.next_index,
+        committed=result.committed,
+    )
+
+
+def _flushed_response(spec: ModelSpec, session_id: str, result: FlushResult) -> pb.StreamResponse:
+    return pb.StreamResponse(flushed=_flushed(spec, session_id, result))
+
+
+def _forecast_response(
+    spec: ModelSpec, session_id: str, result: ForecastResult
+) -> pb.StreamResponse:
+    return pb.StreamResponse(forecast=_forecasted(spec, session_id, result))
+
+
+def _ended(
+    spec: ModelSpec, session_id: str, next_index: int, last: FrameResult | None
+) -> pb.SessionEnded:
+    """`last` is given for emit-last sessions: their final answer rides on the end."""
+    message = pb.SessionEnded(session_id=session_id, reason="client", next_frame_index=next_index)
+    if last is not None:
+        message.last_outputs.extend(_encode_outputs(spec, last))
+        if last.index >= 0:
+            message.last_frame_index = last.index
+    return message
+
+
 class _StreamState:
     """Bookkeeping of one Stream call: responses to send and work still outstanding."""
 
@@ -72,7 +133,7 @@ class _StreamState:
         self.outstanding = 0
         self.reading = True
 
-    def track(self, future: asyncio.Future[Any], respond: Callable[[Any], pb.StreamResponse],
+    def track(self, future: asyncio.Future[Any], respond: Callable[[Any], pb.StreamResponse | None],
               session_id: str, frame_index: int | None = None) -> None:
         self.outstanding += 1
 
@@ -81,9 +142,11 @@ class _StreamState:
             if f.cancelled():
                 return
             error = f.exception()
-            self.outbox.put_nowait(
+            response = (
                 stream_error(error, session_id, frame_index) if error else respond(f.result())
             )
+            if response is not None:  # None: an emit-last frame, answered by flush or end
+                self.outbox.put_nowait(response)
             self.finish_if_done()
 
         future.add_done_callback(done)
@@ -123,6 +186,7 @@ class NativeServicer:
                 "GetModel": unary_handler(self.GetModel, pb.GetModelRequest, pb.ModelInfo),
                 "GetSession": unary_handler(self.GetSession, pb.GetSessionRequest, pb.SessionInfo),
                 "EndSession": unary_handler(self.EndSession, pb.EndSessionRequest, pb.SessionEnded),
+                "Forecast": unary_handler(self.Forecast, pb.ForecastRequest, pb.ForecastResponse),
             },
         )
 
@@ -168,9 +232,10 @@ class NativeServicer:
                     session_id, frame_index, _named_arrays(frame.inputs), owner
                 )
                 spec = engine.model_spec(engine.sessions.get(session_id, owner).model)
+                silent = engine.session_emit(session_id, owner) == "last"
                 state.track(
                     future,
-                    lambda r, sid=session_id: pb.StreamResponse(
+                    lambda r, sid=session_id: None if silent else pb.StreamResponse(
                         output=pb.FrameOutput(
                             session_id=sid, frame_index=r.index, outputs=_encode_outputs(spec, r)
                         )
@@ -180,7 +245,9 @@ class NativeServicer:
                 )
             elif kind == "open":
                 session_id = request.open.session_id
-                opened = engine.open_session(request.open.model, session_id, owner)
+                opened = engine.open_session(
+                    request.open.model, session_id, owner, _emit_name(request.open.emit)
+                )
                 state.outbox.put_nowait(
                     pb.StreamResponse(
                         opened=pb.SessionOpened(
@@ -202,15 +269,25 @@ class NativeServicer:
                 )
             elif kind == "end":
                 session_id = request.end.session_id
+                state.track(*self._end(session_id, owner), session_id)
+            elif kind == "flush":
+                session_id = request.flush.session_id
+                spec = engine.model_spec(engine.sessions.get(session_id, owner).model)
                 state.track(
-                    engine.end(session_id, owner),
-                    lambda n, sid=session_id: pb.StreamResponse(
-                        ended=pb.SessionEnded(session_id=sid, reason="client", next_frame_index=n)
-                    ),
+                    engine.flush(session_id, owner, request.flush.reset),
+                    functools.partial(_flushed_response, spec, session_id),
                     session_id,
                 )
+            elif kind == "forecast":
+                session_id = request.forecast.session_id
+                forecast, spec = self._forecast(request.forecast, owner)
+                state.track(
+                    forecast, functools.partial(_forecast_response, spec, session_id), session_id
+                )
             else:
-                raise InvalidArgument("empty StreamRequest: set one of open, frame, reset, end")
+                raise InvalidArgument(
+                    "empty StreamRequest: set one of open, frame, reset, end, flush, forecast"
+                )
         except Exception as exc:
             state.outbox.put_nowait(stream_error(exc, session_id, frame_index))
 
@@ -259,5 +336,37 @@ class NativeServicer:
     @unary
     async def EndSession(self, request: pb.EndSessionRequest, context: Context) -> pb.SessionEnded:
         owner = await self._auth.principal(context)
-        next_index = await self._engine.end(request.session_id, owner)
-        return pb.SessionEnded(session_id=request.session_id, reason="client", next_frame_index=next_index)
+        future, respond = self._end(request.session_id, owner)
+        ended = respond(await future).ended
+        return ended
+
+    def _end(
+        self, session_id: str, owner: str
+    ) -> tuple[asyncio.Future[int], Callable[[int], pb.StreamResponse]]:
+        """End a session; emit-last sessions answer their end with their last output."""
+        engine = self._engine
+        session = engine.sessions.get(session_id, owner)
+        spec = engine.model_spec(session.model)
+        future = engine.end(session_id, owner)
+
+        def respond(next_index: int) -> pb.StreamResponse:
+            last = session.last if session.emit == "last" else None
+            return pb.StreamResponse(ended=_ended(spec, session_id, next_index, last))
+
+        return future, respond
+
+    def _forecast(
+        self, request: pb.ForecastRequest, owner: str
+    ) -> tuple[asyncio.Future[ForecastResult], ModelSpec]:
+        engine = self._engine
+        spec = engine.model_spec(engine.sessions.get(request.session_id, owner).model)
+        future = engine.forecast(
+            request.session_id, request.steps, request.commit, _named_arrays(request.inputs), owner
+        )
+        return future, spec
+
+    @unary
+    async def Forecast(self, request: pb.ForecastRequest, context: Context) -> pb.ForecastResponse:
+        owner = await self._auth.principal(context)
+        future, spec = self._forecast(request, owner)
+        return _forecasted(spec, request.session_id, await future)
