@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from server.core import DeviceError, ModelConfigError, ModelSpec, OrtModel, TensorSpec
+from server.core._models import load_config
 from server.core._runtime import load_model
 
 __all__ = ["CheckFailed", "check_model", "run_check"]
@@ -191,7 +192,33 @@ def run_check(path: Path, device: str, threads: int, out: TextIO) -> None:
         raise CheckFailed(f"ONNX Runtime cannot load {folder / 'model.onnx'}: {exc}") from exc
     for line in describe(model):
         print(line, file=out)
-    self_test(model, lambda line: print(f"  {line}", file=out))
+    try:
+        self_test(model, lambda line: print(f"  {line}", file=out))
+    except CheckFailed as exc:
+        guessed = _guessed_axes(model)
+        if guessed:
+            raise CheckFailed(
+                f"{exc}\nhint: the batch and time axes of {guessed} were guessed from unnamed "
+                "dynamic dims as [time, batch, ...]; if the model is batch-first, name the dims "
+                "'batch' and 'time' when exporting (dynamic_axes={'x': {0: 'batch', 1: 'time'}}) "
+                "or set batch_axis and time_axis in config.toml"
+            ) from exc
+        raise
+
+
+def _guessed_axes(model: OrtModel) -> list[str]:
+    """Data tensors whose batch axis carries no name that says so."""
+    graph = {a.name: a.shape for a in (*model.session.get_inputs(), *model.session.get_outputs())}
+    config = load_config(model.spec.path.parent) or {}
+    configured = {*config.get("inputs", {}), *config.get("outputs", {})}
+    guessed = []
+    for t in (*model.spec.inputs, *model.spec.outputs):
+        if t.name in configured:
+            continue
+        dim = graph.get(t.name, [None] * (t.batch_axis + 1))[t.batch_axis]
+        if not (isinstance(dim, str) and "batch" in dim.lower()):
+            guessed.append(t.name)
+    return guessed
 
 
 def check_model(path: Path, device: str = "auto", threads: int = 1) -> int:
