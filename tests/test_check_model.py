@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import onnx
@@ -123,10 +124,9 @@ def test_paths_that_are_not_model_folders(
     assert code == 1 and "ONNX Runtime cannot load" in err
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch (dev extra)")
 class TestPyTorchMistakes:
     """The export mistakes docs/bring-your-own-model.md warns about, caught before serving."""
-
-    torch = pytest.importorskip("torch")
 
     def test_state_without_a_dynamic_batch_axis(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
