@@ -161,8 +161,17 @@ def test_resume_must_keep_the_emit_mode(server: RunningServer) -> None:
             client.open("seq_classifier", session_id="emit-resume")
         assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "emit 'last'" in info.value.message
-        assert client.open("seq_classifier", session_id="emit-resume", emit="last").resumed
-        client.end_session("emit-resume")
+        resumed = client.open("seq_classifier", session_id="emit-resume", emit="last")
+        assert resumed.resumed
+        x = wave(20.0, 12, seed=30)
+        for row in x:
+            resumed.step(row)
+        resumed.flush()  # all frames applied before the unary end below
+        ended = client.end_session("emit-resume")
+    # The unary EndSession of an emit-last session carries the last output as well.
+    assert ended.last_frame_index == len(x) - 1
+    want, _ = BatchFirst("seq_classifier").run(x)
+    np.testing.assert_allclose(decode(ended.last_outputs[0]), want[-1:], atol=ATOL)
 
 
 # -- vector to sequence ---------------------------------------------------------------------

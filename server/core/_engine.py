@@ -208,10 +208,6 @@ class Engine:
         """"every" or "last": whether the transport answers each frame of the session."""
         return self.sessions.get(session_id, owner).emit
 
-    def last_output(self, session_id: str, owner: str) -> FrameResult | None:
-        """The session's latest output (None before its first frame or after a reset)."""
-        return self.sessions.get(session_id, owner).last
-
     def flush(
         self, session_id: str, owner: str, reset: bool = False
     ) -> asyncio.Future[FlushResult]:
