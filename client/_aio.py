@@ -13,7 +13,7 @@ from rnnstream_pb.v1 import rnnstream_pb2 as pb
 from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
 
 from client._errors import RnnstreamError, SessionLost
-from client._frames import FrameInput, Outputs, decode_outputs, encode_frame
+from client._frames import EMIT, FrameInput, Outputs, decode_outputs, encode_frame
 from client._mux import RetryPolicy, StreamMux
 from client._routing import SESSION_ID_METADATA_KEY
 
@@ -37,7 +37,9 @@ def _status_error(exc: grpc.aio.AioRpcError) -> RnnstreamError:
 class AsyncSession:
     """A session on the server: `step` one frame, or `stream` many with several in flight."""
 
-    def __init__(self, mux: StreamMux, model: pb.ModelInfo, opened: pb.SessionOpened) -> None:
+    def __init__(
+        self, mux: StreamMux, model: pb.ModelInfo, opened: pb.SessionOpened, emit: str = "every"
+    ) -> None:
         self._mux = mux
         self.model = model
         self.id = opened.session_id
@@ -45,11 +47,15 @@ class AsyncSession:
         self.next_index = opened.next_frame_index
         # Requests not yet answered, in send order: resent as they are after a reconnect.
         self._frames: dict[int, tuple[pb.StreamRequest, asyncio.Future[Outputs], bool]] = {}
-        self._controls: deque[tuple[pb.StreamRequest, asyncio.Future[int]]] = deque()
+        self._controls: deque[tuple[pb.StreamRequest, asyncio.Future[Any]]] = deque()
         self._order: dict[object, pb.StreamRequest] = {}
         self.resuming = False
         self.recovering = False
         self.ended = False
+        # "last": frames get no answer; flush() (or end()) returns the last frame's outputs.
+        self.emit = emit
+        self.last_outputs: Outputs | None = None  # set by end() of an emit-last session
+        self._frame_errors: list[RnnstreamError] = []  # emit-last frame errors, raised by flush
 
     async def send(self, frame: FrameInput, index: int | None = None) -> asyncio.Future[Outputs]:
         """Send one frame now; the returned future resolves with its outputs."""
@@ -62,6 +68,11 @@ class AsyncSession:
         request = pb.StreamRequest(
             frame=pb.Frame(session_id=self.id, frame_index=index, inputs=tensors)
         )
+        if self.emit == "last":
+            # No answer will come: the frame counts as done once sent; errors wait for flush.
+            await self._mux.send(request)
+            future.set_result({})
+            return future
         self._frames[index] = (request, future, squeeze)
         self._order[("frame", index)] = request
         try:
@@ -93,9 +104,9 @@ class AsyncSession:
         if self.ended:
             raise RnnstreamError(grpc.StatusCode.NOT_FOUND, "session ended", session_id=self.id)
 
-    async def _control(self, request: pb.StreamRequest) -> int:
+    async def _control(self, request: pb.StreamRequest) -> Any:
         self._check_open()
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._controls.append((request, future))
         self._order[("control", id(future))] = request
         await self._mux.send(request)
@@ -104,11 +115,46 @@ class AsyncSession:
     async def reset(self) -> int:
         """Back to the initial state; returns the next frame index (numbering goes on)."""
         reset = pb.ResetSession(session_id=self.id, frame_index=self.next_index)
-        return await self._control(pb.StreamRequest(reset=reset))
+        next_index: int = await self._control(pb.StreamRequest(reset=reset))
+        return next_index
 
     async def end(self) -> int:
-        """Free the session on the server after its queued frames; returns frames applied."""
-        return await self._control(pb.StreamRequest(end=pb.EndSessionRequest(session_id=self.id)))
+        """Free the session on the server after its queued frames; returns frames applied.
+
+        For an emit-last session the last frame's outputs land in `last_outputs`.
+        """
+        end = pb.EndSessionRequest(session_id=self.id)
+        next_index: int = await self._control(pb.StreamRequest(end=end))
+        return next_index
+
+    async def flush(self, reset: bool = False) -> Outputs:
+        """Outputs of the last frame applied, once every frame sent before is applied.
+
+        Empty when no frame was applied since the open or the last reset. With `reset`, the
+        state then goes back to its initial value for the next sequence. On an emit-last
+        session, raises the first error of a frame sent since the previous flush.
+        """
+        request = pb.FlushSession(session_id=self.id, reset=reset)
+        flushed: pb.SessionFlushed = await self._control(pb.StreamRequest(flush=request))
+        if self._frame_errors:
+            error, self._frame_errors = self._frame_errors[0], []
+            raise error
+        return decode_outputs(self.model, flushed.outputs)
+
+    async def forecast(
+        self, steps: int, commit: bool = False, first: FrameInput | None = None
+    ) -> Outputs:
+        """Roll the session `steps` steps ahead, each output fed back as the next input.
+
+        Step 1's input is `first` when given, else the session's last output. Each returned
+        array holds the `steps` outputs along its time axis. The session is unchanged unless
+        `commit`: then its state moves to after the last step.
+        """
+        request = pb.ForecastRequest(session_id=self.id, steps=steps, commit=commit)
+        if first is not None:
+            request.inputs.extend(encode_frame(self.model, first)[0])
+        reply: pb.ForecastResponse = await self._control(pb.StreamRequest(forecast=request))
+        return decode_outputs(self.model, reply.outputs)
 
     # -- called by the stream mux --------------------------------------------------------
     def unanswered(self) -> list[pb.StreamRequest]:
@@ -142,8 +188,15 @@ class AsyncSession:
         self._order.pop(("frame", index), None)
         if entry is not None and not entry[1].done():
             entry[1].set_exception(exc)
+        elif entry is None and self.emit == "last":
+            self._frame_errors.append(exc)
 
-    def _pop_control(self) -> tuple[pb.StreamRequest, asyncio.Future[int]] | None:
+    def on_reply(self, reply: pb.SessionFlushed | pb.ForecastResponse) -> None:
+        entry = self._pop_control()
+        if entry is not None and not entry[1].done():
+            entry[1].set_result(reply)
+
+    def _pop_control(self) -> tuple[pb.StreamRequest, asyncio.Future[Any]] | None:
         if not self._controls:
             return None
         request, future = self._controls.popleft()
@@ -162,6 +215,8 @@ class AsyncSession:
 
     def on_ended(self, ended: pb.SessionEnded) -> None:
         self.ended = True
+        if self.emit == "last":
+            self.last_outputs = decode_outputs(self.model, ended.last_outputs)
         if ended.reason == "client":
             self.on_control(ended.next_frame_index)
             error: RnnstreamError = RnnstreamError(
@@ -271,24 +326,30 @@ class AsyncClient:
             self._mux = StreamMux(self._stub, self._metadata, self._retry)
         return self._mux
 
-    async def open(self, model: str, session_id: str = "", *, resume: bool = False) -> AsyncSession:
+    async def open(
+        self, model: str, session_id: str = "", emit: str = "every", *, resume: bool = False
+    ) -> AsyncSession:
         """Open a session on `model`, or resume `session_id` if the server holds it.
 
-        With `resume=True` the server must already hold the session: SessionLost says why not.
+        `emit="last"` opens a sequence-to-vector session: frames are not answered one by one;
+        `flush()` returns the last frame's outputs. With `resume=True` the server must already
+        hold the session: SessionLost says why not.
         """
+        if emit not in EMIT:
+            raise ValueError(f"emit must be one of {sorted(EMIT)}, not {emit!r}")
         info = await self.get_model(model)
         if self._stream_per_session and not session_id:
             session_id = secrets.token_hex(16)  # chosen here so the proxy can route the stream
         mux = self._stream(session_id)
         try:
             opened = await mux.open(
-                pb.OpenSession(model=model, session_id=session_id, resume=resume)
+                pb.OpenSession(model=model, session_id=session_id, resume=resume, emit=EMIT[emit])
             )
         except RnnstreamError as exc:
             if resume and exc.code == grpc.StatusCode.NOT_FOUND:
                 raise SessionLost(exc.code, exc.message, session_id=session_id) from None
             raise
-        session = AsyncSession(mux, info, opened)
+        session = AsyncSession(mux, info, opened, emit)
         mux.sessions[session.id] = session
         return session
 
@@ -308,3 +369,12 @@ class AsyncClient:
             request.frame_index = frame_index
         response = await self._unary(self._stub.Infer, request)
         return decode_outputs(info, response.outputs, squeeze)
+
+    async def forecast(
+        self, model: str, session_id: str, steps: int, *, commit: bool = False
+    ) -> Outputs:
+        """The Forecast RPC on a session named by id (it runs after frames the server holds)."""
+        info = await self.get_model(model)
+        request = pb.ForecastRequest(session_id=session_id, steps=steps, commit=commit)
+        response = await self._unary(self._stub.Forecast, request)
+        return decode_outputs(info, response.outputs)

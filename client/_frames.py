@@ -10,8 +10,9 @@ import numpy.typing as npt
 from rnnstream_pb.tensor_codec import decode, encode
 from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
-__all__ = ["FrameInput", "Outputs", "decode_outputs", "encode_frame"]
+__all__ = ["EMIT", "FrameInput", "Outputs", "decode_outputs", "encode_frame"]
 
+EMIT = {"every": pb.EMIT_EVERY, "last": pb.EMIT_LAST}
 Array = npt.NDArray[Any]
 FrameInput = Array | Mapping[str, Any]
 Outputs = dict[str, Array]

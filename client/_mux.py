@@ -14,6 +14,7 @@ from rnnstream_pb.v1 import rnnstream_pb2 as pb
 from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
 
 from client._errors import RnnstreamError, SessionLost
+from client._frames import EMIT
 
 if TYPE_CHECKING:
     from client._aio import AsyncSession
@@ -144,7 +145,10 @@ class StreamMux:
             for session in list(self.sessions.values()):
                 session.resuming = True
                 resume = pb.OpenSession(
-                    model=session.model.name, session_id=session.id, resume=True
+                    model=session.model.name,
+                    session_id=session.id,
+                    resume=True,
+                    emit=EMIT[session.emit],
                 )
                 await call.write(pb.StreamRequest(open=resume))
                 for request in session.unanswered():
@@ -183,6 +187,11 @@ class StreamMux:
             session = self.sessions.get(response.reset.session_id)
             if session is not None:
                 session.on_control(response.reset.next_frame_index)
+        elif kind in ("flushed", "forecast"):
+            reply = response.flushed if kind == "flushed" else response.forecast
+            session = self.sessions.get(reply.session_id)
+            if session is not None:
+                session.on_reply(reply)
         elif kind == "ended":
             ended = response.ended
             session = self.sessions.pop(ended.session_id, None)

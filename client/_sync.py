@@ -73,8 +73,26 @@ class Session:
         while window:
             yield window.popleft().result()
 
+    @property
+    def emit(self) -> str:
+        return self._inner.emit
+
+    @property
+    def last_outputs(self) -> Outputs | None:
+        return self._inner.last_outputs
+
     def reset(self) -> int:
         return self._runner.run(self._inner.reset())
+
+    def flush(self, reset: bool = False) -> Outputs:
+        """See AsyncSession.flush."""
+        return self._runner.run(self._inner.flush(reset))
+
+    def forecast(
+        self, steps: int, commit: bool = False, first: FrameInput | None = None
+    ) -> Outputs:
+        """See AsyncSession.forecast."""
+        return self._runner.run(self._inner.forecast(steps, commit, first))
 
     def end(self) -> int:
         return self._runner.run(self._inner.end())
@@ -113,8 +131,8 @@ class Client:
     def end_session(self, session_id: str) -> pb.SessionEnded:
         return self._runner.run(self._inner.end_session(session_id))
 
-    def open(self, model: str, session_id: str = "") -> Session:
-        return Session(self._runner, self._runner.run(self._inner.open(model, session_id)))
+    def open(self, model: str, session_id: str = "", emit: str = "every") -> Session:
+        return Session(self._runner, self._runner.run(self._inner.open(model, session_id, emit)))
 
     def infer(self, model: str, frame: FrameInput, **kwargs: Any) -> Outputs:
         return self._runner.run(self._inner.infer(model, frame, **kwargs))

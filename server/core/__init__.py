@@ -13,6 +13,7 @@ from server.core._errors import (
     Unauthenticated,
     Unavailable,
 )
+from server.core._forecast import FlushResult, ForecastResult
 from server.core._models import ModelConfigError, ModelSpec, StateSpec, TensorSpec
 from server.core._runtime import DeviceError, OrtModel, load_model
 from server.core._scheduler import ModelScheduler
@@ -25,6 +26,8 @@ __all__ = [
     "DeviceError",
     "Engine",
     "FailedPrecondition",
+    "FlushResult",
+    "ForecastResult",
     "FrameResult",
     "Internal",
     "InvalidArgument",

@@ -17,11 +17,19 @@ import numpy.typing as npt
 
 from server._metrics import Metrics
 from server._settings import Settings
-from server.core._errors import InvalidArgument, NotFound, Unavailable
+from server.core._errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from server.core._forecast import FlushResult, ForecastResult, first_from_frame
 from server.core._models import ModelConfigError, ModelSpec
 from server.core._runtime import OrtModel, load_model
 from server.core._scheduler import ModelScheduler
-from server.core._sessions import ControlWork, FrameResult, FrameWork, Session, SessionManager
+from server.core._sessions import (
+    ControlWork,
+    ForecastParams,
+    FrameResult,
+    FrameWork,
+    Session,
+    SessionManager,
+)
 from server.core._validation import NamedArray, validate_frame
 
 __all__ = ["Engine", "OpenedSession", "SessionSnapshot", "discover_models"]
@@ -160,12 +168,15 @@ class Engine:
         model: str,
         session_id: str,
         owner: str,
+        emit: str = "every",
         *,
         resume_only: bool = False,
         listener: Callable[[Session, str], None] | None = None,
     ) -> OpenedSession:
         """Open or resume; `listener` hears when the server ends the session on its own."""
-        session, resumed = self.sessions.open(model, session_id, owner, resume_only=resume_only)
+        session, resumed = self.sessions.open(
+            model, session_id, owner, emit, resume_only=resume_only
+        )
         if listener is not None:
             session.listener = listener
         return OpenedSession(session.id, session.model, session.next_index, resumed)
@@ -283,3 +294,50 @@ class Engine:
         finally:
             done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             scheduler.submit(scratch, ControlWork("end", done, "stateless"))
+
+    # -- sequence patterns -------------------------------------------------------------------
+    def session_emit(self, session_id: str, owner: str) -> str:
+        """ "every" or "last": whether the transport answers each frame of the session."""
+        return self.sessions.get(session_id, owner).emit
+
+    def flush(
+        self, session_id: str, owner: str, reset: bool = False
+    ) -> asyncio.Future[FlushResult]:
+        """Resolves, after every frame queued before it, with the session's last output."""
+        session = self.sessions.get(session_id, owner)
+        future: asyncio.Future[FlushResult] = asyncio.get_running_loop().create_future()
+        work = ControlWork("flush", future, reset_after=reset)
+        self.schedulers[session.model].submit(session, work)
+        return future
+
+    def forecast(
+        self,
+        session_id: str,
+        steps: int,
+        commit: bool,
+        tensors: Sequence[NamedArray],
+        owner: str,
+    ) -> asyncio.Future[ForecastResult]:
+        """Roll the session `steps` steps forward, in order with its frames; see ForecastRequest."""
+        session = self.sessions.get(session_id, owner)
+        spec = self.schedulers[session.model].spec
+        if not spec.feedback:
+            raise FailedPrecondition(spec.feedback_problem, session_id=session.id)
+        limit = self.settings.max_steps_per_frame
+        if not 1 <= steps <= limit:
+            raise InvalidArgument(
+                f"forecast steps must be between 1 and {limit} (--max-steps-per-frame), "
+                f"got {steps}",
+                session_id=session.id,
+            )
+        first = None
+        if tensors:
+            try:
+                first = first_from_frame(spec, validate_frame(spec, tensors, limit))
+            except InvalidArgument as exc:
+                exc.session_id = session.id
+                raise
+        future: asyncio.Future[ForecastResult] = asyncio.get_running_loop().create_future()
+        work = ControlWork("forecast", future, forecast=ForecastParams(steps, commit, first))
+        self.schedulers[session.model].submit(session, work)
+        return future

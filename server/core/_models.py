@@ -104,6 +104,10 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     states: tuple[StateSpec, ...]
+    # Forecast rollouts: (input index, output index) pairs, the output feeding the input.
+    feedback: tuple[tuple[int, int], ...] = ()
+    # Why the model cannot forecast, when `feedback` is empty.
+    feedback_problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -265,7 +269,71 @@ def build_spec(
         raise ModelConfigError(f"model {name!r}: has no data input besides its state inputs")
     if not data_out:
         raise ModelConfigError(f"model {name!r}: has no data output besides its state outputs")
-    return ModelSpec(name, path, data_in, data_out, tuple(states))
+    feedback, problem = plan_feedback(name, data_in, data_out, config.get("forecast"))
+    return ModelSpec(name, path, data_in, data_out, tuple(states), feedback, problem)
+
+
+def step_shape(t: TensorSpec) -> tuple[int | None, ...]:
+    """Shape of one time step of a session's tensor: the frame shape without its time axis."""
+    shape, axis = t.frame_shape, t.frame_time_axis
+    return shape if axis is None else shape[:axis] + shape[axis + 1 :]
+
+
+def _feed_problem(i: TensorSpec, o: TensorSpec) -> str:
+    if i.dtype != o.dtype:
+        return f"output {o.name!r} is {o.dtype.name} but input {i.name!r} is {i.dtype.name}"
+    ishape, oshape = step_shape(i), step_shape(o)
+    if len(ishape) != len(oshape) or any(
+        a is not None and b is not None and a != b for a, b in zip(ishape, oshape, strict=False)
+    ):
+        return (
+            f"one step of output {o.name!r} has shape {[d or '?' for d in oshape]} but one step of "
+            f"input {i.name!r} has shape {[d or '?' for d in ishape]}"
+        )
+    return ""
+
+
+def plan_feedback(
+    name: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    cfg: Mapping[str, Any] | None,
+) -> tuple[tuple[tuple[int, int], ...], str]:
+    """Which output feeds which input in a forecast, from config.toml [forecast] or by shape.
+
+    A model that cannot forecast still loads; the problem is kept for the Forecast call. A
+    [forecast] section that names the wrong tensors is a config error.
+    """
+    in_idx = {t.name: n for n, t in enumerate(inputs)}
+    out_idx = {t.name: n for n, t in enumerate(outputs)}
+    if cfg is not None:
+        feed = cfg.get("feed")
+        if not isinstance(feed, Mapping) or not feed:
+            raise ModelConfigError(
+                f'model {name!r}: [forecast] needs feed = {{ input = "output", ... }}'
+            )
+        unknown = [k for k, v in feed.items() if k not in in_idx or v not in out_idx]
+        if unknown or set(feed) != set(in_idx):
+            raise ModelConfigError(
+                f"model {name!r}: [forecast] feed must map every data input {sorted(in_idx)} to "
+                f"a data output {sorted(out_idx)}; got {dict(feed)}"
+            )
+        pairs = [(in_idx[k], out_idx[str(v)]) for k, v in feed.items()]
+        for i, o in pairs:
+            if problem := _feed_problem(inputs[i], outputs[o]):
+                raise ModelConfigError(f"model {name!r}: [forecast] feed: {problem}")
+        return tuple(sorted(pairs)), ""
+    if len(inputs) != 1 or len(outputs) != 1:
+        return (), (
+            f"model {name!r} has data inputs {sorted(in_idx)} and outputs {sorted(out_idx)}; "
+            f"name which output feeds which input in config.toml: [forecast] feed = {{ input = "
+            f'"output" }}'
+        )
+    if problem := _feed_problem(inputs[0], outputs[0]):
+        return (), (
+            f"model {name!r} cannot forecast: its output does not map onto its input ({problem})"
+        )
+    return ((0, 0),), ""
 
 
 def load_config(folder: Path) -> dict[str, Any] | None:

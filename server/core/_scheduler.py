@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from server.core._errors import FailedPrecondition, Internal, NotFound, RnnstreamError
+from server.core._forecast import FlushResult, ForecastResult, first_from_last, rollout
 from server.core._runtime import OrtModel
 from server.core._sessions import ControlWork, FrameResult, FrameWork, Session, as_index_array
 from server.core._state_pool import StatePool
@@ -79,6 +80,7 @@ class ModelScheduler:
         self._slot_owner: dict[int, Session] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._side_tasks: set[asyncio.Task[None]] = set()  # forecasts running off the batch loop
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -89,6 +91,9 @@ class ModelScheduler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        for task in list(self._side_tasks):
+            task.cancel()
+        await asyncio.gather(*self._side_tasks, return_exceptions=True)
 
     def idle(self) -> bool:
         return not self._ready and not any(s.in_flight for s in self._slot_owner.values())
@@ -159,7 +164,7 @@ class ModelScheduler:
             if isinstance(work, ControlWork):
                 session.pending.popleft()
                 self._apply_control(session, work)
-                if session.closed:
+                if session.closed or session.in_flight:  # in flight: a forecast took it
                     return None
                 continue
             if work.index == session.next_index and not work.future.done():
@@ -194,8 +199,12 @@ class ModelScheduler:
         return None
 
     def _apply_control(self, session: Session, work: ControlWork) -> None:
+        if work.action in ("flush", "forecast"):
+            self._apply_sequence_control(session, work)
+            return
         if work.action == "reset":
             if work.at_index is None or work.at_index >= session.next_index:
+                session.last = None
                 self.pool.reset(session.slot)
         else:
             self._close(session)
@@ -295,3 +304,60 @@ class ModelScheduler:
                     type(error)(error.message, session_id=session.id, frame_index=frame.index)
                 )
             self._mark_ready(session)
+
+    # -- flush and forecast ----------------------------------------------------------------
+    def _apply_sequence_control(self, session: Session, work: ControlWork) -> None:
+        if work.action == "flush":
+            result = FlushResult(session.last, session.next_index, work.reset_after)
+            if work.reset_after:
+                self.pool.reset(session.slot)
+                session.last = None
+            if not work.future.done():
+                work.future.set_result(result)
+            return
+        # The session runs nothing else until its forecast is done, like a frame in flight.
+        session.in_flight = True
+        task = asyncio.get_running_loop().create_task(self._forecast(session, work))
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _forecast(self, session: Session, work: ControlWork) -> None:
+        params = work.forecast
+        try:
+            if params is None:
+                raise Internal("forecast work without its parameters")
+            first = (
+                params.first
+                if params.first is not None
+                else first_from_last(self.spec, session.last)
+            )
+            states = self.pool.read(session.slot)
+            loop = asyncio.get_running_loop()
+            rolled = await loop.run_in_executor(
+                self._executor, rollout, self.model, states, first, params.steps
+            )
+            if params.commit:
+                # Slots may have moved during the await: session.slot is read afresh.
+                self.pool.write(session.slot, rolled.states)
+                session.last = FrameResult(session.next_index - 1, rolled.last_step)
+            result = ForecastResult(rolled.outputs, session.next_index, params.commit)
+        except asyncio.CancelledError:
+            self._fail_control(session, work, Internal("server stopped during the forecast"))
+            raise
+        except RnnstreamError as exc:
+            self._fail_control(session, work, exc)
+        except Exception as exc:
+            log.exception("model %s failed on a forecast", self.spec.name)
+            self._fail_control(session, work, Internal(f"model {self.spec.name!r} failed: {exc}"))
+        else:
+            if not work.future.done():
+                work.future.set_result(result)
+        finally:
+            session.in_flight = False
+            session.last_active = time.monotonic()
+            self._mark_ready(session)
+
+    @staticmethod
+    def _fail_control(session: Session, work: ControlWork, error: RnnstreamError) -> None:
+        if not work.future.done():
+            work.future.set_exception(type(error)(error.message, session_id=session.id))

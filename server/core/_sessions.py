@@ -26,13 +26,22 @@ if TYPE_CHECKING:
     from server._metrics import Metrics
     from server.core._scheduler import ModelScheduler
 
-__all__ = ["ControlWork", "FrameResult", "FrameWork", "Session", "SessionManager"]
+__all__ = [
+    "EMIT_MODES",
+    "ControlWork",
+    "ForecastParams",
+    "FrameResult",
+    "FrameWork",
+    "Session",
+    "SessionManager",
+]
 
 log = logging.getLogger("rnnstream.sessions")
 
 Arrays = list[npt.NDArray[Any]]
 _MAX_ID_LENGTH = 128
 _EXPIRED_MEMORY = 100_000
+EMIT_MODES = ("every", "last")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +62,25 @@ class FrameWork:
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
+@dataclass(frozen=True, slots=True)
+class ForecastParams:
+    """A forecast's request: `first` holds step 1's inputs (None: the last output feeds it)."""
+
+    steps: int
+    commit: bool
+    first: Arrays | None = None
+
+
 @dataclass(slots=True)
 class ControlWork:
-    """A reset or end, applied in order with the session's frames."""
+    """A reset, end, flush or forecast, applied in order with the session's frames."""
 
-    action: Literal["reset", "end"]
-    future: asyncio.Future[int]
+    action: Literal["reset", "end", "flush", "forecast"]
+    future: asyncio.Future[Any]
     reason: str = "client"
     at_index: int | None = None  # a reset applies only while this is the next frame index
+    reset_after: bool = False  # flush: back to the initial state once answered
+    forecast: ForecastParams | None = None
 
 
 class Session:
@@ -68,9 +88,11 @@ class Session:
 
     __slots__ = (
         "closed",
+        "emit",
         "frames_queued",
         "id",
         "in_flight",
+        "last",
         "last_active",
         "listener",
         "model",
@@ -84,7 +106,9 @@ class Session:
         "space_waiter",
     )
 
-    def __init__(self, session_id: str, model: str, owner: str, ring_size: int) -> None:
+    def __init__(
+        self, session_id: str, model: str, owner: str, ring_size: int, emit: str = "every"
+    ) -> None:
         self.id = session_id
         self.model = model
         self.owner = owner
@@ -104,8 +128,11 @@ class Session:
         self.frames_queued = 0
         # Set by a reader that stopped reading because this session's queue is full.
         self.space_waiter: asyncio.Future[None] | None = None
+        self.emit = emit  # "every" or "last": which frames the transport answers
+        self.last: FrameResult | None = None  # the latest output since open or reset
 
     def remember(self, result: FrameResult) -> None:
+        self.last = result
         if self.ring_size <= 0:
             return
         if self.ring is None:
@@ -161,10 +188,18 @@ class SessionManager:
             ) from None
 
     def open(
-        self, model: str, session_id: str, owner: str, *, resume_only: bool = False
+        self,
+        model: str,
+        session_id: str,
+        owner: str,
+        emit: str = "every",
+        *,
+        resume_only: bool = False,
     ) -> tuple[Session, bool]:
         """Open a session, or resume it when `session_id` names one this owner holds."""
         scheduler = self.scheduler(model)
+        if emit not in EMIT_MODES:
+            raise InvalidArgument(f"emit must be one of {list(EMIT_MODES)}, not {emit!r}")
         if session_id:
             if len(session_id) > _MAX_ID_LENGTH or not session_id.isprintable():
                 raise InvalidArgument(
@@ -175,6 +210,12 @@ class SessionManager:
                 if existing.model != model:
                     raise FailedPrecondition(
                         f"session {session_id!r} runs model {existing.model!r}, not {model!r}",
+                        session_id=session_id,
+                    )
+                if existing.emit != emit:
+                    raise FailedPrecondition(
+                        f"session {session_id!r} was opened with emit {existing.emit!r}; resume "
+                        f"it with the same emit mode, not {emit!r}",
                         session_id=session_id,
                     )
                 existing.last_active = time.monotonic()
@@ -188,7 +229,7 @@ class SessionManager:
                 f"session limit reached ({self.max_sessions} open); end idle sessions or raise "
                 "--max-sessions"
             )
-        session = Session(session_id or secrets.token_hex(16), model, owner, self.ring_size)
+        session = Session(session_id or secrets.token_hex(16), model, owner, self.ring_size, emit)
         scheduler.attach(session)
         self._sessions[(owner, session.id)] = session
         self._expired.pop((owner, session.id), None)

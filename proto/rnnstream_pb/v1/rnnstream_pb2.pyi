@@ -49,6 +49,30 @@ UINT8: DataType.ValueType  # 7
 BOOL: DataType.ValueType  # 8
 Global___DataType: _TypeAlias = DataType  # noqa: Y015
 
+class _Emit:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EmitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Emit.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EMIT_EVERY: _Emit.ValueType  # 0
+    """Sequence to sequence: every frame is answered with its outputs."""
+    EMIT_LAST: _Emit.ValueType  # 1
+    """Sequence to vector: frames are not answered; a flush, or ending the session, answers with
+    the outputs of the last frame applied. Frame errors are still sent.
+    """
+
+class Emit(_Emit, metaclass=_EmitEnumTypeWrapper):
+    """Which frames of a session are answered with outputs."""
+
+EMIT_EVERY: Emit.ValueType  # 0
+"""Sequence to sequence: every frame is answered with its outputs."""
+EMIT_LAST: Emit.ValueType  # 1
+"""Sequence to vector: frames are not answered; a flush, or ending the session, answers with
+the outputs of the last frame applied. Frame errors are still sent.
+"""
+Global___Emit: _TypeAlias = Emit  # noqa: Y015
+
 @_typing.final
 class Tensor(_message.Message):
     """A dense tensor: dtype + shape + raw little-endian bytes in C order."""
@@ -88,6 +112,8 @@ class StreamRequest(_message.Message):
     FRAME_FIELD_NUMBER: _builtins.int
     RESET_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
+    FLUSH_FIELD_NUMBER: _builtins.int
+    FORECAST_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___OpenSession: ...
     @_builtins.property
@@ -96,6 +122,10 @@ class StreamRequest(_message.Message):
     def reset(self) -> Global___ResetSession: ...
     @_builtins.property
     def end(self) -> Global___EndSessionRequest: ...
+    @_builtins.property
+    def flush(self) -> Global___FlushSession: ...
+    @_builtins.property
+    def forecast(self) -> Global___ForecastRequest: ...
     def __init__(
         self,
         *,
@@ -103,12 +133,14 @@ class StreamRequest(_message.Message):
         frame: Global___Frame | None = ...,
         reset: Global___ResetSession | None = ...,
         end: Global___EndSessionRequest | None = ...,
+        flush: Global___FlushSession | None = ...,
+        forecast: Global___ForecastRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "frame", b"frame", "kind", b"kind", "open", b"open", "reset", b"reset"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "flush", b"flush", "forecast", b"forecast", "frame", b"frame", "kind", b"kind", "open", b"open", "reset", b"reset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "frame", b"frame", "kind", b"kind", "open", b"open", "reset", b"reset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "flush", b"flush", "forecast", b"forecast", "frame", b"frame", "kind", b"kind", "open", b"open", "reset", b"reset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "frame", "reset", "end"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "frame", "reset", "end", "flush", "forecast"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -124,6 +156,8 @@ class StreamResponse(_message.Message):
     RESET_FIELD_NUMBER: _builtins.int
     ENDED_FIELD_NUMBER: _builtins.int
     NOTICE_FIELD_NUMBER: _builtins.int
+    FLUSHED_FIELD_NUMBER: _builtins.int
+    FORECAST_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def opened(self) -> Global___SessionOpened: ...
     @_builtins.property
@@ -136,6 +170,10 @@ class StreamResponse(_message.Message):
     def ended(self) -> Global___SessionEnded: ...
     @_builtins.property
     def notice(self) -> Global___Notice: ...
+    @_builtins.property
+    def flushed(self) -> Global___SessionFlushed: ...
+    @_builtins.property
+    def forecast(self) -> Global___ForecastResponse: ...
     def __init__(
         self,
         *,
@@ -145,12 +183,14 @@ class StreamResponse(_message.Message):
         reset: Global___SessionReset | None = ...,
         ended: Global___SessionEnded | None = ...,
         notice: Global___Notice | None = ...,
+        flushed: Global___SessionFlushed | None = ...,
+        forecast: Global___ForecastResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "reset", b"reset"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "flushed", b"flushed", "forecast", b"forecast", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "reset", b"reset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "reset", b"reset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "flushed", b"flushed", "forecast", b"forecast", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "reset", b"reset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "output", "error", "reset", "ended", "notice"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "output", "error", "reset", "ended", "notice", "flushed", "forecast"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -189,21 +229,25 @@ class OpenSession(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     RESUME_FIELD_NUMBER: _builtins.int
+    EMIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     session_id: _builtins.str
     """Optional. Empty: the server makes an unguessable 128-bit id."""
     resume: _builtins.bool
     """Only resume: NOT_FOUND (saying whether it expired or was evicted) if the server lacks it."""
+    emit: Global___Emit.ValueType
+    """A resume must ask for the emit mode the session was opened with."""
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         session_id: _builtins.str = ...,
         resume: _builtins.bool = ...,
+        emit: Global___Emit.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "resume", b"resume", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["emit", b"emit", "model", b"model", "resume", b"resume", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -374,24 +418,174 @@ class SessionEnded(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     NEXT_FRAME_INDEX_FIELD_NUMBER: _builtins.int
+    LAST_FRAME_INDEX_FIELD_NUMBER: _builtins.int
+    LAST_OUTPUTS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     reason: _builtins.str
     """Why it ended: "client", "expired", "evicted" or "shutdown"."""
     next_frame_index: _builtins.int
+    last_frame_index: _builtins.int
+    """EMIT_LAST sessions ended by the client: the last applied frame's index and outputs (unset
+    and empty when no frame was applied since the session was opened or last reset).
+    """
+    @_builtins.property
+    def last_outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         reason: _builtins.str = ...,
         next_frame_index: _builtins.int = ...,
+        last_frame_index: _builtins.int | None = ...,
+        last_outputs: _abc.Iterable[Global___Tensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_last_frame_index", b"_last_frame_index", "last_frame_index", b"last_frame_index"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_last_frame_index", b"_last_frame_index", "last_frame_index", b"last_frame_index", "last_outputs", b"last_outputs", "next_frame_index", b"next_frame_index", "reason", b"reason", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__last_frame_index: _TypeAlias = _typing.Literal["last_frame_index"]  # noqa: Y015
+    _WhichOneofArgType__last_frame_index: _TypeAlias = _typing.Literal["_last_frame_index", b"_last_frame_index"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__last_frame_index) -> _WhichOneofReturnType__last_frame_index | None: ...
+
+Global___SessionEnded: _TypeAlias = SessionEnded  # noqa: Y015
+
+@_typing.final
+class FlushSession(_message.Message):
+    """Answered once every frame sent before it is applied, with the outputs of the last frame
+    applied since the session was opened or last reset. The state is left as it is, unless
+    reset is set: then the state goes back to its initial value after the answer is taken, ready
+    for the next sequence. Works for both emit modes (for EMIT_EVERY it is an ordering barrier).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    reset: _builtins.bool
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        reset: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_frame_index", b"next_frame_index", "reason", b"reason", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reset", b"reset", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SessionEnded: _TypeAlias = SessionEnded  # noqa: Y015
+Global___FlushSession: _TypeAlias = FlushSession  # noqa: Y015
+
+@_typing.final
+class SessionFlushed(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    FRAME_INDEX_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    NEXT_FRAME_INDEX_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    frame_index: _builtins.int
+    """The last applied frame; unset when none was applied since the open or last reset."""
+    next_frame_index: _builtins.int
+    reset: _builtins.bool
+    """True when the flush also reset the state."""
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """One tensor per data output, without its batch axis (empty when frame_index is unset)."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        frame_index: _builtins.int | None = ...,
+        outputs: _abc.Iterable[Global___Tensor] | None = ...,
+        next_frame_index: _builtins.int = ...,
+        reset: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_frame_index", b"_frame_index", "frame_index", b"frame_index"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frame_index", b"_frame_index", "frame_index", b"frame_index", "next_frame_index", b"next_frame_index", "outputs", b"outputs", "reset", b"reset", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__frame_index: _TypeAlias = _typing.Literal["frame_index"]  # noqa: Y015
+    _WhichOneofArgType__frame_index: _TypeAlias = _typing.Literal["_frame_index", b"_frame_index"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__frame_index) -> _WhichOneofReturnType__frame_index | None: ...
+
+Global___SessionFlushed: _TypeAlias = SessionFlushed  # noqa: Y015
+
+@_typing.final
+class ForecastRequest(_message.Message):
+    """Roll a session forward `steps` time steps from its current state. Step 1's input is the given
+    inputs (one time step), or when none are given the last time step of the session's last
+    output; each later step's input is the previous step's output. Needs a model whose outputs
+    map onto its inputs (same per-step shape and type; config.toml [forecast] can name the pairs).
+    Runs in order with the session's frames.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    steps: _builtins.int
+    commit: _builtins.bool
+    """False: the session is left exactly as it was. True: its state (and its last output) become
+    those after the final step; frame numbering is unchanged.
+    """
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        steps: _builtins.int = ...,
+        commit: _builtins.bool = ...,
+        inputs: _abc.Iterable[Global___Tensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "inputs", b"inputs", "session_id", b"session_id", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForecastRequest: _TypeAlias = ForecastRequest  # noqa: Y015
+
+@_typing.final
+class ForecastResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    NEXT_FRAME_INDEX_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    next_frame_index: _builtins.int
+    committed: _builtins.bool
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """One tensor per data output, without its batch axis, holding `steps` time steps along the
+        output's time axis (or a new leading axis for outputs without one).
+        """
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        outputs: _abc.Iterable[Global___Tensor] | None = ...,
+        next_frame_index: _builtins.int = ...,
+        committed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "next_frame_index", b"next_frame_index", "outputs", b"outputs", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForecastResponse: _TypeAlias = ForecastResponse  # noqa: Y015
 
 @_typing.final
 class StreamError(_message.Message):

@@ -64,6 +64,11 @@ class RnnstreamStub:
                 request_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.EndSessionRequest.SerializeToString,
                 response_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.SessionEnded.FromString,
                 _registered_method=True)
+        self.Forecast = channel.unary_unary(
+                '/rnnstream.v1.Rnnstream/Forecast',
+                request_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.ForecastRequest.SerializeToString,
+                response_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.ForecastResponse.FromString,
+                _registered_method=True)
 
 
 class RnnstreamServicer:
@@ -107,6 +112,14 @@ class RnnstreamServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Forecast(self, request, context):
+        """Roll a session forward k steps, feeding each output back as the next input. The session
+        is left as it was unless the request commits the steps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RnnstreamServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +152,11 @@ def add_RnnstreamServicer_to_server(servicer, server):
                     servicer.EndSession,
                     request_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.EndSessionRequest.FromString,
                     response_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.SessionEnded.SerializeToString,
+            ),
+            'Forecast': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forecast,
+                    request_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.ForecastRequest.FromString,
+                    response_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.ForecastResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +321,33 @@ class Rnnstream:
             '/rnnstream.v1.Rnnstream/EndSession',
             rnnstream__pb_dot_v1_dot_rnnstream__pb2.EndSessionRequest.SerializeToString,
             rnnstream__pb_dot_v1_dot_rnnstream__pb2.SessionEnded.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forecast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnstream.v1.Rnnstream/Forecast',
+            rnnstream__pb_dot_v1_dot_rnnstream__pb2.ForecastRequest.SerializeToString,
+            rnnstream__pb_dot_v1_dot_rnnstream__pb2.ForecastResponse.FromString,
             options,
             channel_credentials,
             insecure,

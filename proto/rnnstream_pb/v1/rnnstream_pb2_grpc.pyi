@@ -39,6 +39,10 @@ class RnnstreamStub:
     GetModel: _grpc.UnaryUnaryMultiCallable[_rnnstream_pb2.GetModelRequest, _rnnstream_pb2.ModelInfo]
     GetSession: _grpc.UnaryUnaryMultiCallable[_rnnstream_pb2.GetSessionRequest, _rnnstream_pb2.SessionInfo]
     EndSession: _grpc.UnaryUnaryMultiCallable[_rnnstream_pb2.EndSessionRequest, _rnnstream_pb2.SessionEnded]
+    Forecast: _grpc.UnaryUnaryMultiCallable[_rnnstream_pb2.ForecastRequest, _rnnstream_pb2.ForecastResponse]
+    """Roll a session forward k steps, feeding each output back as the next input. The session
+    is left as it was unless the request commits the steps.
+    """
 
 @_typing.type_check_only
 class RnnstreamAsyncStub(RnnstreamStub):
@@ -51,6 +55,10 @@ class RnnstreamAsyncStub(RnnstreamStub):
     GetModel: _aio.UnaryUnaryMultiCallable[_rnnstream_pb2.GetModelRequest, _rnnstream_pb2.ModelInfo]  # type: ignore[assignment]
     GetSession: _aio.UnaryUnaryMultiCallable[_rnnstream_pb2.GetSessionRequest, _rnnstream_pb2.SessionInfo]  # type: ignore[assignment]
     EndSession: _aio.UnaryUnaryMultiCallable[_rnnstream_pb2.EndSessionRequest, _rnnstream_pb2.SessionEnded]  # type: ignore[assignment]
+    Forecast: _aio.UnaryUnaryMultiCallable[_rnnstream_pb2.ForecastRequest, _rnnstream_pb2.ForecastResponse]  # type: ignore[assignment]
+    """Roll a session forward k steps, feeding each output back as the next input. The session
+    is left as it was unless the request commits the steps.
+    """
 
 class RnnstreamServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -96,5 +104,15 @@ class RnnstreamServicer(metaclass=_abc_1.ABCMeta):
         request: _rnnstream_pb2.EndSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rnnstream_pb2.SessionEnded, _abc.Awaitable[_rnnstream_pb2.SessionEnded]]: ...
+
+    @_abc_1.abstractmethod
+    def Forecast(
+        self,
+        request: _rnnstream_pb2.ForecastRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnnstream_pb2.ForecastResponse, _abc.Awaitable[_rnnstream_pb2.ForecastResponse]]:
+        """Roll a session forward k steps, feeding each output back as the next input. The session
+        is left as it was unless the request commits the steps.
+        """
 
 def add_RnnstreamServicer_to_server(servicer: RnnstreamServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

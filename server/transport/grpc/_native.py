@@ -13,7 +13,8 @@ from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
 from server.core import Engine, ModelSpec, TensorSpec
 from server.transport.grpc._auth import Authenticator
-from server.transport.grpc._native_stream import SHUTDOWN, StreamCall, encode_outputs, named_arrays
+from server.transport.grpc._native_messages import encode_outputs, forecasted
+from server.transport.grpc._native_stream import SHUTDOWN, StreamCall, end_session, named_arrays
 from server.transport.grpc._status import BadRequest, abort, tolerant, unary
 
 __all__ = ["NativeServicer", "model_info"]
@@ -91,6 +92,7 @@ class NativeServicer:
                 "GetModel": unary_handler(self.GetModel, pb.GetModelRequest, pb.ModelInfo),
                 "GetSession": unary_handler(self.GetSession, pb.GetSessionRequest, pb.SessionInfo),
                 "EndSession": unary_handler(self.EndSession, pb.EndSessionRequest, pb.SessionEnded),
+                "Forecast": unary_handler(self.Forecast, pb.ForecastRequest, pb.ForecastResponse),
             },
         )
 
@@ -177,7 +179,14 @@ class NativeServicer:
     @unary
     async def EndSession(self, request: pb.EndSessionRequest, context: Context) -> pb.SessionEnded:
         owner = await self._auth.principal(context)
-        next_index = await self._engine.end(request.session_id, owner)
-        return pb.SessionEnded(
-            session_id=request.session_id, reason="client", next_frame_index=next_index
+        future, respond = end_session(self._engine, request.session_id, owner)
+        return respond(await future)
+
+    @unary
+    async def Forecast(self, request: pb.ForecastRequest, context: Context) -> pb.ForecastResponse:
+        owner = await self._auth.principal(context)
+        model = self._engine.sessions.get(request.session_id, owner).model
+        future = self._engine.forecast(
+            request.session_id, request.steps, request.commit, named_arrays(request.inputs), owner
         )
+        return forecasted(self._engine, model, request.session_id, await future)

@@ -7,14 +7,21 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from rnnstream_pb.tensor_codec import decode, encode
+from rnnstream_pb.tensor_codec import decode
 from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
 from server.core import Engine, FrameResult, InvalidArgument, ResourceExhausted, Session
 from server.core._validation import NamedArray
+from server.transport.grpc._native_messages import (
+    emit_name,
+    encode_outputs,
+    ended,
+    flushed,
+    forecasted,
+)
 from server.transport.grpc._status import BadRequest, as_rnnstream_error, stream_error
 
-__all__ = ["SHUTDOWN", "StreamCall", "encode_outputs", "named_arrays"]
+__all__ = ["SHUTDOWN", "StreamCall", "end_session", "named_arrays"]
 
 # Placed in a stream's outbox by a graceful shutdown: the call ends with UNAVAILABLE after it.
 SHUTDOWN = object()
@@ -24,9 +31,18 @@ def named_arrays(tensors: Any) -> list[NamedArray]:
     return [(t.name, decode(t)) for t in tensors]
 
 
-def encode_outputs(engine: Engine, model: str, result: FrameResult) -> list[pb.Tensor]:
-    specs = engine.model_spec(model).outputs
-    return [encode(a, t.name) for a, t in zip(result.outputs, specs, strict=True)]
+def end_session(
+    engine: Engine, session_id: str, owner: str
+) -> tuple[asyncio.Future[int], Callable[[int], pb.SessionEnded]]:
+    """End a session; emit-last sessions answer their end with their last output."""
+    session = engine.sessions.get(session_id, owner)
+    future = engine.end(session_id, owner)
+
+    def respond(next_index: int) -> pb.SessionEnded:
+        last = session.last if session.emit == "last" else None
+        return ended(engine, session.model, session_id, next_index, last)
+
+    return future, respond
 
 
 class StreamCall:
@@ -48,7 +64,7 @@ class StreamCall:
     def _track(
         self,
         future: asyncio.Future[Any],
-        respond: Callable[[Any], pb.StreamResponse],
+        respond: Callable[[Any], pb.StreamResponse | None],
         session_id: str,
         frame_index: int | None = None,
         model: str | None = None,
@@ -64,7 +80,9 @@ class StreamCall:
                     self.outbox.put_nowait(stream_error(error, session_id, frame_index))
                 else:
                     self._count(model, "OK")
-                    self.outbox.put_nowait(respond(f.result()))
+                    response = respond(f.result())
+                    if response is not None:
+                        self.outbox.put_nowait(response)
             self.finish_if_done()
 
         future.add_done_callback(done)
@@ -145,18 +163,41 @@ class StreamCall:
                 )
             elif kind == "end":
                 session_id = request.end.session_id
+                future, respond = end_session(self.engine, session_id, self.owner)
                 self.opened.discard(session_id)
+                self._track(future, lambda n: pb.StreamResponse(ended=respond(n)), session_id)
+            elif kind == "flush":
+                session_id = request.flush.session_id
+                model = self.engine.sessions.get(session_id, self.owner).model
                 self._track(
-                    self.engine.end(session_id, self.owner),
-                    lambda n: pb.StreamResponse(
-                        ended=pb.SessionEnded(
-                            session_id=request.end.session_id, reason="client", next_frame_index=n
-                        )
+                    self.engine.flush(session_id, self.owner, request.flush.reset),
+                    lambda r: pb.StreamResponse(
+                        flushed=flushed(self.engine, model, request.flush.session_id, r)
+                    ),
+                    session_id,
+                )
+            elif kind == "forecast":
+                forecast = request.forecast
+                session_id = forecast.session_id
+                model = self.engine.sessions.get(session_id, self.owner).model
+                rollout = self.engine.forecast(
+                    session_id,
+                    forecast.steps,
+                    forecast.commit,
+                    named_arrays(forecast.inputs),
+                    self.owner,
+                )
+                self._track(
+                    rollout,
+                    lambda r: pb.StreamResponse(
+                        forecast=forecasted(self.engine, model, forecast.session_id, r)
                     ),
                     session_id,
                 )
             else:
-                raise InvalidArgument("empty StreamRequest: set one of open, frame, reset, end")
+                raise InvalidArgument(
+                    "empty StreamRequest: set one of open, frame, reset, end, flush, forecast"
+                )
         except Exception as exc:
             self.outbox.put_nowait(stream_error(exc, session_id, frame_index))
         return ""
@@ -173,7 +214,11 @@ class StreamCall:
             self._count(model, as_rnnstream_error(exc).code.name)
             raise
 
-        def respond(result: FrameResult) -> pb.StreamResponse:
+        silent = session.emit == "last"  # answered by flush or end, not frame by frame
+
+        def respond(result: FrameResult) -> pb.StreamResponse | None:
+            if silent:
+                return None
             outputs = encode_outputs(self.engine, model, result)
             self._bytes_out.inc(sum(len(t.data) for t in outputs))
             return pb.StreamResponse(
@@ -197,6 +242,7 @@ class StreamCall:
             request.model,
             request.session_id,
             self.owner,
+            emit_name(request.emit),
             resume_only=request.resume,
             listener=self.notify_ended,
         )

@@ -1,0 +1,142 @@
+"""Flush answers and forecast rollouts: feeding a model's outputs back in as its next inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from server.core._errors import FailedPrecondition, InvalidArgument
+from server.core._models import ModelSpec, TensorSpec, step_shape
+from server.core._runtime import OrtModel
+from server.core._sessions import FrameResult
+
+__all__ = [
+    "FlushResult",
+    "ForecastResult",
+    "Rollout",
+    "first_from_frame",
+    "first_from_last",
+    "rollout",
+]
+
+Arrays = list[npt.NDArray[Any]]
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    """The last applied output when the flush reached the head of its session's queue."""
+
+    last: FrameResult | None
+    next_index: int
+    reset: bool
+
+
+@dataclass(frozen=True)
+class ForecastResult:
+    """One tensor per data output, with the rollout's steps along the output's time axis."""
+
+    outputs: Arrays
+    next_index: int
+    committed: bool
+
+
+@dataclass(frozen=True)
+class Rollout:
+    outputs: Arrays
+    states: Arrays  # after the final step, one per state, without the batch axis
+    last_step: Arrays  # the final step's outputs, shaped as a one-step frame's outputs
+
+
+def _last_step(spec: TensorSpec, frame: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    axis = spec.frame_time_axis
+    return frame if axis is None else np.take(frame, frame.shape[axis] - 1, axis=axis)
+
+
+def _check_fed(model: ModelSpec, i: int, value: npt.NDArray[Any], step: int) -> None:
+    """A value about to be fed back must fit the input, and be finite."""
+    spec = model.inputs[i]
+    where = "the session's last output" if step == 1 else f"the output of step {step - 1}"
+    want = step_shape(spec)
+    if (
+        value.dtype != spec.dtype
+        or len(want) != value.ndim
+        or any(w is not None and w != g for w, g in zip(want, value.shape, strict=True))
+    ):
+        raise FailedPrecondition(
+            f"forecast step {step}: {where} ({value.dtype.name} {list(value.shape)}) does not fit "
+            f"input {spec.name!r} ({spec.dtype.name} {[d or '?' for d in want]})"
+        )
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise FailedPrecondition(
+            f"forecast step {step}: {where} holds NaN or infinity; the rollout diverged"
+        )
+
+
+def first_from_last(model: ModelSpec, last: FrameResult | None) -> Arrays:
+    """Step 1's inputs taken from the last time step of the session's last output."""
+    if last is None:
+        raise FailedPrecondition(
+            "forecast needs a starting input: the session has applied no frame since it was "
+            "opened or reset; send a frame first or give the first step's inputs"
+        )
+    first: Arrays = [np.empty(0)] * len(model.inputs)
+    for i, o in model.feedback:
+        first[i] = _last_step(model.outputs[o], last.outputs[o])
+    return first
+
+
+def first_from_frame(model: ModelSpec, arrays: Arrays) -> Arrays:
+    """Step 1's inputs given by the client: a validated frame of exactly one time step."""
+    first: Arrays = []
+    for spec, array in zip(model.inputs, arrays, strict=True):
+        axis = spec.frame_time_axis
+        if axis is not None:
+            if array.shape[axis] != 1:
+                raise InvalidArgument(
+                    f"forecast input {spec.name!r} must hold one time step, got {array.shape[axis]}"
+                )
+            array = np.take(array, 0, axis=axis)
+        first.append(array)
+    return first
+
+
+def rollout(model: OrtModel, states: Arrays, first: Arrays, steps: int) -> Rollout:
+    """Run `steps` one-step calls on copies of one session's states (in an executor thread)."""
+    spec = model.spec
+    state_feeds = [
+        np.expand_dims(s, st.batch_axis) for s, st in zip(states, spec.states, strict=True)
+    ]
+    current = first
+    collected: list[Arrays] = [[] for _ in spec.outputs]
+    frame_outputs: Arrays = []
+    for step in range(1, steps + 1):
+        feeds: dict[str, npt.NDArray[Any]] = {}
+        for i, (inp, value) in enumerate(zip(spec.inputs, current, strict=True)):
+            _check_fed(spec, i, value, step)
+            time_axis = inp.frame_time_axis
+            frame = value if time_axis is None else np.expand_dims(value, time_axis)
+            feeds[inp.name] = np.expand_dims(frame, inp.batch_axis)
+        for st, array in zip(spec.states, state_feeds, strict=True):
+            feeds[st.input_name] = array
+        outputs, state_feeds = model.run(feeds)
+        frame_outputs = [
+            np.take(out, 0, axis=o.batch_axis) for out, o in zip(outputs, spec.outputs, strict=True)
+        ]
+        for bucket, frame in zip(collected, frame_outputs, strict=True):
+            bucket.append(frame)
+        current = list(current)
+        for i, o in spec.feedback:
+            current[i] = _last_step(spec.outputs[o], frame_outputs[o])
+    joined = [
+        np.concatenate(parts, axis=o.frame_time_axis)
+        if o.frame_time_axis is not None
+        else np.stack(parts, axis=0)
+        for parts, o in zip(collected, spec.outputs, strict=True)
+    ]
+    final_states = [
+        np.take(s, 0, axis=st.batch_axis) for s, st in zip(state_feeds, spec.states, strict=True)
+    ]
+    return Rollout(joined, final_states, frame_outputs)
