@@ -61,6 +61,7 @@ class StreamMux:
         self._write_lock = asyncio.Lock()
         self._open_lock = asyncio.Lock()
         self._opening: asyncio.Future[pb.SessionOpened] | None = None
+        self._opening_id = ""
         self.failure: RnnstreamError | None = None
         self.reconnects = 0
         self._closing = False
@@ -90,6 +91,7 @@ class StreamMux:
         # Opens go one at a time: the reply to an open carries no request id.
         async with self._open_lock:
             self._opening = asyncio.get_running_loop().create_future()
+            self._opening_id = request.session_id
             try:
                 await self.send(pb.StreamRequest(open=request))
                 return await self._opening
@@ -202,6 +204,11 @@ class StreamMux:
         index = error.frame_index if error.HasField("frame_index") else None
         exc = RnnstreamError.from_number(error.code, error.message, error.session_id, index)
         session = self.sessions.get(error.session_id)
+        opening = self._opening is not None and not self._opening.done()
+        if opening and index is None and error.session_id == self._opening_id:
+            assert self._opening is not None
+            self._opening.set_exception(exc)  # the open (or resume by id) was refused
+            return
         if session is None:
             # A frame's error, even for a session this stream no longer knows, never fails an
             # open that happens to be in flight.

@@ -15,7 +15,7 @@ import yaml
 
 from client._cli import build_parser
 from client._routing import SESSION_ID_METADATA_KEY
-from server.__main__ import GRACE_SECONDS
+from server import Settings
 from tests.conftest import REPO
 
 DEPLOY = REPO / "deploy"
@@ -99,7 +99,7 @@ def test_server_deployment_probes_resources_and_grace() -> None:
     # Room for the preStop pause plus the server's own drain after SIGTERM.
     (container,) = pod["containers"]
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + GRACE_SECONDS
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + Settings().grace
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         assert container[probe]["grpc"] == {"port": GRPC_PORT}, probe
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
