@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from server._logging import configure_logging
 from server._settings import Settings
-from server.core import DeviceError, ModelConfigError
-from server.transport.grpc import GrpcServer
-
-
-async def _serve(settings: Settings) -> None:
-    server = GrpcServer(settings)
-    await server.start()
-    server.install_signal_handlers()
-    await server.wait()
+from server._workers import serve, supervise
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -34,11 +25,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(check_model(checked.check_model, settings.device, settings.ort_threads))
     settings = Settings.from_args(argv)
     configure_logging(settings.log_level, settings.log_format)
-    try:
-        asyncio.run(_serve(settings))
-    except (DeviceError, ModelConfigError, OSError, ValueError) as exc:
-        print(f"rnnstream-server: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    if settings.workers < 1:
+        print(
+            f"rnnstream-server: --workers must be at least 1, not {settings.workers}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    status = supervise(settings) if settings.workers > 1 else serve(settings)
+    if status:
+        raise SystemExit(status)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ class Settings:
     max_batch_size: int = _setting(
         256, "Most sessions stepped in one ONNX Runtime call; 1 disables batching."
     )
+    workers: int = _setting(
+        1, "Server processes sharing the port (SO_REUSEPORT), each with its own sessions."
+    )
     max_sessions: int = _setting(100_000, "Most sessions open at once across all models.")
     session_ttl: float = _setting(600.0, "Seconds an idle session lives; 0 turns expiry off.")
     output_ring: int = _setting(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
-from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -76,7 +77,9 @@ class ModelScheduler:
                 metrics.frame_latency.labels(name),
             )
             metrics.queue_depth.labels(name).set_function(lambda: self.queued_frames)
-        self._ready: deque[Session] = deque()
+        # Ready sessions ordered by the arrival of their head item: the oldest frame runs first.
+        self._ready: list[tuple[float, int, Session]] = []
+        self._ties = itertools.count()
         self._slot_owner: dict[int, Session] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -116,9 +119,12 @@ class ModelScheduler:
 
     def _mark_ready(self, session: Session) -> None:
         if session.pending and not session.in_flight and not session.queued:
-            session.queued = True
-            self._ready.append(session)
+            self._push_ready(session, session.pending[0].enqueued_at)
             self._wake.set()
+
+    def _push_ready(self, session: Session, arrived: float) -> None:
+        session.queued = True
+        heapq.heappush(self._ready, (arrived, next(self._ties), session))
 
     def _close(self, session: Session) -> None:
         session.closed = True
@@ -217,7 +223,7 @@ class ModelScheduler:
         skipped: list[Session] = []
         key = None
         while self._ready and len(frames) < self.max_batch_size:
-            session = self._ready.popleft()
+            session = heapq.heappop(self._ready)[2]
             session.queued = False
             frame = self._head_frame(session)
             if frame is None:
@@ -232,9 +238,8 @@ class ModelScheduler:
             session.in_flight = True
             sessions.append(session)
             frames.append(frame)
-        for session in reversed(skipped):
-            session.queued = True
-            self._ready.appendleft(session)
+        for session in skipped:
+            self._push_ready(session, session.pending[0].enqueued_at)
         return sessions, frames
 
     def _feeds(self, frames: list[FrameWork], slots: npt.NDArray[np.intp]) -> dict[str, Any]:

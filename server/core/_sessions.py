@@ -81,6 +81,7 @@ class ControlWork:
     at_index: int | None = None  # a reset applies only while this is the next frame index
     reset_after: bool = False  # flush: back to the initial state once answered
     forecast: ForecastParams | None = None
+    enqueued_at: float = field(default_factory=time.perf_counter)  # orders the ready sessions
 
 
 class Session:

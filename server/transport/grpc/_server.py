@@ -36,7 +36,8 @@ def _server_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.so_reuseport", 0),
+        # Only --workers shares the port; otherwise a second server on it must fail to start.
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
     ]
 
 
