@@ -98,12 +98,9 @@ class Server:
 def server_command(kind: str, models: str, port: int, metrics_port: int) -> list[str]:
     if kind == "echo":
         script = str(REPO / "bench" / "echo_server.py")
-        return [sys.executable, script, "--models", models, "--port", str(port)] + [
-            "--metrics-port",
-            str(metrics_port),
-            "--model-repository",
-            str(REPO / "models"),
-        ]
+        command = [sys.executable, script, "--models", models, "--port", str(port)]
+        command += ["--metrics-port", str(metrics_port)]
+        return [*command, "--model-repository", str(REPO / "models")]
     command = [sys.executable, "-m", "server", "--models", models, "--port", str(port)]
     command += ["--metrics-port", str(metrics_port), "--model-repository", str(REPO / "models")]
     # Per-session INFO log lines would be measured too; the benchmark is about the data path.
@@ -354,7 +351,7 @@ def targets(rows: list[dict[str, Any]], mem: dict[str, Any] | None) -> list[dict
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
-    return "–" if value is None else f"{value:,.{digits}f}"
+    return "-" if value is None else f"{value:,.{digits}f}"
 
 
 def markdown(
