@@ -57,6 +57,7 @@ class StreamCall:
         self.opened: set[str] = set()
         metrics = engine.metrics
         self._frames = metrics.frames
+        self._frame_counters: dict[tuple[str, str], Any] = {}
         self._bytes_in = metrics.bytes_received
         self._bytes_out = metrics.bytes_sent
 
@@ -89,7 +90,11 @@ class StreamCall:
 
     def _count(self, model: str | None, status: str) -> None:
         if model is not None:
-            self._frames.labels(model, status).inc()
+            # Resolving labels costs more than the increment: once per stream, not per frame.
+            counter = self._frame_counters.get((model, status))
+            if counter is None:
+                counter = self._frame_counters[(model, status)] = self._frames.labels(model, status)
+            counter.inc()
 
     def finish_if_done(self) -> None:
         if not self.reading and self.outstanding == 0:
