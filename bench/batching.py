@@ -164,6 +164,7 @@ def measure(server: Server, model: str, sessions: int, args: argparse.Namespace)
         "answered": report["frames"]["answered"],
         "failed": report["frames"]["failed"],
         "sessions_opened": report["sessions"]["opened"],
+        "problems": report.get("problems", []),
     }
 
 
@@ -269,8 +270,12 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"model": model, "sessions": sessions, "kind": kind}
         for key in ("frames_per_s", "p50_ms", "p99_ms", "mean_batch", "cpu_us_per_frame"):
             row[key] = median([g[key] for g in group])
+        # What one fully busy server core would answer at this CPU cost per frame.
+        cpu = row["cpu_us_per_frame"]
+        row["frames_per_core_s"] = 1e6 / cpu if cpu else None
+        row["failed_runs"] = sum(1 for g in group if not g["answered"])
         for base in ("echo", "off"):
-            ratios_fps, ratios_p50 = [], []
+            ratios_fps, ratios_p50, ratios_cpu = [], [], []
             for g in group:
                 other = next(
                     (
@@ -283,12 +288,15 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 )
                 if other is None:
                     continue
-                if other["frames_per_s"]:
+                if other["frames_per_s"] and g["frames_per_s"]:
                     ratios_fps.append(g["frames_per_s"] / other["frames_per_s"])
+                if g["cpu_us_per_frame"] and other["cpu_us_per_frame"]:
+                    ratios_cpu.append(other["cpu_us_per_frame"] / g["cpu_us_per_frame"])
                 if g["p50_ms"] is not None and other["p50_ms"]:
                     ratios_p50.append(g["p50_ms"] / other["p50_ms"])
             row[f"fps_vs_{base}"] = median(list(ratios_fps))
             row[f"p50_vs_{base}"] = median(list(ratios_p50))
+            row[f"per_core_vs_{base}"] = median(list(ratios_cpu))
         rows.append(row)
     order = {k: i for i, k in enumerate(KINDS)}
     rows.sort(key=lambda r: (r["model"], r["sessions"], order[r["kind"]]))
@@ -359,8 +367,8 @@ def markdown(
 ) -> str:
     lines = [
         "| model | C | server | frames/s | vs echo | vs off | p50 ms | p99 ms | mean batch "
-        "| server CPU µs/frame |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server CPU µs/frame | frames/s per server core | per core vs echo | per core vs off |",
+        "| --- | ---: | --- |" + " ---: |" * 10,
     ]
     for r in rows:
         lines.append(
@@ -368,7 +376,9 @@ def markdown(
             f" | {_fmt(r['fps_vs_echo'], 2) if r['kind'] != 'echo' else ''}"
             f" | {_fmt(r['fps_vs_off'], 2) if r['kind'] == 'on' else ''}"
             f" | {_fmt(r['p50_ms'], 2)} | {_fmt(r['p99_ms'], 2)} | {_fmt(r['mean_batch'])}"
-            f" | {_fmt(r['cpu_us_per_frame'], 0)} |"
+            f" | {_fmt(r['cpu_us_per_frame'], 0)} | {_fmt(r['frames_per_core_s'], 0)}"
+            f" | {_fmt(r['per_core_vs_echo'], 2) if r['kind'] != 'echo' else ''}"
+            f" | {_fmt(r['per_core_vs_off'], 2) if r['kind'] == 'on' else ''} |"
         )
     lines += ["", "ONNX Runtime alone (one thread, T = 1):", ""]
     lines += ["| model | batch | µs per call | frames/s |", "| --- | ---: | ---: | ---: |"]
@@ -434,7 +444,15 @@ def main() -> None:
         help="loadtest processes for C > 1 (default: cores, at most 4)",
     )
     parser.add_argument("--memory-sessions", type=int, default=100_000, help="0 skips it")
+    parser.add_argument(
+        "--report-only", type=Path, help="re-render the table of an earlier --out file; no runs"
+    )
     args = parser.parse_args()
+    if args.report_only is not None:
+        saved = json.loads(args.report_only.read_text())
+        rows = summarize(saved["runs"])
+        print(markdown(rows, saved["ort_alone"], saved["memory"], targets(rows, saved["memory"])))
+        return
     models = [m for m in args.models.split(",") if m]
     counts = [int(c) for c in args.sessions.split(",")]
     started = time.monotonic()
