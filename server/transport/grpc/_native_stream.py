@@ -126,6 +126,11 @@ class StreamCall:
     async def read(self, requests: AsyncIterator[pb.StreamRequest | BadRequest]) -> None:
         try:
             async for request in requests:
+                if isinstance(request, pb.StreamRequest) and request.HasField("open"):
+                    # Awaited before reading on: it may load the session from the state store,
+                    # and the frames behind it need the session in place.
+                    await self._open(request.open)
+                    continue
                 waiting_on = self.dispatch(request)
                 if waiting_on:
                     # Stop reading while this session's queue is full: flow control pushes back.
@@ -147,10 +152,7 @@ class StreamCall:
                 frame = request.frame
                 session_id, frame_index = frame.session_id, frame.frame_index
                 return self._frame(frame)
-            if kind == "open":
-                session_id = request.open.session_id
-                self._open(request.open)
-            elif kind == "reset":
+            if kind == "reset":
                 reset = request.reset
                 session_id = reset.session_id
                 at = reset.frame_index if reset.HasField("frame_index") else None
@@ -231,14 +233,20 @@ class StreamCall:
         limit = self.engine.settings.max_pending_frames
         return frame.session_id if session.frames_queued >= limit else ""
 
-    def _open(self, request: pb.OpenSession) -> None:
+    async def _open(self, request: pb.OpenSession) -> None:
+        try:
+            await self._open_or_raise(request)
+        except Exception as exc:
+            self.outbox.put_nowait(stream_error(exc, request.session_id))
+
+    async def _open_or_raise(self, request: pb.OpenSession) -> None:
         cap = self.engine.settings.max_sessions_per_stream
         if request.session_id not in self.opened and len(self.opened) >= cap:
             raise ResourceExhausted(
                 f"this stream already holds {cap} sessions (--max-sessions-per-stream); "
                 "open another stream"
             )
-        opened = self.engine.open_session(
+        opened = await self.engine.open_or_restore(
             request.model,
             request.session_id,
             self.owner,
