@@ -11,7 +11,7 @@ import numpy as np
 from rnnstream_pb.tensor_codec import NUMPY_TO_DTYPE
 from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
-from server.core import Engine, ModelSpec, TensorSpec
+from server.core import Engine, ModelSpec, TensorSpec, Unavailable
 from server.transport.grpc._auth import Authenticator
 from server.transport.grpc._native_messages import encode_outputs, forecasted
 from server.transport.grpc._native_stream import SHUTDOWN, StreamCall, end_session, named_arrays
@@ -103,9 +103,9 @@ class NativeServicer:
         try:
             while (response := await call.outbox.get()) is not None:
                 if response is SHUTDOWN:
-                    await context.abort(
-                        grpc.StatusCode.UNAVAILABLE,
-                        "server is shutting down; resume your sessions on another replica",
+                    await abort(
+                        context,
+                        Unavailable("server is shutting down; resume your sessions elsewhere"),
                     )
                 assert isinstance(response, pb.StreamResponse)
                 try:

@@ -76,8 +76,9 @@ class StreamCall:
             if not f.cancelled():
                 error = f.exception()
                 if error is not None:
-                    self._count(model, as_rnnstream_error(error).code.name)
-                    self.outbox.put_nowait(stream_error(error, session_id, frame_index))
+                    classified = as_rnnstream_error(error)  # logs an internal error once
+                    self._count(model, classified.code.name)
+                    self.outbox.put_nowait(stream_error(classified, session_id, frame_index))
                 else:
                     self._count(model, "OK")
                     response = respond(f.result())
@@ -213,8 +214,9 @@ class StreamCall:
                 frame.session_id, frame.frame_index, named_arrays(frame.inputs), self.owner
             )
         except Exception as exc:
-            self._count(model, as_rnnstream_error(exc).code.name)
-            raise
+            classified = as_rnnstream_error(exc)
+            self._count(model, classified.code.name)
+            raise classified from None
 
         silent = session.emit == "last"  # answered by flush or end, not frame by frame
 
