@@ -109,7 +109,12 @@ class StreamMux:
                 await self._resume_all()
                 self._connected.set()
                 async for response in self._call:
-                    progressed = True
+                    # Only answered work counts as progress: a resume that is refused again
+                    # and again (say the server's state store is down) spends the budget.
+                    progressed = progressed or response.WhichOneof("kind") not in (
+                        "opened",
+                        "error",
+                    )
                     self._route(response)
                 error = RnnstreamError(grpc.StatusCode.UNAVAILABLE, "stream closed by the server")
             except grpc.aio.AioRpcError as exc:
@@ -117,8 +122,13 @@ class StreamMux:
             except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
                 error = RnnstreamError(grpc.StatusCode.UNAVAILABLE, f"stream broke: {exc}")
             except asyncio.CancelledError:
-                error = RnnstreamError(grpc.StatusCode.CANCELLED, "client closed the stream")
-                self._closing = True
+                task = asyncio.current_task()
+                if task is not None and task.cancelling() == 0 and not self._closing:
+                    # Not this task being cancelled: reconnect() cancelled the call.
+                    error = RnnstreamError(grpc.StatusCode.UNAVAILABLE, "reconnecting")
+                else:
+                    error = RnnstreamError(grpc.StatusCode.CANCELLED, "client closed the stream")
+                    self._closing = True
             except Exception as exc:  # a bug in routing must fail the waiters, not strand them
                 error = RnnstreamError(grpc.StatusCode.INTERNAL, f"stream reader failed: {exc!r}")
                 self._call.cancel()
@@ -134,8 +144,11 @@ class StreamMux:
                 )
                 break
             self.reconnects += 1
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await asyncio.sleep(self._retry.backoff(attempt))
+            except asyncio.CancelledError:
+                error = RnnstreamError(grpc.StatusCode.CANCELLED, "client closed the stream")
+                break
         self._fail(error)
 
     async def _resume_all(self) -> None:

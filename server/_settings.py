@@ -51,6 +51,11 @@ class Settings:
     )
     max_steps_per_frame: int = _setting(4096, "Most time steps (T) one frame may carry.")
     max_message_bytes: int = _setting(16 * 1024 * 1024, "Largest gRPC message accepted or sent.")
+    state_store: str = _setting(
+        "",
+        "Where session state lives: empty keeps it in this process; redis://HOST:PORT/DB keeps it "
+        "in Redis so any replica can resume a session.",
+    )
     max_sessions_per_stream: int = _setting(1024, "Most sessions one stream may open.")
     max_pending_frames: int = _setting(
         64, "Frames queued per session before the server stops reading that stream (back-pressure)."

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
-import socket
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,44 +11,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client._routing import SESSION_ID_METADATA_KEY
-from tests.conftest import REPO, RunningServer, test_settings
-
-pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+from tests.conftest import RunningServer, test_settings
+from tests.services import NginxProxy
 
 SESSIONS = [f"session-{i}" for i in range(24)]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def _swap(text: str, old: str, new: str) -> str:
-    assert old in text, f"nginx.conf no longer has {old!r}"
-    return text.replace(old, new)
-
-
-class Proxy:
-    """nginx with deploy/compose/nginx.conf, its upstreams and listener moved onto 127.0.0.1."""
+class Proxy(NginxProxy):
+    """nginx with deploy/compose/nginx.conf, plus a health stub and its routing log."""
 
     def __init__(self, tmp: Path, upstream_ports: list[int]) -> None:
-        conf = (REPO / "deploy" / "compose" / "nginx.conf").read_text()
-        ports = iter(upstream_ports)
-        conf = re.sub(r"rnnstream-\d+:50051", lambda _: f"127.0.0.1:{next(ports)}", conf)
-        self.port = _free_port()
-        conf = _swap(conf, "listen 8080 http2;", f"listen 127.0.0.1:{self.port} http2;")
-        self.log = tmp / "access.log"
-        conf = _swap(conf, "access_log /dev/stdout grpc;", f"access_log {self.log} grpc;")
-        conf = _swap(conf, "error_log stderr warn;", f"error_log {tmp / 'error.log'} warn;")
-        conf = _swap(conf, "worker_processes auto;", "worker_processes 1;")
-        (tmp / "nginx.conf").write_text(conf)
-        self.process = subprocess.Popen(
-            ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log"),
-             "-g", f"daemon off; pid {tmp / 'nginx.pid'};"],
-        )  # fmt: skip
-        self.target = f"127.0.0.1:{self.port}"
+        super().__init__(tmp, upstream_ports)
         self.channel = grpc.insecure_channel(self.target)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -71,8 +41,7 @@ class Proxy:
 
     def close(self) -> None:
         self.channel.close()
-        self.process.terminate()
-        self.process.wait(10)
+        super().close()
 
 
 @pytest.fixture

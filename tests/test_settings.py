@@ -51,27 +51,35 @@ def test_flags() -> None:
     assert settings.session_ttl == 2.5 and settings.max_message_bytes == 1024
 
 
-def test_every_flag_has_a_variable() -> None:
-    values = {
-        "host": ("::1", "::1"),
-        "port": ("7", 7),
-        "model_repository": ("/m", Path("/m")),
-        "models": ("a,b", ("a", "b")),
-        "device": ("cuda", "cuda"),
-        "ort_threads": ("3", 3),
-        "max_batch_size": ("5", 5),
-        "max_sessions": ("6", 6),
-        "session_ttl": ("0.5", 0.5),
-        "output_ring": ("9", 9),
-        "max_steps_per_frame": ("10", 10),
-        "max_message_bytes": ("11", 11),
-        "log_level": ("DEBUG", "DEBUG"),
+def _sample(field: dataclasses.Field[object]) -> tuple[str, object]:
+    """A non-default value for the field, as env text and as the parsed value."""
+    kind = str(field.type)
+    if "choices" in field.metadata:
+        choice = next(c for c in field.metadata["choices"] if c != field.default)
+        return choice, choice
+    samples: dict[str, tuple[str, object]] = {
+        "int": ("7", 7),
+        "float": ("0.5", 0.5),
+        "bool": ("true", True),
+        "Path": ("/m", Path("/m")),
+        "str": (
+            "DEBUG" if field.name == "log_level" else "/x",
+            "DEBUG" if field.name == "log_level" else "/x",
+        ),
     }
-    assert set(values) == {f.name for f in dataclasses.fields(Settings)}
+    if kind.startswith("tuple"):
+        return "a,b", ("a", "b")
+    return samples[kind]
+
+
+def test_every_flag_has_a_variable() -> None:
+    values = {f.name: _sample(f) for f in dataclasses.fields(Settings)}
+    assert {"host", "port", "model_repository", "device", "max_batch_size"} <= set(values)
     env = {f"RNNSTREAM_{name.upper()}": text for name, (text, _) in values.items()}
     settings = Settings.from_args([], env=env)
     for name, (_, expected) in values.items():
         assert getattr(settings, name) == expected, name
+        assert getattr(settings, name) != getattr(Settings(), name), name
 
 
 def test_flag_beats_variable_and_environ_is_read(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -96,11 +96,15 @@ async def _open_sessions(
 
 
 async def _start_time(link: Link) -> float:
-    """The common start the run announces once every worker is ready (now, after a stop)."""
+    """The common start the run announces once every worker is ready (now, after a stop).
+
+    Returns only once that moment has come: a frame sent earlier would fall before the origin
+    and go uncounted, which in a frames-bounded run can leave nothing measured."""
     while (start := link.start_time()) is None:
         if link.stop_requested():
             return clock()
         await asyncio.sleep(0.005)
+    await asyncio.sleep(max(0.0, start - clock()))
     return start
 
 

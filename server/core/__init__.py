@@ -19,6 +19,7 @@ from server.core._runtime import DeviceError, OrtModel, load_model
 from server.core._scheduler import ModelScheduler
 from server.core._sessions import FrameResult, Session, SessionManager
 from server.core._state_pool import StatePool
+from server.core._store import SessionRecord, StateStore, StepRecord
 
 __all__ = [
     "Aborted",
@@ -41,9 +42,12 @@ __all__ = [
     "RnnstreamError",
     "Session",
     "SessionManager",
+    "SessionRecord",
     "SessionSnapshot",
     "StatePool",
     "StateSpec",
+    "StateStore",
+    "StepRecord",
     "TensorSpec",
     "Unauthenticated",
     "Unavailable",

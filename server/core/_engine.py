@@ -7,7 +7,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,7 @@ from server.core._sessions import (
     Session,
     SessionManager,
 )
+from server.core._store import StateStore, StepRecord
 from server.core._validation import NamedArray, validate_frame
 
 __all__ = ["Engine", "OpenedSession", "SessionSnapshot", "discover_models"]
@@ -108,6 +109,8 @@ class Engine:
         # One thread per model would let models overlap; ORT releases the GIL while it runs.
         self._executor: ThreadPoolExecutor | None = None
         self.accepting_frames = True
+        self.store: StateStore | None = None  # set before start() to persist session state
+        self._tasks: set[asyncio.Task[None]] = set()
         self._expiry: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -128,6 +131,7 @@ class Engine:
                 executor=self._executor,
                 metrics=self.metrics,
             )
+            scheduler.store = self.store
             scheduler.start()
             self.schedulers[name] = scheduler
             self.metrics.active_sessions.labels(name).set_function(
@@ -136,6 +140,7 @@ class Engine:
         self._expiry = asyncio.get_running_loop().create_task(self.sessions.run_expiry())
 
     async def stop(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._expiry is not None:
             self._expiry.cancel()
             await asyncio.gather(self._expiry, return_exceptions=True)
@@ -180,6 +185,45 @@ class Engine:
         if listener is not None:
             session.listener = listener
         return OpenedSession(session.id, session.model, session.next_index, resumed)
+
+    async def open_or_restore(
+        self,
+        model: str,
+        session_id: str,
+        owner: str,
+        emit: str = "every",
+        *,
+        resume_only: bool = False,
+        listener: Callable[[Session, str], None] | None = None,
+    ) -> OpenedSession:
+        """open_session, but with a state store: a session this server does not hold is loaded
+        from the store (another replica held it), and a new session is stored before it is
+        announced, so a client never holds an id that no replica could resume."""
+        if self.store is None or self.sessions.holds(owner, session_id):
+            return self.open_session(
+                model, session_id, owner, emit, resume_only=resume_only, listener=listener
+            )
+        record = None
+        if session_id:
+            specs = {name: m.spec for name, m in self.models.items()}
+            record = await self.store.load(specs, owner, session_id)
+        if record is not None and not self.sessions.holds(owner, session_id):
+            self.sessions.restore(session_id, owner, record)
+        opened = self.open_session(
+            model, session_id, owner, emit, resume_only=resume_only, listener=listener
+        )
+        if record is None and not opened.resumed:
+            session = self.sessions.get(opened.session_id, owner)
+            scheduler = self.schedulers[session.model]
+            step = StepRecord(
+                owner, session.id, model, emit, 0, scheduler.read_state(session), None
+            )
+            try:
+                await self.store.save(scheduler.spec, [step])
+            except Exception:
+                self.sessions.end(session.id, owner, "store-unavailable")
+                raise
+        return opened
 
     def submit_frame(
         self, session_id: str, index: int, tensors: Sequence[NamedArray], owner: str
@@ -251,7 +295,23 @@ class Engine:
         return future
 
     def end(self, session_id: str, owner: str) -> asyncio.Future[int]:
-        return self.sessions.end(session_id, owner)
+        future = self.sessions.end(session_id, owner)
+        if self.store is not None:
+            store = self.store
+
+            async def forget(_: object) -> None:
+                try:
+                    await store.delete(owner, session_id)
+                except Exception as exc:  # its keys still expire with the idle TTL
+                    log.warning("could not delete stored session %s: %s", session_id, exc)
+
+            future.add_done_callback(lambda f: self._background(forget(f)))
+        return future
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def snapshot(self, session_id: str, owner: str) -> SessionSnapshot:
         session = self.sessions.get(session_id, owner)

@@ -14,11 +14,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from server.core._errors import FailedPrecondition, Internal, NotFound, RnnstreamError
+from server.core._errors import (
+    FailedPrecondition,
+    Internal,
+    NotFound,
+    RnnstreamError,
+    Unavailable,
+)
 from server.core._forecast import FlushResult, ForecastResult, first_from_last, rollout
 from server.core._runtime import OrtModel
 from server.core._sessions import ControlWork, FrameResult, FrameWork, Session, as_index_array
 from server.core._state_pool import StatePool
+from server.core._store import StateStore, StepRecord
 
 __all__ = ["BatchStats", "ModelScheduler"]
 
@@ -68,6 +75,7 @@ class ModelScheduler:
         self.stats = BatchStats()
         self._executor = executor
         self.queued_frames = 0
+        self.store: StateStore | None = None  # set by the engine when state is persisted
         self._observe: tuple[Any, Any, Any] | None = None
         if metrics is not None:
             name = self.spec.name
@@ -210,8 +218,11 @@ class ModelScheduler:
             return
         if work.action == "reset":
             if work.at_index is None or work.at_index >= session.next_index:
+                undo = self._undo_point(session)
                 session.last = None
                 self.pool.reset(session.slot)
+                if self._store_then_answer(session, work, session.next_index, undo):
+                    return
         else:
             self._close(session)
         if not work.future.done():
@@ -272,9 +283,16 @@ class ModelScheduler:
             np.moveaxis(out, spec.batch_axis, 0)
             for out, spec in zip(outputs, self.spec.outputs, strict=True)
         ]
+        results = [
+            FrameResult(frame.index, [np.array(out[i]) for out in per_output])
+            for i, frame in enumerate(frames)
+        ]
+        if self.store is not None and not await self._persist_batch(
+            sessions, frames, results, slots, feeds, states
+        ):
+            return
         done_at = time.perf_counter()
-        for i, (session, frame) in enumerate(zip(sessions, frames, strict=True)):
-            result = FrameResult(frame.index, [np.array(out[i]) for out in per_output])
+        for session, frame, result in zip(sessions, frames, results, strict=True):
             session.next_index += 1
             session.remember(result)
             session.in_flight = False
@@ -298,6 +316,38 @@ class ModelScheduler:
             for frame in frames:
                 latency.observe(done_at - frame.enqueued_at)
 
+    async def _persist_batch(
+        self,
+        sessions: list[Session],
+        frames: list[FrameWork],
+        results: list[FrameResult],
+        slots: npt.NDArray[np.intp],
+        feeds: dict[str, Any],
+        states: list[npt.NDArray[Any]],
+    ) -> bool:
+        """Store the step before any output is sent, so every output seen is backed by stored
+        state. On failure the step is undone and its frames fail with UNAVAILABLE: the client
+        sends them again once the store is back, and nothing is applied twice."""
+        assert self.store is not None
+        per_state = [
+            np.moveaxis(a, st.batch_axis, 0) for a, st in zip(states, self.spec.states, strict=True)
+        ]
+        steps = [
+            StepRecord(
+                s.owner, s.id, s.model, s.emit, f.index + 1, [a[i] for a in per_state], result
+            )
+            for i, (s, f, result) in enumerate(zip(sessions, frames, results, strict=True))
+        ]
+        try:
+            await self.store.save(self.spec, steps)
+        except Exception as exc:
+            self.pool.scatter(slots, [feeds[st.input_name] for st in self.spec.states])
+            error = exc if isinstance(exc, RnnstreamError) else Unavailable(str(exc))
+            log.warning("could not store a batch of %d: %s", len(frames), error)
+            self._fail(sessions, frames, error)
+            return False
+        return True
+
     def _fail(
         self, sessions: list[Session], frames: list[FrameWork], error: RnnstreamError
     ) -> None:
@@ -315,8 +365,11 @@ class ModelScheduler:
         if work.action == "flush":
             result = FlushResult(session.last, session.next_index, work.reset_after)
             if work.reset_after:
+                undo = self._undo_point(session)
                 self.pool.reset(session.slot)
                 session.last = None
+                if self._store_then_answer(session, work, result, undo):
+                    return
             if not work.future.done():
                 work.future.set_result(result)
             return
@@ -343,8 +396,10 @@ class ModelScheduler:
             )
             if params.commit:
                 # Slots may have moved during the await: session.slot is read afresh.
+                undo = (states, session.last)
                 self.pool.write(session.slot, rolled.states)
                 session.last = FrameResult(session.next_index - 1, rolled.last_step)
+                await self._store_or_undo(session, undo)
             result = ForecastResult(rolled.outputs, session.next_index, params.commit)
         except asyncio.CancelledError:
             self._fail_control(session, work, Internal("server stopped during the forecast"))
@@ -361,6 +416,56 @@ class ModelScheduler:
             session.in_flight = False
             session.last_active = time.monotonic()
             self._mark_ready(session)
+
+    # -- persistence of state changes outside batches (reset, flush reset, forecast commit) ----
+    def _undo_point(self, session: Session) -> tuple[list[npt.NDArray[Any]], FrameResult | None]:
+        states = self.pool.read(session.slot) if self.store is not None else []
+        return states, session.last
+
+    def _store_then_answer(
+        self,
+        session: Session,
+        work: ControlWork,
+        result: Any,
+        undo: tuple[list[npt.NDArray[Any]], FrameResult | None],
+    ) -> bool:
+        """With a store, answer the control only once its new state is stored; True if so."""
+        if self.store is None:
+            return False
+        session.in_flight = True  # nothing else of this session runs until the write is done
+
+        async def store_and_answer() -> None:
+            try:
+                await self._store_or_undo(session, undo)
+            except RnnstreamError as exc:
+                self._fail_control(session, work, exc)
+            else:
+                if not work.future.done():
+                    work.future.set_result(result)
+            finally:
+                session.in_flight = False
+                self._mark_ready(session)
+
+        task = asyncio.get_running_loop().create_task(store_and_answer())
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+        return True
+
+    async def _store_or_undo(
+        self, session: Session, undo: tuple[list[npt.NDArray[Any]], FrameResult | None]
+    ) -> None:
+        if self.store is None:
+            return
+        states = self.pool.read(session.slot)
+        step = StepRecord(
+            session.owner, session.id, session.model, session.emit, session.next_index, states, None
+        )
+        try:
+            await self.store.save(self.spec, [step])
+        except Exception as exc:
+            self.pool.write(session.slot, undo[0])
+            session.last = undo[1]
+            raise exc if isinstance(exc, RnnstreamError) else Unavailable(str(exc)) from exc
 
     @staticmethod
     def _fail_control(session: Session, work: ControlWork, error: RnnstreamError) -> None:

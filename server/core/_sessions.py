@@ -25,6 +25,7 @@ from server.core._errors import (
 if TYPE_CHECKING:
     from server._metrics import Metrics
     from server.core._scheduler import ModelScheduler
+    from server.core._store import SessionRecord
 
 __all__ = [
     "EMIT_MODES",
@@ -239,6 +240,31 @@ class SessionManager:
             self.metrics.sessions_opened.labels(model).inc()
         log.info("session opened", extra={"session_id": session.id, "model": model})
         return session, False
+
+    def holds(self, owner: str, session_id: str) -> bool:
+        return (owner, session_id) in self._sessions
+
+    def restore(self, session_id: str, owner: str, record: SessionRecord) -> Session:
+        """Take over a session stored by another replica (or by this one before a restart)."""
+        if len(self._sessions) >= self.max_sessions and not self._evict_one():
+            raise ResourceExhausted(f"session limit reached ({self.max_sessions} open)")
+        scheduler = self.scheduler(record.model)
+        session = Session(session_id, record.model, owner, self.ring_size, record.emit)
+        scheduler.attach(session)
+        scheduler.pool.write(session.slot, record.states)
+        session.next_index = record.next_index
+        for result in record.ring:
+            session.remember(result)
+        if record.ring and record.ring[-1].index == record.next_index - 1:
+            session.last = record.ring[-1]
+        self._sessions[(owner, session_id)] = session
+        self._expired.pop((owner, session_id), None)
+        self._per_model[record.model] = self._per_model.get(record.model, 0) + 1
+        log.info(
+            "session restored from the state store",
+            extra={"session_id": session_id, "model": record.model},
+        )
+        return session
 
     def _evict_one(self) -> bool:
         if not self.evict_when_full:

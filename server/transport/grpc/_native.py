@@ -11,11 +11,11 @@ import numpy as np
 from rnnstream_pb.tensor_codec import NUMPY_TO_DTYPE
 from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
-from server.core import Engine, ModelSpec, TensorSpec
+from server.core import Engine, ModelSpec, TensorSpec, Unavailable
 from server.transport.grpc._auth import Authenticator
 from server.transport.grpc._native_messages import encode_outputs, forecasted
 from server.transport.grpc._native_stream import SHUTDOWN, StreamCall, end_session, named_arrays
-from server.transport.grpc._status import BadRequest, abort, tolerant, unary
+from server.transport.grpc._status import BadRequest, abort, tolerant, tolerant_unary, unary
 
 __all__ = ["NativeServicer", "model_info"]
 
@@ -66,15 +66,6 @@ class NativeServicer:
     def handler(self) -> grpc.GenericRpcHandler:
         """Method handlers whose deserializers answer garbage bytes instead of failing."""
 
-        def unary_handler(method: Any, request_type: Any, response_type: Any) -> Any:
-            return grpc.unary_unary_rpc_method_handler(
-                method,
-                request_deserializer=tolerant(
-                    request_type.FromString, request_type.DESCRIPTOR.full_name
-                ),
-                response_serializer=response_type.SerializeToString,
-            )
-
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
@@ -85,14 +76,16 @@ class NativeServicer:
                     ),
                     response_serializer=pb.StreamResponse.SerializeToString,
                 ),
-                "Infer": unary_handler(self.Infer, pb.InferRequest, pb.InferResponse),
-                "ListModels": unary_handler(
+                "Infer": tolerant_unary(self.Infer, pb.InferRequest, pb.InferResponse),
+                "ListModels": tolerant_unary(
                     self.ListModels, pb.ListModelsRequest, pb.ListModelsResponse
                 ),
-                "GetModel": unary_handler(self.GetModel, pb.GetModelRequest, pb.ModelInfo),
-                "GetSession": unary_handler(self.GetSession, pb.GetSessionRequest, pb.SessionInfo),
-                "EndSession": unary_handler(self.EndSession, pb.EndSessionRequest, pb.SessionEnded),
-                "Forecast": unary_handler(self.Forecast, pb.ForecastRequest, pb.ForecastResponse),
+                "GetModel": tolerant_unary(self.GetModel, pb.GetModelRequest, pb.ModelInfo),
+                "GetSession": tolerant_unary(self.GetSession, pb.GetSessionRequest, pb.SessionInfo),
+                "EndSession": tolerant_unary(
+                    self.EndSession, pb.EndSessionRequest, pb.SessionEnded
+                ),
+                "Forecast": tolerant_unary(self.Forecast, pb.ForecastRequest, pb.ForecastResponse),
             },
         )
 
@@ -110,9 +103,9 @@ class NativeServicer:
         try:
             while (response := await call.outbox.get()) is not None:
                 if response is SHUTDOWN:
-                    await context.abort(
-                        grpc.StatusCode.UNAVAILABLE,
-                        "server is shutting down; resume your sessions on another replica",
+                    await abort(
+                        context,
+                        Unavailable("server is shutting down; resume your sessions elsewhere"),
                     )
                 assert isinstance(response, pb.StreamResponse)
                 try:

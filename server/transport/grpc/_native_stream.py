@@ -77,8 +77,9 @@ class StreamCall:
             if not f.cancelled():
                 error = f.exception()
                 if error is not None:
-                    self._count(model, as_rnnstream_error(error).code.name)
-                    self.outbox.put_nowait(stream_error(error, session_id, frame_index))
+                    classified = as_rnnstream_error(error)  # logs an internal error once
+                    self._count(model, classified.code.name)
+                    self.outbox.put_nowait(stream_error(classified, session_id, frame_index))
                 else:
                     self._count(model, "OK")
                     response = respond(f.result())
@@ -131,6 +132,11 @@ class StreamCall:
     async def read(self, requests: AsyncIterator[pb.StreamRequest | BadRequest]) -> None:
         try:
             async for request in requests:
+                if isinstance(request, pb.StreamRequest) and request.HasField("open"):
+                    # Awaited before reading on: it may load the session from the state store,
+                    # and the frames behind it need the session in place.
+                    await self._open(request.open)
+                    continue
                 waiting_on = self.dispatch(request)
                 if waiting_on:
                     # Stop reading while this session's queue is full: flow control pushes back.
@@ -152,10 +158,7 @@ class StreamCall:
                 frame = request.frame
                 session_id, frame_index = frame.session_id, frame.frame_index
                 return self._frame(frame)
-            if kind == "open":
-                session_id = request.open.session_id
-                self._open(request.open)
-            elif kind == "reset":
+            if kind == "reset":
                 reset = request.reset
                 session_id = reset.session_id
                 at = reset.frame_index if reset.HasField("frame_index") else None
@@ -216,8 +219,9 @@ class StreamCall:
                 frame.session_id, frame.frame_index, named_arrays(frame.inputs), self.owner
             )
         except Exception as exc:
-            self._count(model, as_rnnstream_error(exc).code.name)
-            raise
+            classified = as_rnnstream_error(exc)
+            self._count(model, classified.code.name)
+            raise classified from None
 
         silent = session.emit == "last"  # answered by flush or end, not frame by frame
 
@@ -236,14 +240,20 @@ class StreamCall:
         limit = self.engine.settings.max_pending_frames
         return frame.session_id if session.frames_queued >= limit else ""
 
-    def _open(self, request: pb.OpenSession) -> None:
+    async def _open(self, request: pb.OpenSession) -> None:
+        try:
+            await self._open_or_raise(request)
+        except Exception as exc:
+            self.outbox.put_nowait(stream_error(exc, request.session_id))
+
+    async def _open_or_raise(self, request: pb.OpenSession) -> None:
         cap = self.engine.settings.max_sessions_per_stream
         if request.session_id not in self.opened and len(self.opened) >= cap:
             raise ResourceExhausted(
                 f"this stream already holds {cap} sessions (--max-sessions-per-stream); "
                 "open another stream"
             )
-        opened = self.engine.open_session(
+        opened = await self.engine.open_or_restore(
             request.model,
             request.session_id,
             self.owner,

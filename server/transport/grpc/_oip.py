@@ -37,7 +37,7 @@ from server.transport.grpc._oip_config import (
     model_statistics,
 )
 from server.transport.grpc._oip_stream import Stream, chain, consume, error_response
-from server.transport.grpc._status import BadRequest, tolerant, unary
+from server.transport.grpc._status import BadRequest, tolerant, tolerant_unary, unary
 
 __all__ = ["EXTENSIONS", "SERVICE", "OipServicer", "session_id_for"]
 
@@ -112,15 +112,6 @@ class OipServicer:
     def handler(self) -> grpc.GenericRpcHandler:
         """Method handlers whose deserializers answer garbage bytes instead of failing."""
 
-        def unary_handler(method: Any, request_type: Any, response_type: Any) -> Any:
-            return grpc.unary_unary_rpc_method_handler(
-                method,
-                request_deserializer=tolerant(
-                    request_type.FromString, request_type.DESCRIPTOR.full_name
-                ),
-                response_serializer=response_type.SerializeToString,
-            )
-
         methods = {
             "ServerLive": (oip.ServerLiveRequest, oip.ServerLiveResponse),
             "ServerReady": (oip.ServerReadyRequest, oip.ServerReadyResponse),
@@ -132,7 +123,7 @@ class OipServicer:
             "ModelInfer": (oip.ModelInferRequest, oip.ModelInferResponse),
         }
         handlers = {
-            name: unary_handler(getattr(self, name), req, resp)
+            name: tolerant_unary(getattr(self, name), req, resp)
             for name, (req, resp) in methods.items()
         }
         handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(

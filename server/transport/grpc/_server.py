@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from server._settings import Settings
 from server.core import Engine
+from server.stores import open_store
 from server.transport.grpc._auth import Authenticator
 from server.transport.grpc._native import SERVICE, NativeServicer
 from server.transport.grpc._oip import SERVICE as OIP_SERVICE
@@ -73,6 +74,10 @@ class GrpcServer:
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
+        if self.settings.state_store:
+            self.engine.store = await open_store(
+                self.settings.state_store, self.settings.session_ttl, self.settings.output_ring
+            )
         await self.engine.start()
         server = grpc.aio.server(options=_server_options(self.settings))
         server.add_generic_rpc_handlers([self.native.handler(), self.oip.handler()])
@@ -128,6 +133,8 @@ class GrpcServer:
         await asyncio.sleep(0)  # let the streams write their notice before the transport closes
         await self._server.stop(max(0.0, deadline - loop.time()))
         await self.engine.stop()
+        if self.engine.store is not None:
+            await self.engine.store.close()
         self.engine.metrics.close()
         self._server = None
         self._stopped.set()

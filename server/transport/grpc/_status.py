@@ -13,7 +13,15 @@ from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
 from server.core import Internal, InvalidArgument, RnnstreamError
 
-__all__ = ["BadRequest", "abort", "as_rnnstream_error", "stream_error", "tolerant", "unary"]
+__all__ = [
+    "BadRequest",
+    "abort",
+    "as_rnnstream_error",
+    "stream_error",
+    "tolerant",
+    "tolerant_unary",
+    "unary",
+]
 
 log = logging.getLogger("rnnstream.grpc")
 
@@ -38,6 +46,17 @@ def tolerant(parse: Callable[[bytes], T], type_name: str) -> Callable[[bytes], T
             return BadRequest(type_name, exc)
 
     return parse_or_flag
+
+
+def tolerant_unary(
+    method: Any, request_type: Any, response_type: Any
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A unary method handler whose deserializer answers garbage bytes instead of failing."""
+    return grpc.unary_unary_rpc_method_handler(
+        method,
+        request_deserializer=tolerant(request_type.FromString, request_type.DESCRIPTOR.full_name),
+        response_serializer=response_type.SerializeToString,
+    )
 
 
 def as_rnnstream_error(exc: BaseException) -> RnnstreamError:

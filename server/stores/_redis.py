@@ -1,0 +1,126 @@
+"""Session state in Redis: one hash per session, written once per batch step in one round trip."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from server.core import ModelSpec, Unavailable
+from server.core._store import (
+    SessionRecord,
+    StateStore,
+    StepRecord,
+    decode_result,
+    decode_states,
+    encode_result,
+    encode_states,
+)
+
+__all__ = ["RedisStore", "open_store"]
+
+# One call per batch: for each session, its hash gets the new state, next index and the step's
+# output in ring slot index % K, and its idle TTL is renewed. Atomic: a script runs whole.
+_SAVE_STEPS = """
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local b = 1 + (i - 1) * 6
+  redis.call('HSET', key, 'model', ARGV[b + 1], 'emit', ARGV[b + 2], 'next', ARGV[b + 3],
+             'state', ARGV[b + 4])
+  if ARGV[b + 5] ~= '' then
+    redis.call('HSET', key, ARGV[b + 5], ARGV[b + 6])
+  end
+  if ttl > 0 then
+    redis.call('PEXPIRE', key, ttl)
+  end
+end
+return #KEYS
+"""
+
+
+def _raw(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+class RedisStore:
+    """StateStore on a Redis server. Keys: rnnstream:session:<owner>:<session id>."""
+
+    def __init__(self, client: redis.Redis, ttl_seconds: float, ring_size: int) -> None:
+        self._redis = client
+        self._ttl_ms = int(ttl_seconds * 1000)
+        self._ring = max(1, ring_size)
+        self._save = client.register_script(_SAVE_STEPS)
+
+    @staticmethod
+    def key(owner: str, session_id: str) -> str:
+        return f"rnnstream:session:{owner}:{session_id}"
+
+    async def save(self, spec: ModelSpec, steps: Sequence[StepRecord]) -> None:
+        keys: list[str] = []
+        args: list[bytes | str | int] = [self._ttl_ms]
+        for step in steps:
+            keys.append(self.key(step.owner, step.session_id))
+            ring_field, entry = "", b""
+            if step.result is not None:
+                ring_field = f"r{step.result.index % self._ring}"
+                entry = encode_result(step.result)
+            args += [step.model, step.emit, step.next_index, encode_states(step.states)]
+            args += [ring_field, entry]
+        try:
+            await self._save(keys=keys, args=args)
+        except RedisError as exc:
+            raise Unavailable(f"session state store unreachable: {exc}") from exc
+
+    async def load(
+        self, specs: dict[str, ModelSpec], owner: str, session_id: str
+    ) -> SessionRecord | None:
+        try:
+            raw = await self._redis.hgetall(self.key(owner, session_id))
+        except RedisError as exc:
+            raise Unavailable(f"session state store unreachable: {exc}") from exc
+        if not raw:
+            return None
+        # The client is made without decode_responses: every field and value is bytes.
+        fields: dict[bytes, bytes] = {_raw(k): _raw(v) for k, v in raw.items()}
+        model = fields[b"model"].decode()
+        spec = specs.get(model)
+        if spec is None:
+            raise Unavailable(
+                f"stored session {session_id!r} runs model {model!r}, not loaded here"
+            )
+        next_index = int(fields[b"next"])
+        ring = sorted(
+            (decode_result(spec, value) for name, value in fields.items() if name[:1] == b"r"),
+            key=lambda r: r.index,
+        )
+        oldest = next_index - self._ring
+        return SessionRecord(
+            model=model,
+            emit=fields[b"emit"].decode(),
+            next_index=next_index,
+            states=decode_states(spec, fields[b"state"]),
+            ring=[r for r in ring if oldest <= r.index < next_index],
+        )
+
+    async def delete(self, owner: str, session_id: str) -> None:
+        try:
+            await self._redis.delete(self.key(owner, session_id))
+        except RedisError as exc:
+            raise Unavailable(f"session state store unreachable: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+async def open_store(url: str, ttl_seconds: float, ring_size: int) -> StateStore:
+    """Connect to redis://HOST:PORT/DB and check it answers, so a bad URL fails at start-up."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"--state-store {url!r}: expected redis://HOST:PORT/DB")
+    client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    try:
+        await client.ping()
+    except RedisError as exc:
+        await client.aclose()
+        raise ValueError(f"--state-store {url}: cannot reach Redis: {exc}") from exc
+    return RedisStore(client, ttl_seconds, ring_size)
