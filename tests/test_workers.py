@@ -50,8 +50,17 @@ def workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
         yield process, port
     finally:
         if process.poll() is None:
-            process.kill()
-            process.wait(10)
+            # Workers outlive a killed supervisor: ask it to stop them first, then kill them all.
+            workers = psutil.Process(process.pid).children()
+            process.terminate()
+            try:
+                process.wait(GRACE + 10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+            for worker in workers:
+                if worker.is_running():
+                    worker.kill()
 
 
 async def _stream_everywhere(port: int) -> None:
