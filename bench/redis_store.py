@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import socket
@@ -48,7 +49,14 @@ def start_server(port: int, store: str) -> subprocess.Popen[bytes]:
     return process
 
 
-def measure(store: str, sessions: int, seconds: float, processes: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(store: str, sessions: int, seconds: float, processes: int) -> tuple[float, float]:
+    """(frames/s, server CPU µs per answered frame, warm-up included in neither)."""
     port = free_port()
     server = start_server(port, store)
     try:
@@ -62,10 +70,13 @@ def measure(store: str, sessions: int, seconds: float, processes: int) -> float:
             connections=processes,
             progress=False,
         )
+        cpu_before = cpu_seconds(server.pid)
         report = run_loadtest(options)
+        cpu = cpu_seconds(server.pid) - cpu_before
         if report.frames_failed or report.errors:
             raise RuntimeError(f"run had failures: {report.failed} {report.errors}")
-        return report.frames_per_second
+        # CPU over the whole run (opens and warm-up too) per measured frame: an upper bound.
+        return report.frames_per_second, cpu * 1e6 / max(1, report.answered)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
@@ -90,24 +101,32 @@ def main() -> None:
         wait_listening(redis_port)
         url = f"redis://127.0.0.1:{redis_port}/0"
         results: dict[str, list[float]] = {"memory": [], "redis": []}
+        cpu: dict[str, list[float]] = {"memory": [], "redis": []}
         try:
             for _ in range(args.runs):  # alternate, so drift on a shared machine hits both
-                results["memory"].append(measure("", args.sessions, args.seconds, args.processes))
-                results["redis"].append(measure(url, args.sessions, args.seconds, args.processes))
+                for name, store in (("memory", ""), ("redis", url)):
+                    fps, us = measure(store, args.sessions, args.seconds, args.processes)
+                    results[name].append(fps)
+                    cpu[name].append(us)
         finally:
             redis.terminate()
             redis.wait(10)
     memory = statistics.median(results["memory"])
     stored = statistics.median(results["redis"])
     ratio = stored / memory
-    print(f"| state store | frames/s (median of {args.runs}) | runs |")
-    print("|---|---|---|")
-    print(f"| in-memory | {memory:,.0f} | {', '.join(f'{v:,.0f}' for v in results['memory'])} |")
-    print(f"| redis | {stored:,.0f} | {', '.join(f'{v:,.0f}' for v in results['redis'])} |")
+    print(f"| state store | frames/s (median of {args.runs}) | runs | server CPU µs/frame |")
+    print("|---|---:|---|---:|")
+    for name, label in (("memory", "in-memory"), ("redis", "redis")):
+        runs = ", ".join(f"{v:,.0f}" for v in results[name])
+        median = statistics.median(results[name])
+        print(f"| {label} | {median:,.0f} | {runs} | {statistics.median(cpu[name]):.0f} |")
     verdict = "met" if ratio >= 0.75 else "NOT met"
     print(f"\nredis / in-memory = {ratio:.2f} (target >= 0.75: {verdict}); C={args.sessions}, gru")
+    cpu_ratio = statistics.median(cpu["redis"]) / statistics.median(cpu["memory"])
+    print(f"server CPU per frame, redis / in-memory = {cpu_ratio:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"runs": results, "ratio": ratio}, indent=2))
+        summary = {"frames_per_s": results, "cpu_us_per_frame": cpu, "ratio": ratio}
+        args.json.write_text(json.dumps(summary | {"cpu_ratio": cpu_ratio}, indent=2))
 
 
 if __name__ == "__main__":
