@@ -17,7 +17,13 @@ import numpy.typing as npt
 
 from server._metrics import Metrics
 from server._settings import Settings
-from server.core._errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from server.core._errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RnnstreamError,
+    Unavailable,
+)
 from server.core._forecast import FlushResult, ForecastResult, first_from_frame
 from server.core._models import ModelConfigError, ModelSpec
 from server.core._runtime import OrtModel, load_model
@@ -189,6 +195,27 @@ class Engine:
         return self._submit(session, index, tensors)
 
     def _submit(
+        self, session: Session, index: int, tensors: Sequence[NamedArray]
+    ) -> asyncio.Future[FrameResult]:
+        # Counted here, not in a transport, so Stream, Infer and OIP frames all show up.
+        try:
+            future = self._queue_frame(session, index, tensors)
+        except RnnstreamError as exc:
+            self.metrics.frames.labels(session.model, exc.code.name).inc()
+            raise
+        future.add_done_callback(functools.partial(self._count_frame, session.model))
+        return future
+
+    def _count_frame(self, model: str, future: asyncio.Future[FrameResult]) -> None:
+        if future.cancelled():
+            status = "CANCELLED"
+        elif (error := future.exception()) is not None:
+            status = error.code.name if isinstance(error, RnnstreamError) else "INTERNAL"
+        else:
+            status = "OK"
+        self.metrics.frames.labels(model, status).inc()
+
+    def _queue_frame(
         self, session: Session, index: int, tensors: Sequence[NamedArray]
     ) -> asyncio.Future[FrameResult]:
         if not self.accepting_frames:

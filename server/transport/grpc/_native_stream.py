@@ -67,7 +67,6 @@ class StreamCall:
         respond: Callable[[Any], pb.StreamResponse | None],
         session_id: str,
         frame_index: int | None = None,
-        model: str | None = None,
     ) -> None:
         self.outstanding += 1
 
@@ -76,20 +75,14 @@ class StreamCall:
             if not f.cancelled():
                 error = f.exception()
                 if error is not None:
-                    self._count(model, as_rnnstream_error(error).code.name)
                     self.outbox.put_nowait(stream_error(error, session_id, frame_index))
                 else:
-                    self._count(model, "OK")
                     response = respond(f.result())
                     if response is not None:
                         self.outbox.put_nowait(response)
             self.finish_if_done()
 
         future.add_done_callback(done)
-
-    def _count(self, model: str | None, status: str) -> None:
-        if model is not None:
-            self._frames.labels(model, status).inc()
 
     def finish_if_done(self) -> None:
         if not self.reading and self.outstanding == 0:
@@ -205,14 +198,14 @@ class StreamCall:
     def _frame(self, frame: pb.Frame) -> str:
         session = self.engine.sessions.get(frame.session_id, self.owner)
         model = session.model
+        self._bytes_in.inc(sum(len(t.data) for t in frame.inputs))
         try:
-            self._bytes_in.inc(sum(len(t.data) for t in frame.inputs))
-            future = self.engine.submit_frame(
-                frame.session_id, frame.frame_index, named_arrays(frame.inputs), self.owner
-            )
+            arrays = named_arrays(frame.inputs)
         except Exception as exc:
-            self._count(model, as_rnnstream_error(exc).code.name)
+            # Undecodable tensors never reach the engine, which counts every other frame.
+            self._frames.labels(model, as_rnnstream_error(exc).code.name).inc()
             raise
+        future = self.engine.submit_frame(frame.session_id, frame.frame_index, arrays, self.owner)
 
         silent = session.emit == "last"  # answered by flush or end, not frame by frame
 
@@ -227,7 +220,7 @@ class StreamCall:
                 )
             )
 
-        self._track(future, respond, frame.session_id, frame.frame_index, model)
+        self._track(future, respond, frame.session_id, frame.frame_index)
         limit = self.engine.settings.max_pending_frames
         return frame.session_id if session.frames_queued >= limit else ""
 
