@@ -119,6 +119,7 @@ class NativeServicer:
                     await context.write(response)
                 except Exception:
                     return  # the client is gone: its sessions wait for a resume
+                call.wrote()
 
         finally:
             self.calls.discard(call)

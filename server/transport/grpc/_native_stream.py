@@ -55,6 +55,7 @@ class StreamCall:
         self.outstanding = 0
         self.reading = True
         self.opened: set[str] = set()
+        self._written = asyncio.Event()  # set by the writer after each response it sends
         metrics = engine.metrics
         self._frames = metrics.frames
         self._bytes_in = metrics.bytes_received
@@ -109,6 +110,18 @@ class StreamCall:
             if session.listener == self.notify_ended:
                 session.listener = None
 
+    def wrote(self) -> None:
+        """The writer sent a response: a reader paused on a full outbox may go on."""
+        self._written.set()
+
+    async def _wait_for_writer(self) -> None:
+        # Answers the client does not read pile up here; stop reading until they are sent, so
+        # flow control pushes back on a client that writes without reading.
+        limit = self.engine.settings.max_pending_frames
+        while self.outbox.qsize() >= limit:
+            self._written.clear()
+            await self._written.wait()
+
     def shutdown(self, message: str) -> None:
         self.outbox.put_nowait(
             pb.StreamResponse(notice=pb.Notice(kind="shutdown", message=message))
@@ -123,6 +136,7 @@ class StreamCall:
                 if waiting_on:
                     # Stop reading while this session's queue is full: flow control pushes back.
                     await self.engine.wait_for_space(waiting_on, self.owner)
+                await self._wait_for_writer()
         finally:
             self.reading = False
             self.finish_if_done()
