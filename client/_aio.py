@@ -235,6 +235,12 @@ class AsyncSession:
         self._ended_error = error
         self.fail_all(error)
 
+    def lose(self, error: SessionLost) -> None:
+        """The server no longer holds the session: fail what waits and refuse what follows."""
+        self.ended = True
+        self._ended_error = error
+        self.fail_all(error)
+
     def fail_all(self, exc: RnnstreamError) -> None:
         for _, future, _ in self._frames.values():
             if not future.done():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -13,6 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rnnstream_pb.tensor_codec import decode
 from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
+from client import AsyncClient, SessionLost
+from client._mux import RetryPolicy
+from tests.conftest import RunningServer, test_settings
 from tests.server_process import ServerProcess
 from tests.streaming import RawStream, frame_request, ort_full, sequence, x_tensor
 
@@ -99,3 +103,29 @@ async def test_graceful_shutdown(sig: signal.Signals) -> None:
     finally:
         server.close()
     assert any("shutting down within 4.0 s" in line for line in server.lines)
+
+
+async def test_client_reconnects_after_shutdown_and_reports_lost_sessions(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    """A server going away sends UNAVAILABLE in-band; the client reconnects to whatever serves
+    the address next. That fresh server lacks the session: the client says it is lost."""
+    first = RunningServer(test_settings(models=(MODEL,)))
+    retry = RetryPolicy(max_attempts=100, initial_backoff=0.02, max_backoff=0.2)
+    x = sequence(MODEL, 2, seed=91)
+    async with AsyncClient(first.target, retry=retry) as client:
+        session = await client.open(MODEL)
+        await session.step(x[0])
+        await asyncio.to_thread(first.stop)
+        replacement = make_server(models=(MODEL,), port=first.port)
+        with pytest.raises(SessionLost) as lost:
+            await asyncio.wait_for(session.step(x[1]), 20)
+        assert "unknown session" in lost.value.message
+        # Later calls say so at once, and the client goes on with new sessions.
+        with pytest.raises(SessionLost):
+            await asyncio.wait_for(session.step(x[1]), 5)
+        fresh = await asyncio.wait_for(client.open(MODEL), 20)
+        y = (await fresh.step(x[0]))["y"]
+        await fresh.end()
+    np.testing.assert_allclose(y, ort_full(MODEL, x[:1])[0], rtol=0, atol=1e-5)
+    assert replacement.run(lambda: len(replacement.engine.sessions)) == 0
