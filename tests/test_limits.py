@@ -177,7 +177,12 @@ async def test_unary_deadline_on_a_queued_frame(make_server: Callable[..., Runni
                     timeout=0.3,
                 )
             )
-            await asyncio.sleep(0.1)
+
+            def taken() -> bool:
+                return running.engine.sessions.get(running_one.id, "anonymous").in_flight
+
+            while not running.run(taken):
+                await asyncio.sleep(0.01)
             # ...while queued_one's frame waits behind that batch.
             with pytest.raises(grpc.aio.AioRpcError) as late:
                 await stub.Infer(
@@ -189,7 +194,8 @@ async def test_unary_deadline_on_a_queued_frame(make_server: Callable[..., Runni
                 await first
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             release.set()
-            await asyncio.sleep(0.1)
+            while running.run(lambda: running.engine.schedulers[MODEL].stats.frames) < 1:
+                await asyncio.sleep(0.01)
             assert (await client.get_session(queued_one.id)).next_frame_index == 0
             assert (await client.get_session(running_one.id)).next_frame_index == 1
             # Retries: the queued one runs now as frame 0; the running one's is replayed.

@@ -50,7 +50,7 @@ async def test_metrics_endpoint_counts_everything(
 ) -> None:
     port = _free_port()
     running = make_server(
-        metrics_port=port, session_ttl=1.5, max_sessions=3, evict_idle_when_full=True
+        metrics_port=port, session_ttl=3, max_sessions=3, evict_idle_when_full=True
     )
     assert running.server.metrics_port == port
     f, h = FEATURES[MODEL], HIDDEN[MODEL]
@@ -92,8 +92,8 @@ async def test_metrics_endpoint_counts_everything(
         with pytest.raises(SessionLost, match="evicted"):
             await first.step(x[0])
         await others[0].end()
-        # `others[1]` and `newest` expire after 1.5 s idle.
-        deadline = asyncio.get_running_loop().time() + 10
+        # `others[1]` and `newest` expire after 3 s idle.
+        deadline = asyncio.get_running_loop().time() + 20
         while running.run(lambda: len(running.engine.sessions)) and (
             asyncio.get_running_loop().time() < deadline
         ):
