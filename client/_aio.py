@@ -52,7 +52,7 @@ class AsyncSession:
         self.resuming = False
         self.recovering = False
         self.ended = False
-        self._end_error: RnnstreamError | None = None
+        self._ended_error: RnnstreamError | None = None  # what later calls raise once ended
         # "last": frames get no answer; flush() (or end()) returns the last frame's outputs.
         self.emit = emit
         self.last_outputs: Outputs | None = None  # set by end() of an emit-last session
@@ -103,7 +103,7 @@ class AsyncSession:
         # The stream forgets an ended session, so the server's answer to anything sent for it
         # could reach no one: the call would wait forever. Refuse it here instead.
         if self.ended:
-            raise self._end_error or RnnstreamError(
+            raise self._ended_error or RnnstreamError(
                 grpc.StatusCode.NOT_FOUND, "session ended", session_id=self.id
             )
 
@@ -231,7 +231,14 @@ class AsyncSession:
                 f"the server ended the session ({ended.reason}); it cannot be resumed",
                 session_id=self.id,
             )
-        self._end_error = error
+        # Later calls say why too: "expired" or "evicted", not just "ended".
+        self._ended_error = error
+        self.fail_all(error)
+
+    def lose(self, error: SessionLost) -> None:
+        """The server no longer holds the session: fail what waits and refuse what follows."""
+        self.ended = True
+        self._ended_error = error
         self.fail_all(error)
 
     def fail_all(self, exc: RnnstreamError) -> None:

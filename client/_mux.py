@@ -231,7 +231,9 @@ class StreamMux:
         if session.resuming and index is None:
             # The resume itself was refused: the server no longer holds this session.
             self.sessions.pop(session.id, None)
-            session.fail_all(
+            # Marked lost, not just failed: the stream no longer routes its answers, so a later
+            # call would wait forever; it raises this instead.
+            session.lose(
                 SessionLost(exc.code, f"cannot resume: {exc.message}", session_id=session.id)
             )
             return

@@ -131,8 +131,12 @@ class Client:
     def end_session(self, session_id: str) -> pb.SessionEnded:
         return self._runner.run(self._inner.end_session(session_id))
 
-    def open(self, model: str, session_id: str = "", emit: str = "every") -> Session:
-        return Session(self._runner, self._runner.run(self._inner.open(model, session_id, emit)))
+    def open(
+        self, model: str, session_id: str = "", emit: str = "every", *, resume: bool = False
+    ) -> Session:
+        """See AsyncClient.open; `resume=True` raises SessionLost when the server lacks it."""
+        opening = self._inner.open(model, session_id, emit, resume=resume)
+        return Session(self._runner, self._runner.run(opening))
 
     def infer(self, model: str, frame: FrameInput, **kwargs: Any) -> Outputs:
         return self._runner.run(self._inner.infer(model, frame, **kwargs))

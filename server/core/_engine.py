@@ -17,7 +17,13 @@ import numpy.typing as npt
 
 from server._metrics import Metrics
 from server._settings import Settings
-from server.core._errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from server.core._errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RnnstreamError,
+    Unavailable,
+)
 from server.core._forecast import FlushResult, ForecastResult, first_from_frame
 from server.core._models import ModelConfigError, ModelSpec
 from server.core._runtime import OrtModel, load_model
@@ -111,6 +117,7 @@ class Engine:
         self.accepting_frames = True
         self.store: StateStore | None = None  # set before start() to persist session state
         self._tasks: set[asyncio.Task[None]] = set()
+        self._frame_counters: dict[tuple[str, str], Any] = {}
         self._expiry: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -233,6 +240,36 @@ class Engine:
         return self._submit(session, index, tensors)
 
     def _submit(
+        self, session: Session, index: int, tensors: Sequence[NamedArray]
+    ) -> asyncio.Future[FrameResult]:
+        # Counted here, not in a transport, so Stream, Infer and OIP frames all show up.
+        try:
+            future = self._queue_frame(session, index, tensors)
+        except RnnstreamError as exc:
+            self._count(session.model, exc.code.name)
+            raise
+        future.add_done_callback(functools.partial(self._count_frame, session.model))
+        return future
+
+    def _count_frame(self, model: str, future: asyncio.Future[FrameResult]) -> None:
+        if future.cancelled():
+            status = "CANCELLED"
+        elif (error := future.exception()) is not None:
+            status = error.code.name if isinstance(error, RnnstreamError) else "INTERNAL"
+        else:
+            status = "OK"
+        self._count(model, status)
+
+    def _count(self, model: str, status: str) -> None:
+        # Resolving labels costs more than the increment: once per (model, status), not per frame.
+        counter = self._frame_counters.get((model, status))
+        if counter is None:
+            counter = self._frame_counters[(model, status)] = self.metrics.frames.labels(
+                model, status
+            )
+        counter.inc()
+
+    def _queue_frame(
         self, session: Session, index: int, tensors: Sequence[NamedArray]
     ) -> asyncio.Future[FrameResult]:
         if not self.accepting_frames:

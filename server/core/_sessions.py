@@ -221,6 +221,7 @@ class SessionManager:
                         session_id=session_id,
                     )
                 existing.last_active = time.monotonic()
+                log.info("session resumed", extra={"session_id": session_id, "model": model})
                 return existing, True
             if resume_only:
                 raise self._missing(session_id, owner)

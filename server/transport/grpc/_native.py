@@ -112,6 +112,7 @@ class NativeServicer:
                     await context.write(response)
                 except Exception:
                     return  # the client is gone: its sessions wait for a resume
+                call.wrote()
 
         finally:
             self.calls.discard(call)
@@ -128,15 +129,15 @@ class NativeServicer:
     async def Infer(self, request: pb.InferRequest, context: Context) -> pb.InferResponse:
         owner = await self._auth.principal(context)
         index = request.frame_index if request.HasField("frame_index") else None
+        metrics = self._engine.metrics
+        metrics.bytes_received.inc(sum(len(t.data) for t in request.inputs))
         session_id, result = await self._engine.infer(
             request.model, request.session_id, index, named_arrays(request.inputs), owner
         )
         model = request.model or self._engine.sessions.get(session_id, owner).model
-        return pb.InferResponse(
-            session_id=session_id,
-            frame_index=result.index,
-            outputs=encode_outputs(self._engine, model, result),
-        )
+        outputs = encode_outputs(self._engine, model, result)
+        metrics.bytes_sent.inc(sum(len(t.data) for t in outputs))
+        return pb.InferResponse(session_id=session_id, frame_index=result.index, outputs=outputs)
 
     @unary
     async def ListModels(

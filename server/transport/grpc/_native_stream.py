@@ -55,9 +55,9 @@ class StreamCall:
         self.outstanding = 0
         self.reading = True
         self.opened: set[str] = set()
+        self._written = asyncio.Event()  # set by the writer after each response it sends
         metrics = engine.metrics
         self._frames = metrics.frames
-        self._frame_counters: dict[tuple[str, str], Any] = {}
         self._bytes_in = metrics.bytes_received
         self._bytes_out = metrics.bytes_sent
 
@@ -68,7 +68,6 @@ class StreamCall:
         respond: Callable[[Any], pb.StreamResponse | None],
         session_id: str,
         frame_index: int | None = None,
-        model: str | None = None,
     ) -> None:
         self.outstanding += 1
 
@@ -78,24 +77,14 @@ class StreamCall:
                 error = f.exception()
                 if error is not None:
                     classified = as_rnnstream_error(error)  # logs an internal error once
-                    self._count(model, classified.code.name)
                     self.outbox.put_nowait(stream_error(classified, session_id, frame_index))
                 else:
-                    self._count(model, "OK")
                     response = respond(f.result())
                     if response is not None:
                         self.outbox.put_nowait(response)
             self.finish_if_done()
 
         future.add_done_callback(done)
-
-    def _count(self, model: str | None, status: str) -> None:
-        if model is not None:
-            # Resolving labels costs more than the increment: once per stream, not per frame.
-            counter = self._frame_counters.get((model, status))
-            if counter is None:
-                counter = self._frame_counters[(model, status)] = self._frames.labels(model, status)
-            counter.inc()
 
     def finish_if_done(self) -> None:
         if not self.reading and self.outstanding == 0:
@@ -122,6 +111,18 @@ class StreamCall:
             if session.listener == self.notify_ended:
                 session.listener = None
 
+    def wrote(self) -> None:
+        """The writer sent a response: a reader paused on a full outbox may go on."""
+        self._written.set()
+
+    async def _wait_for_writer(self) -> None:
+        # Answers the client does not read pile up here; stop reading until they are sent, so
+        # flow control pushes back on a client that writes without reading.
+        limit = self.engine.settings.max_pending_frames
+        while self.outbox.qsize() >= limit:
+            self._written.clear()
+            await self._written.wait()
+
     def shutdown(self, message: str) -> None:
         self.outbox.put_nowait(
             pb.StreamResponse(notice=pb.Notice(kind="shutdown", message=message))
@@ -141,6 +142,7 @@ class StreamCall:
                 if waiting_on:
                     # Stop reading while this session's queue is full: flow control pushes back.
                     await self.engine.wait_for_space(waiting_on, self.owner)
+                await self._wait_for_writer()
         finally:
             self.reading = False
             self.finish_if_done()
@@ -213,15 +215,14 @@ class StreamCall:
     def _frame(self, frame: pb.Frame) -> str:
         session = self.engine.sessions.get(frame.session_id, self.owner)
         model = session.model
+        self._bytes_in.inc(sum(len(t.data) for t in frame.inputs))
         try:
-            self._bytes_in.inc(sum(len(t.data) for t in frame.inputs))
-            future = self.engine.submit_frame(
-                frame.session_id, frame.frame_index, named_arrays(frame.inputs), self.owner
-            )
+            arrays = named_arrays(frame.inputs)
         except Exception as exc:
-            classified = as_rnnstream_error(exc)
-            self._count(model, classified.code.name)
-            raise classified from None
+            # Undecodable tensors never reach the engine, which counts every other frame.
+            self._frames.labels(model, as_rnnstream_error(exc).code.name).inc()
+            raise
+        future = self.engine.submit_frame(frame.session_id, frame.frame_index, arrays, self.owner)
 
         silent = session.emit == "last"  # answered by flush or end, not frame by frame
 
@@ -236,7 +237,7 @@ class StreamCall:
                 )
             )
 
-        self._track(future, respond, frame.session_id, frame.frame_index, model)
+        self._track(future, respond, frame.session_id, frame.frame_index)
         limit = self.engine.settings.max_pending_frames
         return frame.session_id if session.frames_queued >= limit else ""
 

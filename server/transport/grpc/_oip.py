@@ -37,7 +37,7 @@ from server.transport.grpc._oip_config import (
     model_statistics,
 )
 from server.transport.grpc._oip_stream import Stream, chain, consume, error_response
-from server.transport.grpc._status import BadRequest, tolerant, tolerant_unary, unary
+from server.transport.grpc._status import BadRequest, abort, tolerant, tolerant_unary, unary
 
 __all__ = ["EXTENSIONS", "SERVICE", "OipServicer", "session_id_for"]
 
@@ -225,7 +225,10 @@ class OipServicer:
     async def ModelStreamInfer(
         self, requests: AsyncIterator[oip.ModelInferRequest | BadRequest], context: Context
     ) -> AsyncIterator[oip.ModelStreamInferResponse]:
-        owner = await self._auth.principal(context)
+        try:
+            owner = await self._auth.principal(context)
+        except Exception as exc:
+            await abort(context, exc)  # UNAUTHENTICATED, not an unexpected-error UNKNOWN
         stream = Stream()
         reader = asyncio.get_running_loop().create_task(self._read(requests, stream, owner))
         try:

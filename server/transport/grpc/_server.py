@@ -125,9 +125,10 @@ class GrpcServer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         log.info("shutting down within %.1f s", grace)
-        await self.health.enter_graceful_shutdown()
+        # Refuse first, then tell health: a client that sees NOT_SERVING can count on it.
         self.engine.sessions.accepting = False
         self.engine.accepting_frames = False
+        await self.health.enter_graceful_shutdown()
         await self.engine.drain(max(0.0, (deadline - loop.time()) * 0.6))
         self.native.shutdown_streams("server is shutting down; resume your sessions elsewhere")
         await asyncio.sleep(0)  # let the streams write their notice before the transport closes

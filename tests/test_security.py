@@ -1,0 +1,348 @@
+"""TLS, mutual TLS, bearer tokens, and sessions that belong to the principal that opened them."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rnnstream_pb.inference import grpc_service_pb2 as oip
+from rnnstream_pb.inference import grpc_service_pb2_grpc as oip_grpc
+from rnnstream_pb.v1 import rnnstream_pb2 as pb
+from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
+
+from client import AsyncClient, RnnstreamError, SessionLost
+from server import Settings
+from server.transport.grpc._auth import Authenticator, parse_tokens
+from server.transport.grpc._server import _credentials
+from tests.conftest import RunningServer, test_settings
+from tests.streaming import ort_full, sequence, x_tensor
+
+MODEL = "gru"
+X = sequence(MODEL, 4, seed=80)
+
+
+# -- certificates ------------------------------------------------------------------------------
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[str, ec.EllipticCurvePrivateKey] | None,
+    *,
+    ca: bool = False,
+    server: bool = False,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    issuer_name, issuer_key = issuer if issuer is not None else (subject, key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+class Pki:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+
+    def __init__(self, folder: Path) -> None:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = _cert("rnnstream test CA", ca_key, None, ca=True)
+        server_key = ec.generate_private_key(ec.SECP256R1())
+        server = _cert("localhost", server_key, ("rnnstream test CA", ca_key), server=True)
+        client_key = ec.generate_private_key(ec.SECP256R1())
+        client = _cert("client-1", client_key, ("rnnstream test CA", ca_key))
+        other_ca_key = ec.generate_private_key(ec.SECP256R1())
+        stranger_key = ec.generate_private_key(ec.SECP256R1())
+        stranger = _cert("stranger", stranger_key, ("another CA", other_ca_key))
+        self.ca = _pem(ca)
+        self.client_cert, self.client_key = _pem(client), _key_pem(client_key)
+        self.stranger_cert, self.stranger_key = _pem(stranger), _key_pem(stranger_key)
+        self.ca_path = folder / "ca.pem"
+        self.cert_path = folder / "server.pem"
+        self.key_path = folder / "server.key"
+        self.ca_path.write_bytes(self.ca)
+        self.cert_path.write_bytes(_pem(server))
+        self.key_path.write_bytes(_key_pem(server_key))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+async def _step_over(client: AsyncClient) -> None:
+    session = await client.open(MODEL)
+    ys = [(await session.step(row))["y"] for row in X]
+    np.testing.assert_allclose(np.stack(ys), ort_full(MODEL, X), rtol=0, atol=1e-5)
+    await session.end()
+
+
+async def _refused(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.StatusCode:
+    channel = (
+        grpc.aio.insecure_channel(target)
+        if credentials is None
+        else grpc.aio.secure_channel(target, credentials)
+    )
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.RnnstreamStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
+        return info.value.code()
+    finally:
+        await channel.close()
+
+
+async def test_tls(make_server: Callable[..., RunningServer], pki: Pki) -> None:
+    running = make_server(tls_cert=str(pki.cert_path), tls_key=str(pki.key_path))
+    credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca)
+    async with AsyncClient(running.target, credentials=credentials) as client:
+        await _step_over(client)
+    # A plaintext client gets nowhere.
+    assert await _refused(running.target, None) == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_mutual_tls(make_server: Callable[..., RunningServer], pki: Pki) -> None:
+    running = make_server(
+        tls_cert=str(pki.cert_path), tls_key=str(pki.key_path), tls_client_ca=str(pki.ca_path)
+    )
+    with_cert = grpc.ssl_channel_credentials(pki.ca, pki.client_key, pki.client_cert)
+    async with AsyncClient(running.target, credentials=with_cert) as client:
+        await _step_over(client)
+    without_cert = grpc.ssl_channel_credentials(root_certificates=pki.ca)
+    assert await _refused(running.target, without_cert) == grpc.StatusCode.UNAVAILABLE
+    foreign = grpc.ssl_channel_credentials(pki.ca, pki.stranger_key, pki.stranger_cert)
+    assert await _refused(running.target, foreign) == grpc.StatusCode.UNAVAILABLE
+    assert running.run(lambda: len(running.engine.sessions)) == 0
+
+
+def test_tls_settings_are_checked(pki: Pki) -> None:
+    with pytest.raises(ValueError, match="both --tls-cert and --tls-key"):
+        _credentials(test_settings(tls_cert=str(pki.cert_path)))
+    with pytest.raises(ValueError, match="--tls-client-ca needs"):
+        _credentials(test_settings(tls_client_ca=str(pki.ca_path)))
+
+
+# -- bearer tokens ------------------------------------------------------------------------------
+TOKENS = ("alice=alice-secret-token", "bob=bob-secret-token")
+
+
+def _token_settings(tmp_path: Path, source: str) -> dict[str, Any]:
+    if source == "flag":
+        return {"auth_tokens": Settings.from_args(["--auth-tokens", ",".join(TOKENS)]).auth_tokens}
+    if source == "env":
+        env = {"RNNSTREAM_AUTH_TOKENS": ",".join(TOKENS)}
+        return {"auth_tokens": Settings.from_args([], env=env).auth_tokens}
+    path = tmp_path / "tokens"
+    path.write_text("# principal=token, one a line\n" + "\n".join(TOKENS) + "\n\n")
+    return {
+        "auth_tokens_file": Settings.from_args(["--auth-tokens-file", str(path)]).auth_tokens_file
+    }
+
+
+def _calls(channel: grpc.aio.Channel) -> dict[str, Callable[..., Awaitable[Any]]]:
+    native = pb_grpc.RnnstreamStub(channel)
+    triton = oip_grpc.GRPCInferenceServiceStub(channel)
+    infer = pb.InferRequest(model=MODEL, inputs=[x_tensor(X)])
+    oip_infer = oip.ModelInferRequest(model_name=MODEL)
+    return {
+        "Infer": lambda md: native.Infer(infer, metadata=md, timeout=5),
+        "ListModels": lambda md: native.ListModels(pb.ListModelsRequest(), metadata=md, timeout=5),
+        "GetModel": lambda md: native.GetModel(pb.GetModelRequest(name=MODEL), metadata=md),
+        "GetSession": lambda md: native.GetSession(
+            pb.GetSessionRequest(session_id="s"), metadata=md
+        ),
+        "EndSession": lambda md: native.EndSession(
+            pb.EndSessionRequest(session_id="s"), metadata=md
+        ),
+        "Forecast": lambda md: native.Forecast(
+            pb.ForecastRequest(session_id="s", steps=1), metadata=md
+        ),
+        "ModelInfer": lambda md: triton.ModelInfer(oip_infer, metadata=md, timeout=5),
+        "ModelMetadata": lambda md: triton.ModelMetadata(
+            oip.ModelMetadataRequest(name=MODEL), metadata=md
+        ),
+    }
+
+
+async def _stream_status(channel: grpc.aio.Channel, metadata: Any) -> grpc.StatusCode:
+    call = pb_grpc.RnnstreamStub(channel).Stream(metadata=metadata, timeout=5)
+    # Nothing is written: the server refuses the call on its metadata alone.
+    code: grpc.StatusCode = await call.code()
+    return code
+
+
+async def _oip_stream_status(channel: grpc.aio.Channel, metadata: Any) -> grpc.StatusCode:
+    call = oip_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(metadata=metadata, timeout=5)
+    code: grpc.StatusCode = await call.code()
+    return code
+
+
+BAD_METADATA = {
+    "missing": (),
+    "wrong": (("authorization", "Bearer not-a-token"),),
+    "not bearer": (("authorization", "Basic alice-secret-token"),),
+    "empty bearer": (("authorization", "Bearer "),),
+    "prefix of a token": (("authorization", "Bearer alice-secret"),),
+}
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "file"])
+async def test_bearer_tokens(
+    make_server: Callable[..., RunningServer], tmp_path: Path, source: str
+) -> None:
+    running = make_server(**_token_settings(tmp_path, source))
+    assert running.server.auth.enabled
+    stats = running.engine.schedulers[MODEL].stats
+    channel = grpc.aio.insecure_channel(running.target)
+    try:
+        for label, metadata in BAD_METADATA.items():
+            for name, call in _calls(channel).items():
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call(metadata)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, (label, name)
+            assert await _stream_status(channel, metadata) == grpc.StatusCode.UNAUTHENTICATED
+            assert await _oip_stream_status(channel, metadata) == grpc.StatusCode.UNAUTHENTICATED
+        # Refused before any model work: nothing ran, nothing opened.
+        assert running.run(lambda: (stats.batches, stats.frames, len(running.engine.sessions))) == (
+            0,
+            0,
+            0,
+        )
+        # Health stays open to probes without a token.
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await channel.close()
+    async with AsyncClient(running.target, token="bob-secret-token") as client:
+        await _step_over(client)
+    async with AsyncClient(running.target, token="wrong") as client:
+        with pytest.raises(RnnstreamError) as refused:
+            await client.open(MODEL)
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert "invalid bearer token" in refused.value.message
+
+
+def test_token_parsing() -> None:
+    assert parse_tokens(["a=x", " b = y ", "bare", "# note", "", "bare2"]) == {
+        "x": "a",
+        "y": "b",
+        "bare": "token-3",
+        "bare2": "token-4",
+    }
+    auth = Authenticator(parse_tokens(["a=x"]))
+    assert auth.check([("authorization", "Bearer x")]) == "a"
+    assert auth.check([("authorization", "bearer  x ")]) == "a"  # scheme is case-insensitive
+    assert Authenticator().check(None) == "anonymous"
+
+
+# -- sessions belong to their principal --------------------------------------------------------
+def _same_as_unknown(theirs: RnnstreamError, unknown: RnnstreamError, sid: str, other: str) -> None:
+    assert theirs.code == unknown.code == grpc.StatusCode.NOT_FOUND
+    assert theirs.message == unknown.message.replace(other, sid)
+
+
+async def _error(call: Awaitable[Any]) -> RnnstreamError:
+    with pytest.raises(RnnstreamError) as info:
+        await call
+    return info.value
+
+
+async def test_another_principal_cannot_touch_a_session(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    running = make_server(auth_tokens=TOKENS)
+    never = "0123456789abcdef0123456789abcdef"
+    async with (
+        AsyncClient(running.target, token="alice-secret-token") as alice,
+        AsyncClient(running.target, token="bob-secret-token") as bob,
+    ):
+        mine = await alice.open(MODEL)
+        first = (await mine.step(X[0]))["y"]
+        for attempt in (
+            lambda sid: bob.get_session(sid),
+            lambda sid: bob.end_session(sid),
+            lambda sid: bob.infer(MODEL, X[1], session_id=sid),
+            lambda sid: bob.forecast(MODEL, sid, 2),
+        ):
+            _same_as_unknown(
+                await _error(attempt(mine.id)), await _error(attempt(never)), mine.id, never
+            )
+        # Resume by id: refused exactly like a resume of an id that never existed.
+        theirs = await _error(bob.open(MODEL, mine.id, resume=True))
+        unknown = await _error(bob.open(MODEL, never, resume=True))
+        assert isinstance(theirs, SessionLost) and isinstance(unknown, SessionLost)
+        _same_as_unknown(theirs, unknown, mine.id, never)
+        # A frame for it on bob's own stream is refused in-band the same way.
+        channel = grpc.aio.insecure_channel(running.target)
+        try:
+            call = pb_grpc.RnnstreamStub(channel).Stream(
+                metadata=(("authorization", "Bearer bob-secret-token"),)
+            )
+            replies = []
+            for sid in (mine.id, never):
+                frame = pb.Frame(session_id=sid, frame_index=1, inputs=[x_tensor(X[1:2])])
+                await call.write(pb.StreamRequest(frame=frame))
+                replies.append((await call.read()).error)
+            call.cancel()
+        finally:
+            await channel.close()
+        assert replies[0].code == replies[1].code == grpc.StatusCode.NOT_FOUND.value[0]
+        assert replies[0].message == replies[1].message.replace(never, mine.id)
+        # Opening with alice's id gives bob a fresh session of his own; alice's is untouched.
+        his = await bob.open(MODEL, mine.id)
+        assert not his.resumed and his.next_index == 0
+        await his.step(X[3])
+        ys = [first] + [(await mine.step(row))["y"] for row in X[1:]]
+        np.testing.assert_allclose(np.stack(ys), ort_full(MODEL, X), rtol=0, atol=1e-5)
+        assert (await alice.get_session(mine.id)).next_frame_index == len(X)
+        await mine.end()
+        await his.end()
+
+
+async def test_server_made_session_ids(server: RunningServer) -> None:
+    async with AsyncClient(server.target) as client:
+        sessions = [await client.open(MODEL) for _ in range(100)]
+        ids = [s.id for s in sessions]
+        for session in sessions:
+            await session.end()
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert len(set(ids)) == len(ids)

@@ -1,0 +1,131 @@
+"""Graceful shutdown of a real server process on SIGTERM and SIGINT (--grace 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rnnstream_pb.tensor_codec import decode
+from rnnstream_pb.v1 import rnnstream_pb2 as pb
+
+from client import AsyncClient, SessionLost
+from client._mux import RetryPolicy
+from tests.conftest import RunningServer, test_settings
+from tests.server_process import ServerProcess
+from tests.streaming import RawStream, frame_request, ort_full, sequence, x_tensor
+
+GRACE = 4.0
+MODEL = "gru"
+FRAMES = 48
+STEPS = 4096  # the most one frame may carry: frames that take a while to run
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+def _health(target: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        status: int = stub.Check(
+            health_pb2.HealthCheckRequest(service="rnnstream.v1.Rnnstream"), timeout=5
+        ).status
+        return status
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_graceful_shutdown(sig: signal.Signals) -> None:
+    server = ServerProcess("--models", MODEL, "--grace", str(GRACE))
+    try:
+        x = sequence(MODEL, FRAMES * STEPS, seed=90)
+        async with RawStream(server.target) as raw:
+            opened = await raw.open(MODEL)
+            for i in range(FRAMES):
+                chunk = x[i * STEPS : (i + 1) * STEPS]
+                await raw.call.write(frame_request(opened.session_id, i, x_tensor(chunk)))
+            first = await raw.call.read()
+            assert first.WhichOneof("kind") == "output"
+            # Wait until the server has read every frame (not just TCP buffered it).
+            get = raw.stub.GetSession
+            request = pb.GetSessionRequest(session_id=opened.session_id)
+            while (info := await get(request)).next_frame_index + info.pending_frames < FRAMES - 1:
+                await asyncio.sleep(0.005)
+            assert info.next_frame_index < FRAMES - 1, "the frames ran too fast to test a drain"
+            # Most frames are still queued or running when the signal arrives.
+            sent = server.signal(sig)
+            # Health turns NOT_SERVING at once (well before the queued frames are done).
+            while (status := await asyncio.to_thread(_health, server.target)) != (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            ):
+                assert status == health_pb2.HealthCheckResponse.SERVING
+                assert time.monotonic() - sent < 2
+            # New sessions are refused, on a new stream and on this one; new frames too.
+            async with RawStream(server.target) as late:
+                refused = await late.error(pb.StreamRequest(open=pb.OpenSession(model=MODEL)))
+                assert refused.code == UNAVAILABLE
+                assert "shutting down" in refused.message
+            await raw.call.write(pb.StreamRequest(open=pb.OpenSession(model=MODEL)))
+            await raw.call.write(frame_request(opened.session_id, FRAMES, x_tensor(x[:1])))
+            # Every frame received before the signal is answered, then the notice, then
+            # UNAVAILABLE.
+            outputs: dict[int, np.ndarray] = {0: decode(first.output.outputs[0])}
+            errors = []
+            notice = None
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                while True:
+                    response = await raw.call.read()
+                    assert response is not grpc.aio.EOF, "stream ended without a status"
+                    kind = response.WhichOneof("kind")
+                    assert notice is None, f"{kind} after the shutdown notice"
+                    if kind == "output":
+                        outputs[response.output.frame_index] = decode(response.output.outputs[0])
+                    elif kind == "error":
+                        errors.append(response.error)
+                    else:
+                        assert kind == "notice", response
+                        notice = response.notice
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (ended.value.details() or "")
+        assert notice is not None and notice.kind == "shutdown"
+        assert sorted(outputs) == list(range(FRAMES))
+        y = np.concatenate([outputs[i] for i in range(FRAMES)])
+        np.testing.assert_allclose(y, ort_full(MODEL, x), rtol=0, atol=1e-4)
+        # The late open and the late frame were refused in-band with UNAVAILABLE.
+        assert [e.code for e in errors] == [UNAVAILABLE, UNAVAILABLE]
+        assert errors[1].frame_index == FRAMES
+        assert server.wait(GRACE + 5) == 0
+        exited = time.monotonic() - sent
+        # Within --grace, plus the interpreter's own exit.
+        assert exited < GRACE + 2, f"exited {exited:.1f} s after the signal"
+    finally:
+        server.close()
+    assert any("shutting down within 4.0 s" in line for line in server.lines)
+
+
+async def test_client_reconnects_after_shutdown_and_reports_lost_sessions(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    """A server going away sends UNAVAILABLE in-band; the client reconnects to whatever serves
+    the address next. That fresh server lacks the session: the client says it is lost."""
+    first = RunningServer(test_settings(models=(MODEL,)))
+    retry = RetryPolicy(max_attempts=100, initial_backoff=0.02, max_backoff=0.2)
+    x = sequence(MODEL, 2, seed=91)
+    async with AsyncClient(first.target, retry=retry) as client:
+        session = await client.open(MODEL)
+        await session.step(x[0])
+        await asyncio.to_thread(first.stop)
+        replacement = make_server(models=(MODEL,), port=first.port)
+        with pytest.raises(SessionLost) as lost:
+            await asyncio.wait_for(session.step(x[1]), 20)
+        assert "unknown session" in lost.value.message
+        # Later calls say so at once, and the client goes on with new sessions.
+        with pytest.raises(SessionLost):
+            await asyncio.wait_for(session.step(x[1]), 5)
+        fresh = await asyncio.wait_for(client.open(MODEL), 20)
+        y = (await fresh.step(x[0]))["y"]
+        await fresh.end()
+    np.testing.assert_allclose(y, ort_full(MODEL, x[:1])[0], rtol=0, atol=1e-5)
+    assert replacement.run(lambda: len(replacement.engine.sessions)) == 0
