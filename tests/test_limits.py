@@ -120,7 +120,9 @@ async def test_back_pressure_stops_reading(make_server: Callable[..., RunningSer
         assert not writer.done(), f"every write went through without any reads; held {most}"
         assert written < frames
         assert most[0] <= limit
-        assert most[1] <= 2 * limit
+        # When reading stops, fewer than `limit` answers wait unsent; the frames still queued
+        # (at most `limit`) and the one running can add theirs: the bound is 2 * limit + 1.
+        assert most[1] <= 2 * limit + 1
         # Reading again lets everything through, in order and correct.
         first_y = None
         for i in range(frames):
