@@ -66,6 +66,19 @@ def test_every_flag_has_a_variable() -> None:
         "max_steps_per_frame": ("10", 10),
         "max_message_bytes": ("11", 11),
         "log_level": ("DEBUG", "DEBUG"),
+        "max_sessions_per_stream": ("12", 12),
+        "max_pending_frames": ("13", 13),
+        "evict_idle_when_full": ("true", True),
+        "keepalive_time": ("14.5", 14.5),
+        "keepalive_timeout": ("1.5", 1.5),
+        "grace": ("2.5", 2.5),
+        "metrics_port": ("0", 0),
+        "log_format": ("json", "json"),
+        "tls_cert": ("/c.pem", "/c.pem"),
+        "tls_key": ("/k.pem", "/k.pem"),
+        "tls_client_ca": ("/ca.pem", "/ca.pem"),
+        "auth_tokens": ("a=x, b=y", ("a=x", "b=y")),
+        "auth_tokens_file": ("/tokens", "/tokens"),
     }
     assert set(values) == {f.name for f in dataclasses.fields(Settings)}
     env = {f"RNNSTREAM_{name.upper()}": text for name, (text, _) in values.items()}
