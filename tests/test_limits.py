@@ -11,6 +11,8 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 import pytest
+from rnnstream_pb.inference import grpc_service_pb2 as oip
+from rnnstream_pb.inference import grpc_service_pb2_grpc as oip_grpc
 from rnnstream_pb.tensor_codec import decode
 from rnnstream_pb.v1 import rnnstream_pb2 as pb
 from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
@@ -269,3 +271,46 @@ async def test_eviction_notice_and_session_lost(make_server: Callable[..., Runni
             with pytest.raises(SessionLost, match="evicted"):
                 await newcomer.step(np.zeros(16, np.float32))
             await evicted_by.end()
+
+
+async def test_back_pressure_on_oip_streams(make_server: Callable[..., RunningServer]) -> None:
+    """ModelStreamInfer holds no more than --max-pending-frames unsent answers either."""
+    limit = 4
+    running = make_server(max_pending_frames=limit)
+    frames = 600
+    x = sequence(MODEL, 256, seed=73)
+
+    def request(i: int) -> oip.ModelInferRequest:
+        r = oip.ModelInferRequest(model_name=MODEL, id=str(i))
+        r.inputs.add(name="x", datatype="FP32", shape=[1, *x.shape])
+        r.raw_input_contents.append(x.tobytes())
+        r.parameters["sequence_id"].uint64_param = 77
+        r.parameters["sequence_start"].bool_param = i == 0
+        return r
+
+    channel = grpc.aio.insecure_channel(running.target)
+    try:
+        call = oip_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
+        written = 0
+
+        async def write_all() -> None:
+            nonlocal written
+            for i in range(frames):
+                await call.write(request(i))
+                written += 1
+            await call.done_writing()
+
+        writer = asyncio.create_task(write_all())
+        previous = -1
+        for n in range(200):
+            await asyncio.sleep(0.01)
+            if written == previous and n > 50:
+                break
+            previous = written
+        assert not writer.done(), "every write went through without any reads"
+        for i in range(frames):
+            response = await call.read()
+            assert response.error_message == "" and response.infer_response.id == str(i)
+        await writer
+    finally:
+        await channel.close()

@@ -229,11 +229,12 @@ class OipServicer:
             owner = await self._auth.principal(context)
         except Exception as exc:
             await abort(context, exc)  # UNAUTHENTICATED, not an unexpected-error UNKNOWN
-        stream = Stream()
+        stream = Stream(self._engine.settings.max_pending_frames)
         reader = asyncio.get_running_loop().create_task(self._read(requests, stream, owner))
         try:
             while (response := await stream.outbox.get()) is not None:
                 yield response
+                stream.wrote()
         finally:
             reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
@@ -246,6 +247,7 @@ class OipServicer:
     ) -> None:
         try:
             async for request in requests:
+                await stream.wait_for_writer()
                 if isinstance(request, BadRequest):
                     stream.answer("", error_response(None, InvalidArgument(request.message)))
                     continue
