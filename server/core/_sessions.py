@@ -234,13 +234,17 @@ class SessionManager:
             )
         session = Session(session_id or secrets.token_hex(16), model, owner, self.ring_size, emit)
         scheduler.attach(session)
-        self._sessions[(owner, session.id)] = session
-        self._expired.pop((owner, session.id), None)
-        self._per_model[model] = self._per_model.get(model, 0) + 1
+        self._register(session)
         if self.metrics is not None:
             self.metrics.sessions_opened.labels(model).inc()
         log.info("session opened", extra={"session_id": session.id, "model": model})
         return session, False
+
+    def _register(self, session: Session) -> None:
+        key = (session.owner, session.id)
+        self._sessions[key] = session
+        self._expired.pop(key, None)
+        self._per_model[session.model] = self._per_model.get(session.model, 0) + 1
 
     def holds(self, owner: str, session_id: str) -> bool:
         return (owner, session_id) in self._sessions
@@ -258,9 +262,7 @@ class SessionManager:
             session.remember(result)
         if record.ring and record.ring[-1].index == record.next_index - 1:
             session.last = record.ring[-1]
-        self._sessions[(owner, session_id)] = session
-        self._expired.pop((owner, session_id), None)
-        self._per_model[record.model] = self._per_model.get(record.model, 0) + 1
+        self._register(session)
         log.info(
             "session restored from the state store",
             extra={"session_id": session_id, "model": record.model},
