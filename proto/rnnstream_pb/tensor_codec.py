@@ -26,6 +26,9 @@ NUMPY_TO_DTYPE: dict[np.dtype[np.generic], int] = {
 }
 
 
+_BIG_ENDIAN_HOST = not np.little_endian
+
+
 class TensorDecodeError(ValueError):
     """A Tensor message whose dtype, shape and bytes do not describe a valid array."""
 
@@ -33,25 +36,31 @@ class TensorDecodeError(ValueError):
 def decode(tensor: pb.Tensor) -> npt.NDArray[np.generic]:
     """Return a read-only array viewing the message's bytes (no copy)."""
     dtype = DTYPE_TO_NUMPY.get(tensor.dtype)
-    label = f"tensor {tensor.name!r}" if tensor.name else "tensor"
-    if dtype is None:
-        raise TensorDecodeError(f"{label} has unsupported dtype {tensor.dtype}")
     shape = tuple(tensor.shape)
+    # The per-frame path: checks are cheap comparisons; messages are built only on failure.
+    if dtype is None:
+        raise TensorDecodeError(f"{_label(tensor)} has unsupported dtype {tensor.dtype}")
     if any(d < 0 for d in shape):
-        raise TensorDecodeError(f"{label} has a negative dimension in shape {list(shape)}")
+        raise TensorDecodeError(f"{_label(tensor)} has a negative dimension in shape {list(shape)}")
     expected = math.prod(shape) * dtype.itemsize
     if len(tensor.data) != expected:
         raise TensorDecodeError(
-            f"{label} has {len(tensor.data)} bytes but dtype {dtype.name} and shape "
+            f"{_label(tensor)} has {len(tensor.data)} bytes but dtype {dtype.name} and shape "
             f"{list(shape)} need {expected}"
         )
     try:
         array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
     except ValueError as exc:  # e.g. a zero-size shape whose other dimensions overflow
-        raise TensorDecodeError(f"{label} has an unusable shape {list(shape)}: {exc}") from None
-    if dtype.byteorder == "<" and not np.little_endian:  # pragma: no cover - big-endian hosts
+        raise TensorDecodeError(
+            f"{_label(tensor)} has an unusable shape {list(shape)}: {exc}"
+        ) from None
+    if _BIG_ENDIAN_HOST and dtype.byteorder == "<":  # pragma: no cover - big-endian hosts
         array = array.astype(dtype.newbyteorder("="))
     return array
+
+
+def _label(tensor: pb.Tensor) -> str:
+    return f"tensor {tensor.name!r}" if tensor.name else "tensor"
 
 
 def encode(array: npt.NDArray[np.generic], name: str = "") -> pb.Tensor:

@@ -118,6 +118,7 @@ class Engine:
         self.store: StateStore | None = None  # set before start() to persist session state
         self._tasks: set[asyncio.Task[None]] = set()
         self._frame_counters: dict[tuple[str, str], Any] = {}
+        self._output_sizes: dict[tuple[Any, ...], int | None] = {}
         self._expiry: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -294,7 +295,13 @@ class Engine:
 
     def _check_output_size(self, spec: ModelSpec, arrays: Sequence[npt.NDArray[Any]]) -> None:
         # Refused before it runs: once applied, an output too big to send would be lost.
-        size = output_bytes(spec, arrays)
+        # The size depends only on the input shapes, so it is worked out once per shape.
+        key = (spec.name, *(a.shape for a in arrays))
+        size = self._output_sizes.get(key, -1)
+        if size == -1:
+            if len(self._output_sizes) > 4096:  # many distinct shapes: start over, stay small
+                self._output_sizes.clear()
+            size = self._output_sizes[key] = output_bytes(spec, arrays)
         limit = self.settings.max_message_bytes
         if size is not None and size + _MESSAGE_OVERHEAD > limit:
             raise InvalidArgument(
