@@ -67,8 +67,9 @@ def _open_session(path: Path, device: str, threads: int) -> ort.InferenceSession
             raise DeviceError(
                 f"--device cuda: the installed onnxruntime offers only {available}. Install the "
                 "GPU build (pip install 'rnnstream[cuda]', which brings onnxruntime-gpu, and "
-                "uninstall onnxruntime) on a machine with an NVIDIA driver and CUDA 12 libraries,"
-                " or use --device cpu / auto"
+                "uninstall onnxruntime) on a machine with an NVIDIA driver and the CUDA and cuDNN "
+                "libraries that onnxruntime-gpu release needs (pip install "
+                "'onnxruntime-gpu[cuda,cudnn]'), or use --device cpu / auto"
             )
         return _create(path, [CPU], threads)
     try:
