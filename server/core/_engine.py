@@ -234,20 +234,15 @@ class Engine:
         return opened
 
     def submit_frame(
-        self, session_id: str, index: int, tensors: Sequence[NamedArray], owner: str
-    ) -> asyncio.Future[FrameResult]:
-        """Queue a frame; the future resolves with its outputs once the frame is applied."""
-        session = self.sessions.get(session_id, owner)
-        return self._submit(session, index, tensors)
-
-    def _submit(
         self, session: Session, index: int, tensors: Sequence[NamedArray]
     ) -> asyncio.Future[FrameResult]:
+        """Queue a frame on a session the caller looked up (sessions.get); the future resolves
+        with its outputs once the frame is applied."""
         # Counted here, not in a transport, so Stream, Infer and OIP frames all show up.
         try:
             future = self._queue_frame(session, index, tensors)
         except RnnstreamError as exc:
-            self._count(session.model, exc.code.name)
+            self.count_frame(session.model, exc.code.name)
             raise
         future.add_done_callback(functools.partial(self._count_frame, session.model))
         return future
@@ -259,9 +254,10 @@ class Engine:
             status = error.code.name if isinstance(error, RnnstreamError) else "INTERNAL"
         else:
             status = "OK"
-        self._count(model, status)
+        self.count_frame(model, status)
 
-    def _count(self, model: str, status: str) -> None:
+    def count_frame(self, model: str, status: str) -> None:
+        """One frame answered with `status` (a gRPC code name or OK), for the metrics."""
         # Resolving labels costs more than the increment: once per (model, status), not per frame.
         counter = self._frame_counters.get((model, status))
         if counter is None:
@@ -284,19 +280,21 @@ class Engine:
         scheduler = self.schedulers[session.model]
         try:
             arrays = validate_frame(scheduler.spec, tensors, self.settings.max_steps_per_frame)
-            self._check_output_size(scheduler.spec, arrays)
+            key = tuple(a.shape for a in arrays)
+            self._check_output_size(scheduler.spec, arrays, key)
         except InvalidArgument as exc:
             exc.session_id, exc.frame_index = session.id, index
             raise
         future: asyncio.Future[FrameResult] = asyncio.get_running_loop().create_future()
-        key = tuple(a.shape for a in arrays)
         scheduler.submit(session, FrameWork(index, arrays, key, future))
         return future
 
-    def _check_output_size(self, spec: ModelSpec, arrays: Sequence[npt.NDArray[Any]]) -> None:
+    def _check_output_size(
+        self, spec: ModelSpec, arrays: Sequence[npt.NDArray[Any]], shapes: tuple[Any, ...]
+    ) -> None:
         # Refused before it runs: once applied, an output too big to send would be lost.
         # The size depends only on the input shapes, so it is worked out once per shape.
-        key = (spec.name, *(a.shape for a in arrays))
+        key = (spec.name, shapes)
         size = self._output_sizes.get(key, -1)
         if size == -1:
             if len(self._output_sizes) > 4096:  # many distinct shapes: start over, stay small
@@ -387,23 +385,19 @@ class Engine:
                     session_id=session_id,
                 )
             expected = session.next_index + session.pending_frames()
-            return session.id, await self._submit(
+            return session.id, await self.submit_frame(
                 session, expected if index is None else index, tensors
             )
         scheduler = self.sessions.scheduler(model)
         scratch = Session("", model, owner, ring_size=0)
         scheduler.attach(scratch)
         try:
-            return "", await self._submit(scratch, 0, tensors)
+            return "", await self.submit_frame(scratch, 0, tensors)
         finally:
             done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             scheduler.submit(scratch, ControlWork("end", done, "stateless"))
 
     # -- sequence patterns -------------------------------------------------------------------
-    def session_emit(self, session_id: str, owner: str) -> str:
-        """ "every" or "last": whether the transport answers each frame of the session."""
-        return self.sessions.get(session_id, owner).emit
-
     def flush(
         self, session_id: str, owner: str, reset: bool = False
     ) -> asyncio.Future[FlushResult]:

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
@@ -116,7 +115,3 @@ def load_model(name: str, folder: Path, device: str, threads: int) -> OrtModel:
         [f"{s.input_name}->{s.output_name}" for s in spec.states],
     )
     return model
-
-
-def zeros_like_state(spec: ModelSpec) -> list[npt.NDArray[Any]]:
-    return [np.array(s.initial) for s in spec.states]

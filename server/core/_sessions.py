@@ -343,14 +343,6 @@ class SessionManager:
             await asyncio.sleep(interval)
             self.expire_idle()
 
-    def end_all(self, reason: str) -> None:
-        for session in list(self._sessions.values()):
-            self._end(session, reason)
-
-
-def stack_key(arrays: Arrays) -> tuple[tuple[int, ...], ...]:
-    return tuple(a.shape for a in arrays)
-
 
 def as_index_array(slots: list[int]) -> npt.NDArray[np.intp]:
     return np.fromiter(slots, dtype=np.intp, count=len(slots))

@@ -57,7 +57,6 @@ class StreamCall:
         self.opened: set[str] = set()
         self._written = asyncio.Event()  # set by the writer after each response it sends
         metrics = engine.metrics
-        self._frames = metrics.frames
         self._bytes_in = metrics.bytes_received
         self._bytes_out = metrics.bytes_sent
 
@@ -220,9 +219,9 @@ class StreamCall:
             arrays = named_arrays(frame.inputs)
         except Exception as exc:
             # Undecodable tensors never reach the engine, which counts every other frame.
-            self._frames.labels(model, as_rnnstream_error(exc).code.name).inc()
+            self.engine.count_frame(model, as_rnnstream_error(exc).code.name)
             raise
-        future = self.engine.submit_frame(frame.session_id, frame.frame_index, arrays, self.owner)
+        future = self.engine.submit_frame(session, frame.frame_index, arrays)
 
         silent = session.emit == "last"  # answered by flush or end, not frame by frame
 

@@ -207,7 +207,7 @@ class OipServicer:
             )
         session = self._session(spec.name, controls, owner)
         try:
-            frame = engine.submit_frame(sid, _next_index(session), items[0], owner)
+            frame = engine.submit_frame(session, _next_index(session), items[0])
         finally:
             if controls.end:
                 # The end queues behind the frame: the sequence is freed once it is answered.
