@@ -230,7 +230,7 @@ async def _read_until(raw: RawStream, kind: str) -> pb.StreamResponse:
 async def test_expiry_notice_then_not_found_expired(
     make_server: Callable[..., RunningServer],
 ) -> None:
-    running = make_server(session_ttl=0.3)
+    running = make_server(session_ttl=1.0)
     async with RawStream(running.target) as raw:
         opened = await raw.open(MODEL)
         await raw.frame(opened.session_id, 0, np.zeros((1, 16), np.float32))
@@ -240,7 +240,7 @@ async def test_expiry_notice_then_not_found_expired(
         assert notice.ended.next_frame_index == 1
         error = await raw.error(frame_request(opened.session_id, 1, x_tensor(np.zeros((1, 16)))))
         assert error.code == NOT_FOUND
-        assert "expired after 0.3 s idle" in error.message
+        assert "expired after 1 s idle" in error.message
         resume = pb.OpenSession(model=MODEL, session_id=opened.session_id, resume=True)
         error = await raw.error(pb.StreamRequest(open=resume))
         assert error.code == NOT_FOUND and "expired" in error.message
