@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy.typing as npt
-
 from server._metrics import Metrics
 from server._settings import Settings
 from server.core._errors import (
@@ -31,13 +29,14 @@ from server.core._scheduler import ModelScheduler
 from server.core._sessions import (
     ControlWork,
     ForecastParams,
+    FrameReply,
     FrameResult,
     FrameWork,
     Session,
     SessionManager,
 )
 from server.core._store import StateStore, StepRecord
-from server.core._validation import NamedArray, validate_frame
+from server.core._validation import FrameValidator, NamedArray, validate_frame
 
 __all__ = ["Engine", "OpenedSession", "SessionSnapshot", "discover_models"]
 
@@ -65,12 +64,12 @@ class SessionSnapshot:
     expires_in: float
 
 
-def output_bytes(spec: ModelSpec, arrays: Sequence[npt.NDArray[Any]]) -> int | None:
-    """Bytes of one frame's outputs, when the model's output shapes fix them; else None."""
+def output_bytes(spec: ModelSpec, shapes: Sequence[tuple[int, ...]]) -> int | None:
+    """Bytes of one frame's outputs, given its input shapes, when they fix them; else None."""
     steps = next(
         (
-            a.shape[t.frame_time_axis]
-            for t, a in zip(spec.inputs, arrays, strict=True)
+            shape[t.frame_time_axis]
+            for t, shape in zip(spec.inputs, shapes, strict=True)
             if t.frame_time_axis is not None
         ),
         None,
@@ -118,7 +117,7 @@ class Engine:
         self.store: StateStore | None = None  # set before start() to persist session state
         self._tasks: set[asyncio.Task[None]] = set()
         self._frame_counters: dict[tuple[str, str], Any] = {}
-        self._output_sizes: dict[tuple[Any, ...], int | None] = {}
+        self._validators: dict[str, FrameValidator] = {}
         self._expiry: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -142,6 +141,11 @@ class Engine:
             scheduler.store = self.store
             scheduler.start()
             self.schedulers[name] = scheduler
+            self._validators[name] = FrameValidator(
+                model.spec,
+                self.settings.max_steps_per_frame,
+                functools.partial(self._check_output_size, model.spec),
+            )
             self.metrics.active_sessions.labels(name).set_function(
                 functools.partial(self.sessions.count, name)
             )
@@ -238,23 +242,33 @@ class Engine:
     ) -> asyncio.Future[FrameResult]:
         """Queue a frame on a session the caller looked up (sessions.get); the future resolves
         with its outputs once the frame is applied."""
-        # Counted here, not in a transport, so Stream, Infer and OIP frames all show up.
+        future: asyncio.Future[FrameResult] = asyncio.get_running_loop().create_future()
+        self.queue_frame(session, index, tensors, future)
+        return future
+
+    def queue_frame(
+        self, session: Session, index: int, tensors: Sequence[NamedArray], reply: FrameReply
+    ) -> None:
+        """Queue a frame whose answer goes to `reply` (see FrameReply); raises if it is refused."""
+        # Every frame is counted once: here if refused, else by the scheduler that answers it.
         try:
-            future = self._queue_frame(session, index, tensors)
+            if not self.accepting_frames:
+                raise Unavailable(
+                    "server is shutting down; resume the session on another replica",
+                    session_id=session.id,
+                    frame_index=index,
+                )
+            if index < 0:
+                raise InvalidArgument(f"frame index {index} is negative", session_id=session.id)
+            try:
+                arrays, key = self._validators[session.model].validate(tensors)
+            except InvalidArgument as exc:
+                exc.session_id, exc.frame_index = session.id, index
+                raise
         except RnnstreamError as exc:
             self.count_frame(session.model, exc.code.name)
             raise
-        future.add_done_callback(functools.partial(self._count_frame, session.model))
-        return future
-
-    def _count_frame(self, model: str, future: asyncio.Future[FrameResult]) -> None:
-        if future.cancelled():
-            status = "CANCELLED"
-        elif (error := future.exception()) is not None:
-            status = error.code.name if isinstance(error, RnnstreamError) else "INTERNAL"
-        else:
-            status = "OK"
-        self.count_frame(model, status)
+        self.schedulers[session.model].submit(session, FrameWork(index, arrays, key, reply))
 
     def count_frame(self, model: str, status: str) -> None:
         """One frame answered with `status` (a gRPC code name or OK), for the metrics."""
@@ -266,40 +280,9 @@ class Engine:
             )
         counter.inc()
 
-    def _queue_frame(
-        self, session: Session, index: int, tensors: Sequence[NamedArray]
-    ) -> asyncio.Future[FrameResult]:
-        if not self.accepting_frames:
-            raise Unavailable(
-                "server is shutting down; resume the session on another replica",
-                session_id=session.id,
-                frame_index=index,
-            )
-        if index < 0:
-            raise InvalidArgument(f"frame index {index} is negative", session_id=session.id)
-        scheduler = self.schedulers[session.model]
-        try:
-            arrays = validate_frame(scheduler.spec, tensors, self.settings.max_steps_per_frame)
-            key = tuple(a.shape for a in arrays)
-            self._check_output_size(scheduler.spec, arrays, key)
-        except InvalidArgument as exc:
-            exc.session_id, exc.frame_index = session.id, index
-            raise
-        future: asyncio.Future[FrameResult] = asyncio.get_running_loop().create_future()
-        scheduler.submit(session, FrameWork(index, arrays, key, future))
-        return future
-
-    def _check_output_size(
-        self, spec: ModelSpec, arrays: Sequence[npt.NDArray[Any]], shapes: tuple[Any, ...]
-    ) -> None:
+    def _check_output_size(self, spec: ModelSpec, shapes: tuple[tuple[int, ...], ...]) -> None:
         # Refused before it runs: once applied, an output too big to send would be lost.
-        # The size depends only on the input shapes, so it is worked out once per shape.
-        key = (spec.name, shapes)
-        size = self._output_sizes.get(key, -1)
-        if size == -1:
-            if len(self._output_sizes) > 4096:  # many distinct shapes: start over, stay small
-                self._output_sizes.clear()
-            size = self._output_sizes[key] = output_bytes(spec, arrays)
+        size = output_bytes(spec, shapes)
         limit = self.settings.max_message_bytes
         if size is not None and size + _MESSAGE_OVERHEAD > limit:
             raise InvalidArgument(

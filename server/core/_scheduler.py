@@ -75,8 +75,11 @@ class ModelScheduler:
         self.stats = BatchStats()
         self._executor = executor
         self.queued_frames = 0
+        self.submitted = 0
         self.store: StateStore | None = None  # set by the engine when state is persisted
         self._observe: tuple[Any, Any, Any] | None = None
+        self._metrics = metrics
+        self._frame_counters: dict[str, Any] = {}
         if metrics is not None:
             name = self.spec.name
             self._observe = (
@@ -115,6 +118,7 @@ class ModelScheduler:
         self._slot_owner[session.slot] = session
 
     def submit(self, session: Session, work: FrameWork | ControlWork) -> None:
+        self.submitted += 1
         if isinstance(work, FrameWork):
             self.queued_frames += 1
             session.frames_queued += 1
@@ -140,12 +144,12 @@ class ModelScheduler:
         self.pool.release(session.slot)
         while session.pending:
             work = session.pending.popleft()
+            error = NotFound(f"session {session.id!r} has ended", session_id=session.id)
             if isinstance(work, FrameWork):
                 self._dequeued(session)
-            if not work.future.done():
-                work.future.set_exception(
-                    NotFound(f"session {session.id!r} has ended", session_id=session.id)
-                )
+                self._reject(work, error)
+            elif not work.future.done():
+                work.future.set_exception(error)
 
     def _dequeued(self, session: Session) -> None:
         self.queued_frames -= 1
@@ -153,6 +157,24 @@ class ModelScheduler:
         waiter = session.space_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    # -- answers (every frame is counted once, by status, where it is answered) -------------
+    def count(self, status: str, frames: int = 1) -> None:
+        if self._metrics is None:
+            return
+        counter = self._frame_counters.get(status)
+        if counter is None:
+            counter = self._frame_counters[status] = self._metrics.frames.labels(
+                self.spec.name, status
+            )
+        counter.inc(frames)
+
+    def _reject(self, work: FrameWork, error: RnnstreamError) -> None:
+        if work.reply.done():  # cancelled by its caller (a deadline passed)
+            self.count("CANCELLED")
+            return
+        work.reply.set_exception(error)
+        self.count(error.code.name)
 
     def _relocate(self, old: int, new: int) -> None:
         session = self._slot_owner.pop(old)
@@ -167,9 +189,20 @@ class ModelScheduler:
                 self.pool.compact(self._relocate)
                 await self._wake.wait()
                 continue
+            await self._gather_arrivals()
             sessions, frames = self._take_batch()
             if frames:
                 await self._run_batch(sessions, frames)
+
+    async def _gather_arrivals(self) -> None:
+        arrived = self.submitted
+        for _ in range(64):
+            if len(self._ready) >= self.max_batch_size:
+                return
+            await asyncio.sleep(0)
+            if self.submitted == arrived:
+                return
+            arrived = self.submitted
 
     def _head_frame(self, session: Session) -> FrameWork | None:
         """Apply controls and answer stale or early frames at the head; return a runnable frame."""
@@ -181,34 +214,38 @@ class ModelScheduler:
                 if session.closed or session.in_flight:  # in flight: a forecast took it
                     return None
                 continue
-            if work.index == session.next_index and not work.future.done():
+            if work.index == session.next_index and not work.reply.done():
                 return work
             session.pending.popleft()
             self._dequeued(session)
-            if work.future.done():
-                continue  # cancelled before it ran (a deadline passed): its index stays free
+            if work.reply.done():  # cancelled before it ran (deadline passed): its index stays free
+                self.count("CANCELLED")
+                continue
             if work.index < session.next_index:
                 replayed = session.replay(work.index)
                 if replayed is not None:
-                    work.future.set_result(replayed)
+                    work.reply.set_result(replayed)
+                    self.count("OK")
                 else:
-                    work.future.set_exception(
+                    self._reject(
+                        work,
                         FailedPrecondition(
                             f"frame {work.index} was already applied and its output is no longer "
                             f"kept (the ring holds the last {session.ring_size}); next expected "
                             f"frame is {session.next_index}",
                             session_id=session.id,
                             frame_index=work.index,
-                        )
+                        ),
                     )
             else:
-                work.future.set_exception(
+                self._reject(
+                    work,
                     FailedPrecondition(
                         f"frame {work.index} is out of order: session {session.id!r} expects "
                         f"frame {session.next_index}",
                         session_id=session.id,
                         frame_index=work.index,
-                    )
+                    ),
                 )
         return None
 
@@ -292,14 +329,21 @@ class ModelScheduler:
         ):
             return
         done_at = time.perf_counter()
+        now = time.monotonic()
+        cancelled = 0
         for session, frame, result in zip(sessions, frames, results, strict=True):
             session.next_index += 1
             session.remember(result)
             session.in_flight = False
-            session.last_active = time.monotonic()
-            if not frame.future.done():
-                frame.future.set_result(result)
+            session.last_active = now
+            if frame.reply.done():
+                cancelled += 1  # its caller stopped waiting; the frame is applied all the same
+            else:
+                frame.reply.set_result(result)
             self._mark_ready(session)
+        self.count("OK", len(frames) - cancelled)
+        if cancelled:
+            self.count("CANCELLED", cancelled)
         self.stats.batches += 1
         self.stats.frames += len(frames)
         self.stats.run_seconds += elapsed
@@ -354,10 +398,9 @@ class ModelScheduler:
         """A failed run leaves every state as it was: the frames may be sent again."""
         for session, frame in zip(sessions, frames, strict=True):
             session.in_flight = False
-            if not frame.future.done():
-                frame.future.set_exception(
-                    type(error)(error.message, session_id=session.id, frame_index=frame.index)
-                )
+            self._reject(
+                frame, type(error)(error.message, session_id=session.id, frame_index=frame.index)
+            )
             self._mark_ready(session)
 
     # -- flush and forecast ----------------------------------------------------------------

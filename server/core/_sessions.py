@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +31,7 @@ __all__ = [
     "EMIT_MODES",
     "ControlWork",
     "ForecastParams",
+    "FrameReply",
     "FrameResult",
     "FrameWork",
     "Session",
@@ -52,6 +53,17 @@ class FrameResult:
     replayed: bool = False
 
 
+class FrameReply(Protocol):
+    """Whoever waits for a frame's answer: an asyncio.Future, or a stream's direct callback,
+    which answers within the scheduler's turn instead of one loop turn later."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: FrameResult, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 @dataclass(slots=True)
 class FrameWork:
     """One frame waiting to be applied: its inputs in the model's input order."""
@@ -59,7 +71,7 @@ class FrameWork:
     index: int
     inputs: Arrays
     key: tuple[tuple[int, ...], ...]  # frames batch together only when their shapes agree
-    future: asyncio.Future[FrameResult]
+    reply: FrameReply
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -11,7 +11,7 @@ import numpy.typing as npt
 from server.core._errors import InvalidArgument
 from server.core._models import ModelSpec, TensorSpec
 
-__all__ = ["describe_shape", "validate_frame"]
+__all__ = ["FrameValidator", "describe_shape", "validate_frame"]
 
 NamedArray = tuple[str, npt.NDArray[Any]]
 
@@ -51,16 +51,22 @@ def _check_one(spec: TensorSpec, array: npt.NDArray[Any], model: str, max_steps:
                 f"{label} carries {steps} time steps; the limit is {max_steps} per frame "
                 "(--max-steps-per-frame)"
             )
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        # A NaN or infinity would poison the recurrent state for every later frame.
-        raise InvalidArgument(f"{label} contains NaN or infinity")
     return steps
 
 
-def validate_frame(
+def _check_finite(spec: ModelSpec, arrays: Sequence[npt.NDArray[Any]]) -> None:
+    for tensor, array in zip(spec.inputs, arrays, strict=True):
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            # A NaN or infinity would poison the recurrent state for every later frame.
+            raise InvalidArgument(
+                f"model {spec.name!r} input {tensor.name!r} contains NaN or infinity"
+            )
+
+
+def _check_layout(
     spec: ModelSpec, tensors: Sequence[NamedArray], max_steps: int
 ) -> list[npt.NDArray[Any]]:
-    """Return the frame's arrays in the model's input order, or raise InvalidArgument."""
+    """The frame's arrays in the model's input order, after every check but the values'."""
     names = [t.name for t in spec.inputs]
     if not tensors:
         raise InvalidArgument(f"frame carries no tensors; model {spec.name!r} expects {names}")
@@ -82,3 +88,51 @@ def validate_frame(
     if len(steps) > 1:
         raise InvalidArgument(f"frame inputs disagree on the number of time steps: {sorted(steps)}")
     return [by_name[n] for n in names]
+
+
+def validate_frame(
+    spec: ModelSpec, tensors: Sequence[NamedArray], max_steps: int
+) -> list[npt.NDArray[Any]]:
+    """Return the frame's arrays in the model's input order, or raise InvalidArgument."""
+    arrays = _check_layout(spec, tensors, max_steps)
+    _check_finite(spec, arrays)
+    return arrays
+
+
+Signature = tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]
+
+
+class FrameValidator:
+    """validate_frame for the per-frame path: names, dtypes and shapes are checked once per
+    distinct signature and remembered, so a steady stream pays only for the value check."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        max_steps: int,
+        check_shapes: Callable[[tuple[tuple[int, ...], ...]], None] = lambda shapes: None,
+    ) -> None:
+        self._spec = spec
+        self._max_steps = max_steps
+        self._check_shapes = check_shapes  # further checks of a new signature (output size)
+        # signature -> (where each model input sits among the tensors, the batching key)
+        self._known: dict[Signature, tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]] = {}
+
+    def validate(
+        self, tensors: Sequence[NamedArray]
+    ) -> tuple[list[npt.NDArray[Any]], tuple[tuple[int, ...], ...]]:
+        """The frame's arrays in input order and its batching key (their shapes)."""
+        signature = tuple((name, array.dtype, array.shape) for name, array in tensors)
+        known = self._known.get(signature)
+        if known is None:
+            arrays = _check_layout(self._spec, tensors, self._max_steps)
+            key = tuple(a.shape for a in arrays)
+            self._check_shapes(key)
+            positions = tuple(next(i for i, t in enumerate(tensors) if t[1] is a) for a in arrays)
+            if len(self._known) >= 1024:  # many distinct shapes: start over, stay small
+                self._known.clear()
+            known = self._known[signature] = (positions, key)
+        positions, key = known
+        arrays = [tensors[i][1] for i in positions]
+        _check_finite(self._spec, arrays)
+        return arrays, key

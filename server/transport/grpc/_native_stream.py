@@ -213,32 +213,25 @@ class StreamCall:
 
     def _frame(self, frame: pb.Frame) -> str:
         session = self.engine.sessions.get(frame.session_id, self.owner)
-        model = session.model
         self._bytes_in.inc(sum(len(t.data) for t in frame.inputs))
         try:
             arrays = named_arrays(frame.inputs)
         except Exception as exc:
             # Undecodable tensors never reach the engine, which counts every other frame.
-            self.engine.count_frame(model, as_rnnstream_error(exc).code.name)
+            self.engine.count_frame(session.model, as_rnnstream_error(exc).code.name)
             raise
-        future = self.engine.submit_frame(session, frame.frame_index, arrays)
-
-        silent = session.emit == "last"  # answered by flush or end, not frame by frame
-
-        def respond(result: FrameResult) -> pb.StreamResponse | None:
-            if silent:
-                return None
-            outputs = encode_outputs(self.engine, model, result)
-            self._bytes_out.inc(sum(len(t.data) for t in outputs))
-            return pb.StreamResponse(
-                output=pb.FrameOutput(
-                    session_id=frame.session_id, frame_index=result.index, outputs=outputs
-                )
-            )
-
-        self._track(future, respond, frame.session_id, frame.frame_index)
+        reply = _FrameReply(self, session, frame.frame_index)
+        self.engine.queue_frame(session, frame.frame_index, arrays, reply)
+        self.outstanding += 1
         limit = self.engine.settings.max_pending_frames
         return frame.session_id if session.frames_queued >= limit else ""
+
+    def answer(self, response: pb.StreamResponse | None) -> None:
+        """A frame's answer, called by the scheduler as soon as the frame is done."""
+        self.outstanding -= 1
+        if response is not None:
+            self.outbox.put_nowait(response)
+        self.finish_if_done()
 
     async def _open(self, request: pb.OpenSession) -> None:
         try:
@@ -272,3 +265,41 @@ class StreamCall:
                 )
             )
         )
+
+
+class _FrameReply:
+    """Answers one frame of a stream from within the scheduler's turn (a FrameReply)."""
+
+    __slots__ = ("_call", "_done", "_index", "_session")
+
+    def __init__(self, call: StreamCall, session: Session, index: int) -> None:
+        self._call = call
+        self._session = session
+        self._index = index
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: FrameResult) -> None:
+        self._done = True
+        session, call = self._session, self._call
+        if session.emit == "last":  # answered by flush or end, not frame by frame
+            call.answer(None)
+            return
+        try:
+            outputs = encode_outputs(call.engine, session.model, result)
+            call._bytes_out.inc(sum(len(t.data) for t in outputs))
+            response = pb.StreamResponse(
+                output=pb.FrameOutput(
+                    session_id=session.id, frame_index=result.index, outputs=outputs
+                )
+            )
+        except Exception as exc:  # never let one answer break the scheduler's turn
+            response = stream_error(as_rnnstream_error(exc), session.id, self._index)
+        call.answer(response)
+
+    def set_exception(self, exception: BaseException) -> None:
+        self._done = True
+        classified = as_rnnstream_error(exception)  # logs an internal error once
+        self._call.answer(stream_error(classified, self._session.id, self._index))
