@@ -41,6 +41,16 @@ class Settings:
     max_batch_size: int = _setting(
         256, "Most sessions stepped in one ONNX Runtime call; 1 disables batching."
     )
+    inline_run_us: float = _setting(
+        100.0,
+        "Batches whose last ONNX Runtime run took less than this many microseconds run on the "
+        "event loop instead of the executor thread; 0 sends every batch to the thread.",
+    )
+    busy_poll_us: float = _setting(
+        300.0,
+        "After a batch, keep the event loop polling (not sleeping) this many microseconds for the "
+        "next frame: lower latency at low load for CPU while frames flow; 0 turns it off.",
+    )
     workers: int = _setting(
         1, "Server processes sharing the port (SO_REUSEPORT), each with its own sessions."
     )

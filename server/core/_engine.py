@@ -137,6 +137,8 @@ class Engine:
                 max_batch_size=self.settings.max_batch_size,
                 executor=self._executor,
                 metrics=self.metrics,
+                inline_run_seconds=self.settings.inline_run_us * 1e-6,
+                busy_poll_seconds=self.settings.busy_poll_us * 1e-6,
             )
             scheduler.store = self.store
             scheduler.start()

@@ -31,6 +31,8 @@ __all__ = ["BatchStats", "ModelScheduler"]
 
 log = logging.getLogger("rnnstream.scheduler")
 
+_ARRIVAL_TURNS = 16
+
 
 @dataclass
 class BatchStats:
@@ -67,6 +69,8 @@ class ModelScheduler:
         max_batch_size: int,
         executor: Executor | None = None,
         metrics: Metrics | None = None,
+        inline_run_seconds: float = 0.0,
+        busy_poll_seconds: float = 0.0,
     ) -> None:
         self.model = model
         self.spec = model.spec
@@ -74,6 +78,11 @@ class ModelScheduler:
         self.pool = StatePool(self.spec.states)
         self.stats = BatchStats()
         self._executor = executor
+        # Batches expected to run faster than this run on the event loop: handing them to the
+        # executor thread and back costs more than the run itself. 0 sends every batch there.
+        self._inline_run_seconds = inline_run_seconds
+        self._run_estimates: dict[int, float] = {}  # batch size -> latest ORT seconds
+        self._busy_poll_seconds = busy_poll_seconds
         self.queued_frames = 0
         self.submitted = 0
         self.store: StateStore | None = None  # set by the engine when state is persisted
@@ -185,6 +194,8 @@ class ModelScheduler:
     async def _loop(self) -> None:
         while True:
             if not self._ready:
+                if await self._poll_for_work():
+                    continue
                 self._wake.clear()
                 self.pool.compact(self._relocate)
                 await self._wake.wait()
@@ -194,9 +205,24 @@ class ModelScheduler:
             if frames:
                 await self._run_batch(sessions, frames)
 
+    async def _poll_for_work(self) -> bool:
+        """Keep the event loop turning (never blocking in the kernel) for a short while after a
+        batch, in case the next frame comes soon; True if one came.
+
+        A thread that sleeps between frames wakes on a cold core and runs every step of the next
+        frame several times slower, which at low load costs more latency than the work itself."""
+        if self._busy_poll_seconds <= 0:
+            return False
+        until = time.perf_counter() + self._busy_poll_seconds
+        while not self._ready and time.perf_counter() < until:
+            await asyncio.sleep(0)
+        return bool(self._ready)
+
     async def _gather_arrivals(self) -> None:
+        """Let the loop read what has already arrived before a batch is taken: while frames keep
+        coming in each loop turn, wait another turn (a few at most; never a timer)."""
         arrived = self.submitted
-        for _ in range(64):
+        for _ in range(_ARRIVAL_TURNS):
             if len(self._ready) >= self.max_batch_size:
                 return
             await asyncio.sleep(0)
@@ -298,36 +324,94 @@ class ModelScheduler:
             feeds[state.input_name] = array
         return feeds
 
+    def _timed_run(
+        self, feeds: dict[str, Any]
+    ) -> tuple[list[npt.NDArray[Any]], list[npt.NDArray[Any]], float]:
+        started = time.perf_counter()
+        outputs, states = self.model.run(feeds)
+        return outputs, states, time.perf_counter() - started
+
+    def _runs_inline(self, size: int) -> bool:
+        """Whether a batch of `size` is expected to run faster than a hand-off to the executor
+        thread costs (the estimate is the latest ORT time measured at that size)."""
+        expected = self._run_estimates.get(size)
+        return expected is not None and expected < self._inline_run_seconds
+
     async def _run_batch(self, sessions: list[Session], frames: list[FrameWork]) -> None:
         slots = as_index_array([s.slot for s in sessions])
         started = time.perf_counter()
         try:
             feeds = self._feeds(frames, slots)
-            loop = asyncio.get_running_loop()
-            outputs, states = await loop.run_in_executor(self._executor, self.model.run, feeds)
+            if self._runs_inline(len(frames)):
+                outputs, states, seconds = self._timed_run(feeds)
+            else:
+                loop = asyncio.get_running_loop()
+                outputs, states, seconds = await loop.run_in_executor(
+                    self._executor, self._timed_run, feeds
+                )
         except asyncio.CancelledError:
             self._fail(sessions, frames, Internal("server stopped while the frame was running"))
             raise
         except Exception as exc:
-            self.stats.failed_batches += 1
-            self.stats.failed_frames += len(frames)
-            log.exception("model %s failed on a batch of %d", self.spec.name, len(frames))
-            self._fail(sessions, frames, Internal(f"model {self.spec.name!r} failed: {exc}"))
+            self._batch_failed(sessions, frames, exc)
             return
-        elapsed = time.perf_counter() - started
+        if self.store is None:
+            self._scatter_and_answer(sessions, frames, slots, outputs, states, started, seconds)
+            return
+        results = self._scatter(slots, frames, outputs, states, seconds)
+        if await self._persist_batch(sessions, frames, results, slots, feeds, states):
+            self._answer(sessions, frames, results, started, seconds)
+
+    def _batch_failed(
+        self, sessions: list[Session], frames: list[FrameWork], exc: Exception
+    ) -> None:
+        self.stats.failed_batches += 1
+        self.stats.failed_frames += len(frames)
+        log.exception("model %s failed on a batch of %d", self.spec.name, len(frames))
+        self._fail(sessions, frames, Internal(f"model {self.spec.name!r} failed: {exc}"))
+
+    def _scatter(
+        self,
+        slots: npt.NDArray[np.intp],
+        frames: list[FrameWork],
+        outputs: list[npt.NDArray[Any]],
+        states: list[npt.NDArray[Any]],
+        seconds: float,
+    ) -> list[FrameResult]:
+        """Store the new states; each frame's outputs, copied out of the batch."""
+        self._run_estimates[len(frames)] = seconds
         self.pool.scatter(slots, states)
         per_output = [
             np.moveaxis(out, spec.batch_axis, 0)
             for out, spec in zip(outputs, self.spec.outputs, strict=True)
         ]
-        results = [
+        return [
             FrameResult(frame.index, [np.array(out[i]) for out in per_output])
             for i, frame in enumerate(frames)
         ]
-        if self.store is not None and not await self._persist_batch(
-            sessions, frames, results, slots, feeds, states
-        ):
-            return
+
+    def _scatter_and_answer(
+        self,
+        sessions: list[Session],
+        frames: list[FrameWork],
+        slots: npt.NDArray[np.intp],
+        outputs: list[npt.NDArray[Any]],
+        states: list[npt.NDArray[Any]],
+        started: float,
+        seconds: float,
+    ) -> None:
+        results = self._scatter(slots, frames, outputs, states, seconds)
+        self._answer(sessions, frames, results, started, seconds)
+
+    def _answer(
+        self,
+        sessions: list[Session],
+        frames: list[FrameWork],
+        results: list[FrameResult],
+        started: float,
+        elapsed: float,
+    ) -> None:
+        """The batch is applied (and stored, with a store): advance and answer its sessions."""
         done_at = time.perf_counter()
         now = time.monotonic()
         cancelled = 0
