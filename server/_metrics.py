@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-__all__ = ["Metrics"]
+__all__ = ["LoopCounter", "Metrics"]
 
 _LATENCY_BUCKETS = (
     0.0001,
@@ -25,6 +28,30 @@ _LATENCY_BUCKETS = (
     2.5,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class LoopCounter:
+    """A counter bumped once or twice per frame, always from the event loop's thread: a plain
+    integer (no lock, unlike prometheus_client's Counter), read when /metrics is scraped."""
+
+    __slots__ = ("documentation", "name", "value")
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class _LoopCounters(Collector):
+    def __init__(self, counters: list[LoopCounter]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        for counter in self._counters:
+            yield CounterMetricFamily(counter.name, counter.documentation, value=counter.value)
 
 
 class Metrics:
@@ -75,10 +102,9 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
-        self.bytes_received = Counter(
-            "rnnstream_bytes_received", "Tensor bytes received", registry=r
-        )
-        self.bytes_sent = Counter("rnnstream_bytes_sent", "Tensor bytes sent", registry=r)
+        self.bytes_received = LoopCounter("rnnstream_bytes_received", "Tensor bytes received")
+        self.bytes_sent = LoopCounter("rnnstream_bytes_sent", "Tensor bytes sent")
+        r.register(_LoopCounters([self.bytes_received, self.bytes_sent]))
         self._http: Any = None
 
     def serve(self, host: str, port: int) -> int:

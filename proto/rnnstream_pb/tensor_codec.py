@@ -33,10 +33,18 @@ class TensorDecodeError(ValueError):
     """A Tensor message whose dtype, shape and bytes do not describe a valid array."""
 
 
+# (dtype code, shape) -> (numpy dtype, byte count) of layouts already seen valid: a stream
+# repeats one layout, so the per-frame path is one lookup.
+_KNOWN_LAYOUTS: dict[tuple[int, tuple[int, ...]], tuple[np.dtype[np.generic], int]] = {}
+
+
 def decode(tensor: pb.Tensor) -> npt.NDArray[np.generic]:
     """Return a read-only array viewing the message's bytes (no copy)."""
-    dtype = DTYPE_TO_NUMPY.get(tensor.dtype)
     shape = tuple(tensor.shape)
+    known = _KNOWN_LAYOUTS.get((tensor.dtype, shape))
+    if known is not None and len(tensor.data) == known[1] and not _BIG_ENDIAN_HOST:
+        return np.frombuffer(tensor.data, dtype=known[0]).reshape(shape)
+    dtype = DTYPE_TO_NUMPY.get(tensor.dtype)
     # The per-frame path: checks are cheap comparisons; messages are built only on failure.
     if dtype is None:
         raise TensorDecodeError(f"{_label(tensor)} has unsupported dtype {tensor.dtype}")
@@ -56,6 +64,9 @@ def decode(tensor: pb.Tensor) -> npt.NDArray[np.generic]:
         ) from None
     if _BIG_ENDIAN_HOST and dtype.byteorder == "<":  # pragma: no cover - big-endian hosts
         array = array.astype(dtype.newbyteorder("="))
+    if len(_KNOWN_LAYOUTS) >= 1024:  # many distinct shapes: start over, stay small
+        _KNOWN_LAYOUTS.clear()
+    _KNOWN_LAYOUTS[(tensor.dtype, shape)] = (dtype, expected)
     return array
 
 
@@ -65,6 +76,10 @@ def _label(tensor: pb.Tensor) -> str:
 
 def encode(array: npt.NDArray[np.generic], name: str = "") -> pb.Tensor:
     """Serialise an array as a Tensor message (little-endian, C order)."""
+    if not _BIG_ENDIAN_HOST:
+        fast = NUMPY_TO_DTYPE.get(array.dtype)  # only native-order dtypes match here
+        if fast is not None:  # the per-frame path: tobytes() writes C order from any layout
+            return pb.Tensor(name=name, dtype=fast, shape=array.shape, data=array.tobytes())  # type: ignore[arg-type]
     native = array.dtype.newbyteorder("=") if array.dtype.byteorder != "|" else array.dtype
     code = NUMPY_TO_DTYPE.get(native)
     if code is None:

@@ -17,6 +17,7 @@ import numpy.typing as npt
 from server.core._errors import (
     FailedPrecondition,
     Internal,
+    InvalidArgument,
     NotFound,
     RnnstreamError,
     Unavailable,
@@ -26,6 +27,7 @@ from server.core._runtime import OrtModel
 from server.core._sessions import ControlWork, FrameResult, FrameWork, Session, as_index_array
 from server.core._state_pool import StatePool
 from server.core._store import StateStore, StepRecord
+from server.core._validation import nonfinite_rows
 
 __all__ = ["BatchStats", "ModelScheduler"]
 
@@ -337,11 +339,44 @@ class ModelScheduler:
         expected = self._run_estimates.get(size)
         return expected is not None and expected < self._inline_run_seconds
 
+    def _refuse_nonfinite(
+        self, sessions: list[Session], frames: list[FrameWork], feeds: dict[str, Any]
+    ) -> tuple[list[Session], list[FrameWork]]:
+        """Answer frames holding a NaN or infinity (it would poison the state for good) before
+        the batch runs; the others go on. Checked per batch: one vector check, not one per frame."""
+        bad = nonfinite_rows(self.spec, feeds, len(frames))
+        if not bad:
+            return sessions, frames
+        kept_sessions, kept_frames = [], []
+        for row, (session, frame) in enumerate(zip(sessions, frames, strict=True)):
+            if row not in bad:
+                kept_sessions.append(session)
+                kept_frames.append(frame)
+                continue
+            session.in_flight = False
+            message = f"model {self.spec.name!r} input {bad[row]!r} contains NaN or infinity"
+            self._reject(
+                frame, InvalidArgument(message, session_id=session.id, frame_index=frame.index)
+            )
+            self._mark_ready(session)
+        return kept_sessions, kept_frames
+
     async def _run_batch(self, sessions: list[Session], frames: list[FrameWork]) -> None:
-        slots = as_index_array([s.slot for s in sessions])
+        try:
+            slots = as_index_array([s.slot for s in sessions])
+            feeds = self._feeds(frames, slots)
+            kept = self._refuse_nonfinite(sessions, frames, feeds)
+            if len(kept[1]) < len(frames):
+                sessions, frames = kept
+                if not frames:
+                    return
+                slots = as_index_array([s.slot for s in sessions])
+                feeds = self._feeds(frames, slots)
+        except Exception as exc:
+            self._batch_failed(sessions, frames, exc)
+            return
         started = time.perf_counter()
         try:
-            feeds = self._feeds(frames, slots)
             if self._runs_inline(len(frames)):
                 outputs, states, seconds = self._timed_run(feeds)
             else:
