@@ -9,7 +9,14 @@ import numpy.typing as npt
 
 from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
-__all__ = ["DTYPE_TO_NUMPY", "NUMPY_TO_DTYPE", "TensorDecodeError", "decode", "encode"]
+__all__ = [
+    "DTYPE_TO_NUMPY",
+    "NUMPY_TO_DTYPE",
+    "TensorDecodeError",
+    "decode",
+    "encode",
+    "encode_into",
+]
 
 DTYPE_TO_NUMPY: dict[int, np.dtype[np.generic]] = {
     pb.FLOAT32: np.dtype("<f4"),
@@ -87,3 +94,16 @@ def encode(array: npt.NDArray[np.generic], name: str = "") -> pb.Tensor:
     wire = DTYPE_TO_NUMPY[code]
     data = np.ascontiguousarray(array, dtype=wire).tobytes()
     return pb.Tensor(name=name, dtype=code, shape=array.shape, data=data)  # type: ignore[arg-type]
+
+
+def encode_into(message: pb.Tensor, array: npt.NDArray[np.generic], name: str = "") -> None:
+    """Fill an empty Tensor message in place, e.g. one from `repeated.add()`: cheaper than
+    building a Tensor and copying it into its parent."""
+    code = None if _BIG_ENDIAN_HOST else NUMPY_TO_DTYPE.get(array.dtype)
+    if code is None:
+        message.CopyFrom(encode(array, name))
+        return
+    message.name = name
+    message.dtype = code  # type: ignore[assignment]
+    message.shape.extend(array.shape)
+    message.data = array.tobytes()

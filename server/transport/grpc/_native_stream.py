@@ -7,14 +7,13 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from rnnstream_pb.tensor_codec import decode
+from rnnstream_pb.tensor_codec import decode, encode_into
 from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
 from server.core import Engine, FrameResult, InvalidArgument, ResourceExhausted, Session
 from server.core._validation import NamedArray
 from server.transport.grpc._native_messages import (
     emit_name,
-    encode_outputs,
     ended,
     flushed,
     forecasted,
@@ -56,6 +55,8 @@ class StreamCall:
         self.reading = True
         self.opened: set[str] = set()
         self._written = asyncio.Event()  # set by the writer after each response it sends
+        self._pending_limit = engine.settings.max_pending_frames
+        self._output_names: dict[str, list[str]] = {}
         metrics = engine.metrics
         self._bytes_in = metrics.bytes_received
         self._bytes_out = metrics.bytes_sent
@@ -117,8 +118,7 @@ class StreamCall:
     async def _wait_for_writer(self) -> None:
         # Answers the client does not read pile up here; stop reading until they are sent, so
         # flow control pushes back on a client that writes without reading.
-        limit = self.engine.settings.max_pending_frames
-        while self.outbox.qsize() >= limit:
+        while self.outbox.qsize() >= self._pending_limit:
             self._written.clear()
             await self._written.wait()
 
@@ -141,7 +141,8 @@ class StreamCall:
                 if waiting_on:
                     # Stop reading while this session's queue is full: flow control pushes back.
                     await self.engine.wait_for_space(waiting_on, self.owner)
-                await self._wait_for_writer()
+                if self.outbox.qsize() >= self._pending_limit:
+                    await self._wait_for_writer()
         finally:
             self.reading = False
             self.finish_if_done()
@@ -213,9 +214,11 @@ class StreamCall:
 
     def _frame(self, frame: pb.Frame) -> str:
         session = self.engine.sessions.get(frame.session_id, self.owner)
-        self._bytes_in.inc(sum(len(t.data) for t in frame.inputs))
+        arrays = []
         try:
-            arrays = named_arrays(frame.inputs)
+            for tensor in frame.inputs:
+                self._bytes_in.value += len(tensor.data)
+                arrays.append((tensor.name, decode(tensor)))
         except Exception as exc:
             # Undecodable tensors never reach the engine, which counts every other frame.
             self.engine.count_frame(session.model, as_rnnstream_error(exc).code.name)
@@ -223,8 +226,14 @@ class StreamCall:
         reply = _FrameReply(self, session, frame.frame_index)
         self.engine.queue_frame(session, frame.frame_index, arrays, reply)
         self.outstanding += 1
-        limit = self.engine.settings.max_pending_frames
-        return frame.session_id if session.frames_queued >= limit else ""
+        return frame.session_id if session.frames_queued >= self._pending_limit else ""
+
+    def output_names(self, model: str) -> list[str]:
+        names = self._output_names.get(model)
+        if names is None:
+            names = [t.name for t in self.engine.model_spec(model).outputs]
+            self._output_names[model] = names
+        return names
 
     def answer(self, response: pb.StreamResponse | None) -> None:
         """A frame's answer, called by the scheduler as soon as the frame is done."""
@@ -288,13 +297,13 @@ class _FrameReply:
             call.answer(None)
             return
         try:
-            outputs = encode_outputs(call.engine, session.model, result)
-            call._bytes_out.inc(sum(len(t.data) for t in outputs))
-            response = pb.StreamResponse(
-                output=pb.FrameOutput(
-                    session_id=session.id, frame_index=result.index, outputs=outputs
-                )
-            )
+            response = pb.StreamResponse()
+            output = response.output
+            output.session_id = session.id
+            output.frame_index = result.index
+            for array, name in zip(result.outputs, call.output_names(session.model), strict=True):
+                encode_into(output.outputs.add(), array, name)
+                call._bytes_out.value += array.nbytes
         except Exception as exc:  # never let one answer break the scheduler's turn
             response = stream_error(as_rnnstream_error(exc), session.id, self._index)
         call.answer(response)
