@@ -92,7 +92,7 @@ class NativeServicer:
     # -- streaming -------------------------------------------------------------------------
     async def Stream(
         self, requests: AsyncIterator[pb.StreamRequest | BadRequest], context: Context
-    ) -> None:
+    ) -> AsyncIterator[pb.StreamResponse]:
         try:
             owner = await self._auth.principal(context)
         except Exception as exc:
@@ -100,20 +100,23 @@ class NativeServicer:
         call = StreamCall(self._engine, owner)
         self.calls.add(call)
         reader = asyncio.get_running_loop().create_task(call.read(requests))
+        outbox = call.outbox
         try:
-            while (response := await call.outbox.get()) is not None:
+            while True:
+                # get_nowait when something waits: no coroutine per response while busy.
+                response = await outbox.get() if outbox.empty() else outbox.get_nowait()
+                if response is None:
+                    return
                 if response is SHUTDOWN:
                     await abort(
                         context,
                         Unavailable("server is shutting down; resume your sessions elsewhere"),
                     )
                 assert isinstance(response, pb.StreamResponse)
-                try:
-                    await context.write(response)
-                except Exception:
-                    return  # the client is gone: its sessions wait for a resume
+                # Yielded, not context.write(): gRPC sends it from its own loop, as the echo
+                # server does; a client that is gone ends this generator.
+                yield response
                 call.wrote()
-
         finally:
             self.calls.discard(call)
             call.detach()
