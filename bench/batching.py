@@ -140,7 +140,7 @@ def loadtest(server: Server, model: str, sessions: int, args: argparse.Namespace
         command = [sys.executable, "-m", "client", "loadtest", "--target", server.target]
         command += ["--model", model, "--sessions", str(sessions), "--no-progress"]
         command += ["--duration", str(args.duration), "--warmup", str(args.warmup)]
-        command += ["--processes", str(processes), "--connections", str(min(sessions, 4))]
+        command += ["--processes", str(processes), "--connections", str(min(sessions, 8))]
         command += ["--inflight", "1", "--json", str(report), "--drain", "5"]
         subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, check=False, timeout=120)
         return dict(json.loads(report.read_text()))

@@ -42,7 +42,7 @@ class Settings:
         256, "Most sessions stepped in one ONNX Runtime call; 1 disables batching."
     )
     inline_run_us: float = _setting(
-        100.0,
+        250.0,
         "Batches whose last ONNX Runtime run took less than this many microseconds run on the "
         "event loop instead of the executor thread; 0 sends every batch to the thread.",
     )
