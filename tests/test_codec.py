@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from rnnstream_pb.tensor_codec import DTYPE_TO_NUMPY, TensorDecodeError, decode, encode
+from rnnstream_pb.tensor_codec import (
+    DTYPE_TO_NUMPY,
+    TensorDecodeError,
+    decode,
+    encode,
+    encode_into,
+)
 from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
 WIRE = {
@@ -106,3 +112,21 @@ def test_bad_dtype_and_shape() -> None:
         decode(pb.Tensor(dtype=pb.FLOAT32, shape=[0, 2**62], data=b""))
     with pytest.raises(TypeError, match="cannot travel"):
         encode(np.zeros(2, np.complex64))
+
+
+@pytest.mark.parametrize("name", sorted(WIRE))
+def test_encode_into_writes_what_encode_writes(name: str) -> None:
+    native = _sample(np.dtype(name), (3, 4))
+    for array in (native, native.T, native.astype(native.dtype.newbyteorder(">"))):
+        parent = pb.FrameOutput()
+        encode_into(parent.outputs.add(), array, "y")
+        assert parent.outputs[0] == encode(array, "y")
+        assert np.array_equal(decode(parent.outputs[0]), array)
+
+
+def test_a_layout_seen_before_is_still_checked_for_its_byte_count() -> None:
+    good = encode(np.zeros((2, 8), np.float32), "x")
+    decode(good)  # remembered as a valid layout
+    short = pb.Tensor(name="x", dtype=good.dtype, shape=good.shape, data=good.data[:-4])
+    with pytest.raises(TensorDecodeError, match="has 60 bytes but dtype float32 and shape"):
+        decode(short)

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from server.core import ModelScheduler, ModelSpec, Session, load_model
+from server.core import InvalidArgument, ModelScheduler, ModelSpec, Session, load_model
 from server.core._sessions import ControlWork, FrameResult, FrameWork
 from tests.conftest import MODELS
 
@@ -60,13 +60,28 @@ class InlineExecutor(concurrent.futures.Executor):
         return future
 
 
+class CountingExecutor(InlineExecutor):
+    """An InlineExecutor that counts the batches handed to it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def submit(  # type: ignore[override]
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        self.calls += 1
+        return super().submit(fn, *args, **kwargs)
+
+
 class Harness:
-    def __init__(self, spec: ModelSpec, max_batch_size: int) -> None:
+    def __init__(self, spec: ModelSpec, max_batch_size: int, **options: float) -> None:
         self.model = RecordingModel(spec)
+        self.executor = CountingExecutor()
         self.scheduler = ModelScheduler(
             self.model,  # type: ignore[arg-type]
             max_batch_size=max_batch_size,
-            executor=InlineExecutor(),
+            executor=self.executor,
+            **options,
         )
         self.sessions: list[Session] = []
         self.clock = itertools.count(1)  # arrival times: strictly increasing, no ties
@@ -77,9 +92,13 @@ class Harness:
         self.sessions.append(session)
         return session
 
-    def frame(self, session: Session, index: int, steps: int = 1) -> asyncio.Future[FrameResult]:
+    def frame(
+        self, session: Session, index: int, steps: int = 1, nan: bool = False
+    ) -> asyncio.Future[FrameResult]:
         x = np.zeros((steps, 16), np.float32)
         x[0, 0], x[0, 1] = self.sessions.index(session), index
+        if nan:
+            x[-1, -1] = np.nan
         future: asyncio.Future[FrameResult] = asyncio.get_running_loop().create_future()
         work = FrameWork(index, [x], (x.shape,), future, enqueued_at=float(next(self.clock)))
         self.scheduler.submit(session, work)
@@ -212,3 +231,71 @@ async def test_pool_grows_and_compacts_under_churn(gru_spec: ModelSpec) -> None:
         assert len({s.slot for s in keep + newcomers}) == len(keep) + 40
     finally:
         await h.scheduler.stop()
+
+
+async def test_cheap_batches_run_on_the_loop_once_measured(gru_spec: ModelSpec) -> None:
+    h = Harness(gru_spec, max_batch_size=8, inline_run_seconds=10.0)
+    session = h.open()
+    h.scheduler.start()
+    try:
+        for index in range(3):
+            await _settle([h.frame(session, index)])
+    finally:
+        await h.scheduler.stop()
+    # The first batch of a size is measured in the executor; later ones of that size run inline.
+    assert h.executor.calls == 1
+    assert [f for batch in h.model.batches for f in batch] == [(0, i, 1) for i in range(3)]
+    assert h.state(session) == 3.0
+
+
+async def test_expensive_batches_stay_off_the_loop(gru_spec: ModelSpec) -> None:
+    h = Harness(gru_spec, max_batch_size=8, inline_run_seconds=0.0)
+    session = h.open()
+    h.scheduler.start()
+    try:
+        for index in range(3):
+            await _settle([h.frame(session, index)])
+    finally:
+        await h.scheduler.stop()
+    assert h.executor.calls == 3
+
+
+async def test_busy_polling_answers_frames_inside_and_after_the_window(
+    gru_spec: ModelSpec,
+) -> None:
+    h = Harness(gru_spec, max_batch_size=8, busy_poll_seconds=0.05)
+    session = h.open()
+    h.scheduler.start()
+    try:
+        await _settle([h.frame(session, 0)])
+        await asyncio.sleep(0.001)  # inside the polling window: no wake-up needed
+        await _settle([h.frame(session, 1)])
+        await asyncio.sleep(0.2)  # past it: the scheduler sleeps and is woken as usual
+        await _settle([h.frame(session, 2)])
+    finally:
+        await h.scheduler.stop()
+    assert [f for batch in h.model.batches for f in batch] == [(0, i, 1) for i in range(3)]
+    assert h.state(session) == 3.0
+
+
+async def test_a_nan_frame_is_refused_and_the_rest_of_its_batch_runs(gru_spec: ModelSpec) -> None:
+    h = Harness(gru_spec, max_batch_size=8)
+    a, b, c = h.open(), h.open(), h.open()
+    good_a, bad_b, good_c = h.frame(a, 0), h.frame(b, 0, nan=True), h.frame(c, 0)
+    h.scheduler.start()
+    try:
+        await asyncio.wait_for(asyncio.wait([good_a, bad_b, good_c]), 5)
+        # The refused index stays free: the session takes a clean frame 0 afterwards.
+        retry = h.frame(b, 0)
+        await _settle([retry])
+    finally:
+        await h.scheduler.stop()
+    assert good_a.result().index == 0 and good_c.result().index == 0
+    error = bad_b.exception()
+    assert isinstance(error, InvalidArgument)
+    assert "input 'x' contains NaN or infinity" in error.message
+    assert error.session_id == b.id and error.frame_index == 0
+    # The NaN frame never reached the model; b was stepped once, by the clean retry.
+    assert sorted(h.model.batches[0]) == [(0, 0, 1), (2, 0, 1)]
+    assert h.model.batches[1] == [(1, 0, 1)]
+    assert [h.state(s) for s in (a, b, c)] == [1.0, 1.0, 1.0]

@@ -33,7 +33,7 @@ __all__ = ["BatchStats", "ModelScheduler"]
 
 log = logging.getLogger("rnnstream.scheduler")
 
-_ARRIVAL_TURNS = 16
+_ARRIVAL_TURNS = 64
 
 
 @dataclass
