@@ -116,7 +116,6 @@ class Engine:
         self.accepting_frames = True
         self.store: StateStore | None = None  # set before start() to persist session state
         self._tasks: set[asyncio.Task[None]] = set()
-        self._frame_counters: dict[tuple[str, str], Any] = {}
         self._validators: dict[str, FrameValidator] = {}
         self._expiry: asyncio.Task[None] | None = None
 
@@ -274,13 +273,7 @@ class Engine:
 
     def count_frame(self, model: str, status: str) -> None:
         """One frame answered with `status` (a gRPC code name or OK), for the metrics."""
-        # Resolving labels costs more than the increment: once per (model, status), not per frame.
-        counter = self._frame_counters.get((model, status))
-        if counter is None:
-            counter = self._frame_counters[(model, status)] = self.metrics.frames.labels(
-                model, status
-            )
-        counter.inc()
+        self.schedulers[model].count(status)
 
     def _check_output_size(self, spec: ModelSpec, shapes: tuple[tuple[int, ...], ...]) -> None:
         # Refused before it runs: once applied, an output too big to send would be lost.

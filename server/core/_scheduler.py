@@ -171,6 +171,7 @@ class ModelScheduler:
 
     # -- answers (every frame is counted once, by status, where it is answered) -------------
     def count(self, status: str, frames: int = 1) -> None:
+        """Frames answered with `status` (a gRPC code name or OK): the rnnstream_frames metric."""
         if self._metrics is None:
             return
         counter = self._frame_counters.get(status)
@@ -390,11 +391,10 @@ class ModelScheduler:
         except Exception as exc:
             self._batch_failed(sessions, frames, exc)
             return
-        if self.store is None:
-            self._scatter_and_answer(sessions, frames, slots, outputs, states, started, seconds)
-            return
         results = self._scatter(slots, frames, outputs, states, seconds)
-        if await self._persist_batch(sessions, frames, results, slots, feeds, states):
+        if self.store is None or await self._persist_batch(
+            sessions, frames, results, slots, feeds, states
+        ):
             self._answer(sessions, frames, results, started, seconds)
 
     def _batch_failed(
@@ -424,19 +424,6 @@ class ModelScheduler:
             FrameResult(frame.index, [np.array(out[i]) for out in per_output])
             for i, frame in enumerate(frames)
         ]
-
-    def _scatter_and_answer(
-        self,
-        sessions: list[Session],
-        frames: list[FrameWork],
-        slots: npt.NDArray[np.intp],
-        outputs: list[npt.NDArray[Any]],
-        states: list[npt.NDArray[Any]],
-        started: float,
-        seconds: float,
-    ) -> None:
-        results = self._scatter(slots, frames, outputs, states, seconds)
-        self._answer(sessions, frames, results, started, seconds)
 
     def _answer(
         self,
