@@ -43,8 +43,9 @@ class Settings:
     )
     inline_run_us: float = _setting(
         250.0,
-        "Batches whose last ONNX Runtime run took less than this many microseconds run on the "
-        "event loop instead of the executor thread; 0 sends every batch to the thread.",
+        "Batches whose ONNX Runtime run takes less than this many microseconds (timed at startup "
+        "and while serving) run on the event loop instead of the executor thread; 0 sends every "
+        "batch to the thread.",
     )
     busy_poll_us: float = _setting(
         300.0,

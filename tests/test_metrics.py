@@ -133,8 +133,9 @@ async def test_metrics_endpoint_counts_everything(
 
 async def test_queue_depth_shows_waiting_frames(make_server: Callable[..., RunningServer]) -> None:
     port = _free_port()
-    running = make_server(metrics_port=port, models=(MODEL,), max_batch_size=4)
-    # Occupy the one ORT thread, so frames that arrive now wait in the scheduler's queue.
+    # Every batch goes to the executor (no inline runs), and its one ORT thread is occupied:
+    # frames that arrive now wait in the scheduler's queue.
+    running = make_server(metrics_port=port, models=(MODEL,), max_batch_size=4, inline_run_us=0)
     release = threading.Event()
     running.engine._executor.submit(release.wait)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,6 +15,7 @@ import numpy.typing as npt
 import pytest
 
 from server.core import InvalidArgument, ModelScheduler, ModelSpec, Session, load_model
+from server.core._run_timing import RunTimes, single_step_key
 from server.core._sessions import ControlWork, FrameResult, FrameWork
 from tests.conftest import MODELS
 
@@ -242,10 +244,69 @@ async def test_cheap_batches_run_on_the_loop_once_measured(gru_spec: ModelSpec) 
             await _settle([h.frame(session, index)])
     finally:
         await h.scheduler.stop()
-    # The first batch of a size is measured in the executor; later ones of that size run inline.
+    # Uncalibrated, the first batch of a size is timed in the executor; later ones run inline.
     assert h.executor.calls == 1
     assert [f for batch in h.model.batches for f in batch] == [(0, i, 1) for i in range(3)]
     assert h.state(session) == 3.0
+
+
+async def test_calibrated_sizes_run_on_the_loop_from_their_first_batch(
+    gru_spec: ModelSpec,
+) -> None:
+    h = Harness(gru_spec, max_batch_size=8, inline_run_seconds=10.0)
+    sessions = [h.open() for _ in range(3)]
+    timed = h.scheduler.calibrate()
+    # Sizes 1, 2, 4 and 8 (the max) are timed, three runs each, on single-step zero frames.
+    assert [size for size, _ in timed] == [1, 2, 4, 8]
+    assert [len(batch) for batch in h.model.batches] == [1] * 3 + [2] * 3 + [4] * 3 + [8] * 3
+    assert {frame for batch in h.model.batches for frame in batch} == {(0, 0, 1)}
+    assert [h.state(s) for s in sessions] == [0.0] * 3  # no session's state was touched
+    h.model.batches.clear()
+    h.scheduler.start()
+    try:
+        await _settle([h.frame(s, 0) for s in sessions])  # a batch of 3: under size 4's time
+        await _settle([h.frame(sessions[0], 1)])
+    finally:
+        await h.scheduler.stop()
+    assert h.executor.calls == 0
+    assert [len(batch) for batch in h.model.batches] == [3, 1]
+    assert [h.state(s) for s in sessions] == [2.0, 1.0, 1.0]
+
+
+async def test_calibration_stops_at_the_first_size_over_the_threshold(
+    gru_spec: ModelSpec,
+) -> None:
+    h = Harness(gru_spec, max_batch_size=8, inline_run_seconds=1e-12)
+    session = h.open()
+    assert [size for size, _ in h.scheduler.calibrate()] == [1]
+    assert [len(batch) for batch in h.model.batches] == [1, 1, 1]
+    h.scheduler.start()
+    try:
+        for index in range(2):
+            await _settle([h.frame(session, index)])
+    finally:
+        await h.scheduler.stop()
+    assert h.executor.calls == 2  # too slow for the loop: every batch goes to the executor
+
+
+def test_a_slow_timing_never_raises_an_estimate() -> None:
+    times = RunTimes(inline_seconds=1e-3)
+    key = ((1, 16),)
+    assert not times.runs_inline(key, 4)  # never timed: not inline
+    times.record(key, 4, 1e-4)
+    times.record(key, 4, 0.5)  # a run in the executor that waited for the GIL
+    assert times.runs_inline(key, 4)
+    assert not times.runs_inline(key, 5)
+    assert not times.runs_inline(((2, 16),), 4)  # another T is another key
+    times.record(((2, 16),), 4, 2e-3)
+    assert not times.runs_inline(((2, 16),), 4)
+
+
+def test_single_step_key_needs_every_axis_but_time(gru_spec: ModelSpec) -> None:
+    assert single_step_key(gru_spec) == ((1, 16),)
+    (x,) = gru_spec.inputs
+    open_features = dataclasses.replace(x, shape=(*x.shape[:-1], None))
+    assert single_step_key(dataclasses.replace(gru_spec, inputs=(open_features,))) is None
 
 
 async def test_expensive_batches_stay_off_the_loop(gru_spec: ModelSpec) -> None:
@@ -260,22 +321,49 @@ async def test_expensive_batches_stay_off_the_loop(gru_spec: ModelSpec) -> None:
     assert h.executor.calls == 3
 
 
-async def test_busy_polling_answers_frames_inside_and_after_the_window(
-    gru_spec: ModelSpec,
-) -> None:
-    h = Harness(gru_spec, max_batch_size=8, busy_poll_seconds=0.05)
+async def _turns(n: int = 20) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_busy_polling_follows_short_gaps_only(gru_spec: ModelSpec) -> None:
+    h = Harness(gru_spec, max_batch_size=8, busy_poll_seconds=0.2)
     session = h.open()
+    stats = h.scheduler.stats
     h.scheduler.start()
     try:
         await _settle([h.frame(session, 0)])
-        await asyncio.sleep(0.001)  # inside the polling window: no wake-up needed
+        await asyncio.sleep(0.001)  # inside the polling window: the poll finds the frame
         await _settle([h.frame(session, 1)])
-        await asyncio.sleep(0.2)  # past it: the scheduler sleeps and is woken as usual
+        assert (stats.busy_polls, stats.busy_poll_hits) == (2, 1)
+        await asyncio.sleep(0.4)  # past it: the poll gives up and the scheduler sleeps
         await _settle([h.frame(session, 2)])
+        await _turns()
+        # The last gap was longer than the window: no poll after frame 2's batch.
+        assert (stats.busy_polls, stats.busy_poll_hits) == (2, 1)
+        await _settle([h.frame(session, 3)])  # a short gap again: polling resumes
+        await _turns()
+        assert stats.busy_polls == 3
     finally:
         await h.scheduler.stop()
-    assert [f for batch in h.model.batches for f in batch] == [(0, i, 1) for i in range(3)]
-    assert h.state(session) == 3.0
+    assert [f for batch in h.model.batches for f in batch] == [(0, i, 1) for i in range(4)]
+    assert h.state(session) == 4.0
+
+
+async def test_no_busy_polling_after_a_large_batch(gru_spec: ModelSpec) -> None:
+    h = Harness(gru_spec, max_batch_size=8, busy_poll_seconds=10.0)
+    sessions = [h.open() for _ in range(6)]
+    h.scheduler.start()
+    try:
+        await _settle([h.frame(s, 0) for s in sessions])  # one batch of 6: frames are queueing
+        await _turns()
+        assert h.scheduler.stats.busy_polls == 0
+        await _settle([h.frame(sessions[0], 1)])  # a lone frame: the loop polls after it
+        await _turns()
+        assert h.scheduler.stats.busy_polls == 1
+    finally:
+        await h.scheduler.stop()
+    assert [len(batch) for batch in h.model.batches] == [6, 1]
 
 
 async def test_a_nan_frame_is_refused_and_the_rest_of_its_batch_runs(gru_spec: ModelSpec) -> None:

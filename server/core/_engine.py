@@ -140,6 +140,7 @@ class Engine:
                 busy_poll_seconds=self.settings.busy_poll_us * 1e-6,
             )
             scheduler.store = self.store
+            self._calibrate(scheduler)
             scheduler.start()
             self.schedulers[name] = scheduler
             self._validators[name] = FrameValidator(
@@ -151,6 +152,14 @@ class Engine:
                 functools.partial(self.sessions.count, name)
             )
         self._expiry = asyncio.get_running_loop().create_task(self.sessions.run_expiry())
+
+    @staticmethod
+    def _calibrate(scheduler: ModelScheduler) -> None:
+        timed = scheduler.calibrate()
+        if timed:
+            runs = ", ".join(f"{size}: {seconds * 1e6:.0f}" for size, seconds in timed)
+            name = scheduler.spec.name
+            log.info("model %s: ORT µs per single-step batch, by size: %s", name, runs)
 
     async def stop(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)

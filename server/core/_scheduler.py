@@ -23,6 +23,7 @@ from server.core._errors import (
     Unavailable,
 )
 from server.core._forecast import FlushResult, ForecastResult, first_from_last, rollout
+from server.core._run_timing import RunTimes
 from server.core._runtime import OrtModel
 from server.core._sessions import ControlWork, FrameResult, FrameWork, Session, as_index_array
 from server.core._state_pool import StatePool
@@ -34,6 +35,7 @@ __all__ = ["BatchStats", "ModelScheduler"]
 log = logging.getLogger("rnnstream.scheduler")
 
 _ARRIVAL_TURNS = 64
+_POLL_MAX_BATCH = 4  # busy polling follows only batches of at most this many frames
 
 
 @dataclass
@@ -50,6 +52,8 @@ class BatchStats:
     queue_seconds: float = 0.0
     last_batch_unix: float = 0.0  # wall-clock end of the latest successful batch
     by_size: dict[int, list[float]] = field(default_factory=dict)  # size -> [batches, seconds]
+    busy_polls: int = 0  # times the loop polled for the next frame after a batch
+    busy_poll_hits: int = 0  # ... and a frame came within the window
 
 
 if TYPE_CHECKING:
@@ -80,11 +84,12 @@ class ModelScheduler:
         self.pool = StatePool(self.spec.states)
         self.stats = BatchStats()
         self._executor = executor
-        # Batches expected to run faster than this run on the event loop: handing them to the
-        # executor thread and back costs more than the run itself. 0 sends every batch there.
-        self._inline_run_seconds = inline_run_seconds
-        self._run_estimates: dict[int, float] = {}  # batch size -> latest ORT seconds
+        # Batches expected to run faster than inline_run_seconds run on the event loop; 0 sends
+        # every batch to the executor.
+        self.run_times = RunTimes(inline_run_seconds)
         self._busy_poll_seconds = busy_poll_seconds
+        self._last_batch_size = 0
+        self._last_gap_short = True  # the last idle gap was shorter than the polling window
         self.queued_frames = 0
         self.submitted = 0
         self.store: StateStore | None = None  # set by the engine when state is persisted
@@ -197,14 +202,18 @@ class ModelScheduler:
     async def _loop(self) -> None:
         while True:
             if not self._ready:
+                idle_since = time.perf_counter()
                 if await self._poll_for_work():
                     continue
                 self._wake.clear()
                 self.pool.compact(self._relocate)
                 await self._wake.wait()
+                gap = time.perf_counter() - idle_since
+                self._last_gap_short = gap < self._busy_poll_seconds
                 continue
             await self._gather_arrivals()
             sessions, frames = self._take_batch()
+            self._last_batch_size = len(frames)
             if frames:
                 await self._run_batch(sessions, frames)
 
@@ -213,13 +222,25 @@ class ModelScheduler:
         batch, in case the next frame comes soon; True if one came.
 
         A thread that sleeps between frames wakes on a cold core and runs every step of the next
-        frame several times slower, which at low load costs more latency than the work itself."""
-        if self._busy_poll_seconds <= 0:
+        frame several times slower, which at low load costs more latency than the work itself.
+        So it polls only at low load: after a batch of a few frames (a larger one means frames
+        are queueing, the loop has work, and spinning would take CPU from the transport and the
+        clients), and only while the last idle gap was shorter than the window (when frames come
+        further apart, polling would spin in vain)."""
+        if (
+            self._busy_poll_seconds <= 0
+            or not 0 < self._last_batch_size <= _POLL_MAX_BATCH
+            or not self._last_gap_short
+        ):
             return False
+        self.stats.busy_polls += 1
         until = time.perf_counter() + self._busy_poll_seconds
         while not self._ready and time.perf_counter() < until:
             await asyncio.sleep(0)
-        return bool(self._ready)
+        if not self._ready:
+            return False
+        self.stats.busy_poll_hits += 1
+        return True
 
     async def _gather_arrivals(self) -> None:
         """Let the loop read what has already arrived before a batch is taken: while frames keep
@@ -334,11 +355,11 @@ class ModelScheduler:
         outputs, states = self.model.run(feeds)
         return outputs, states, time.perf_counter() - started
 
-    def _runs_inline(self, size: int) -> bool:
-        """Whether a batch of `size` is expected to run faster than a hand-off to the executor
-        thread costs (the estimate is the latest ORT time measured at that size)."""
-        expected = self._run_estimates.get(size)
-        return expected is not None and expected < self._inline_run_seconds
+    def calibrate(self) -> list[tuple[int, float]]:
+        """Time the model at growing batch sizes before serving (RunTimes.calibrate)."""
+        return self.run_times.calibrate(
+            self.spec, self.max_batch_size, lambda feeds: self._timed_run(feeds)[2]
+        )
 
     def _refuse_nonfinite(
         self, sessions: list[Session], frames: list[FrameWork], feeds: dict[str, Any]
@@ -378,7 +399,7 @@ class ModelScheduler:
             return
         started = time.perf_counter()
         try:
-            if self._runs_inline(len(frames)):
+            if self.run_times.runs_inline(frames[0].key, len(frames)):
                 outputs, states, seconds = self._timed_run(feeds)
             else:
                 loop = asyncio.get_running_loop()
@@ -414,7 +435,7 @@ class ModelScheduler:
         seconds: float,
     ) -> list[FrameResult]:
         """Store the new states; each frame's outputs, copied out of the batch."""
-        self._run_estimates[len(frames)] = seconds
+        self.run_times.record(frames[0].key, len(frames), seconds)
         self.pool.scatter(slots, states)
         per_output = [
             np.moveaxis(out, spec.batch_axis, 0)
