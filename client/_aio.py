@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import grpc
+from rnnstream_pb.metadata import PACK_OUTPUTS_METADATA_KEY
 from rnnstream_pb.v1 import rnnstream_pb2 as pb
 from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
 
@@ -265,10 +266,13 @@ class AsyncClient:
         retry: RetryPolicy | None = DEFAULT_RETRY,
         stream_per_session: bool = False,
         options: Sequence[tuple[str, Any]] = DEFAULT_OPTIONS,
+        pack_outputs: bool = True,
     ) -> None:
         """`token` is sent as a bearer token. `retry=None` turns reconnect-and-resume off.
         `stream_per_session` gives each session its own stream carrying the session id as
-        `rnnstream-session-id` metadata, so a proxy can route every session by it."""
+        `rnnstream-session-id` metadata, so a proxy can route every session by it.
+        `pack_outputs` lets the server answer frames that are ready together in one message
+        (FrameOutputs); off, every frame's output comes in a message of its own."""
         self.target = target
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
@@ -279,6 +283,9 @@ class AsyncClient:
             (("authorization", f"Bearer {token}"),) if token else ()
         )
         self._retry = retry
+        self._stream_metadata = self._metadata + (
+            ((PACK_OUTPUTS_METADATA_KEY, "1"),) if pack_outputs else ()
+        )
         self._stream_per_session = stream_per_session
         self._models: dict[str, pb.ModelInfo] = {}
         self._mux: StreamMux | None = None
@@ -329,12 +336,14 @@ class AsyncClient:
     def _stream(self, session_id: str) -> StreamMux:
         if self._stream_per_session:
             mux = StreamMux(
-                self._stub, (*self._metadata, (SESSION_ID_METADATA_KEY, session_id)), self._retry
+                self._stub,
+                (*self._stream_metadata, (SESSION_ID_METADATA_KEY, session_id)),
+                self._retry,
             )
             self._own_muxes.append(mux)
             return mux
         if self._mux is None or self._mux.failure is not None:
-            self._mux = StreamMux(self._stub, self._metadata, self._retry)
+            self._mux = StreamMux(self._stub, self._stream_metadata, self._retry)
         return self._mux
 
     async def open(

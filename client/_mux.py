@@ -186,9 +186,10 @@ class StreamMux:
     def _route(self, response: pb.StreamResponse) -> None:
         kind = response.WhichOneof("kind")
         if kind == "output":
-            session = self.sessions.get(response.output.session_id)
-            if session is not None:
-                session.on_output(response.output)
+            self._route_output(response.output)
+        elif kind == "outputs":
+            for output in response.outputs.outputs:
+                self._route_output(output)
         elif kind == "opened":
             opened = response.opened
             session = self.sessions.get(opened.session_id)
@@ -212,6 +213,11 @@ class StreamMux:
             session = self.sessions.pop(ended.session_id, None)
             if session is not None:
                 session.on_ended(ended)
+
+    def _route_output(self, output: pb.FrameOutput) -> None:
+        session = self.sessions.get(output.session_id)
+        if session is not None:
+            session.on_output(output)
 
     def _route_error(self, error: pb.StreamError) -> None:
         index = error.frame_index if error.HasField("frame_index") else None

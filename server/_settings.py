@@ -71,6 +71,11 @@ class Settings:
     max_pending_frames: int = _setting(
         64, "Frames queued per session before the server stops reading that stream (back-pressure)."
     )
+    pack_outputs: bool = _setting(
+        True,
+        "Send the frame outputs that are ready together (a batch's) in one FrameOutputs message "
+        "on streams that ask for it (metadata rnnstream-pack-outputs: 1); off: one message each.",
+    )
     evict_idle_when_full: bool = _setting(
         False, "At the session cap, evict the longest-idle session instead of refusing the open."
     )

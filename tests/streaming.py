@@ -81,10 +81,10 @@ def x_tensor(x: npt.NDArray[Any]) -> pb.Tensor:
 class RawStream:
     """One rnnstream.v1 Stream call driven message by message, for exact control of the wire."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = pb_grpc.RnnstreamStub(self.channel)
-        self.call = self.stub.Stream()
+        self.call = self.stub.Stream(metadata=metadata)
 
     async def __aenter__(self) -> RawStream:
         return self

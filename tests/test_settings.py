@@ -69,6 +69,8 @@ def _sample(field: dataclasses.Field[object]) -> tuple[str, object]:
     }
     if kind.startswith("tuple"):
         return "a,b", ("a", "b")
+    if kind == "bool" and field.default is True:
+        return "false", False
     return samples[kind]
 
 

@@ -36,6 +36,7 @@ class LoadtestOptions:
     arrivals: Literal["constant", "poisson"] = "constant"
     connections: int = 1
     processes: int = 1
+    pack_outputs: bool = True
     seed: int = 0
     frames_file: Path | None = None
     verify: bool = False
@@ -184,6 +185,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="client processes, each driving its share of sessions (default 1)",
+    )
+    load.add_argument(
+        "--no-pack-outputs",
+        action="store_false",
+        dest="pack_outputs",
+        help="ask for one message per answered frame (default: the server may pack the outputs "
+        "that are ready together into one message)",
     )
     data = parser.add_argument_group("frames and checks")
     data.add_argument("--seed", type=int, default=0, help="seed of the random frames (default 0)")

@@ -119,7 +119,8 @@ async def run_worker(options: LoadtestOptions, share: Share, link: Link) -> Work
     channel_options = [*DEFAULT_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
     # A channel of its own per connection: gRPC would otherwise share one TCP connection.
     clients = [
-        AsyncClient(options.target, options=channel_options) for _ in range(share.connections)
+        AsyncClient(options.target, options=channel_options, pack_outputs=options.pack_outputs)
+        for _ in range(share.connections)
     ]
     try:
         return await _run(options, share, link, clients)

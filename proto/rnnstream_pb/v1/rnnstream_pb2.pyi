@@ -158,6 +158,7 @@ class StreamResponse(_message.Message):
     NOTICE_FIELD_NUMBER: _builtins.int
     FLUSHED_FIELD_NUMBER: _builtins.int
     FORECAST_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def opened(self) -> Global___SessionOpened: ...
     @_builtins.property
@@ -174,6 +175,12 @@ class StreamResponse(_message.Message):
     def flushed(self) -> Global___SessionFlushed: ...
     @_builtins.property
     def forecast(self) -> Global___ForecastResponse: ...
+    @_builtins.property
+    def outputs(self) -> Global___FrameOutputs:
+        """Several frames' outputs in one message. Sent only on streams whose request metadata holds
+        `rnnstream-pack-outputs: 1`; other streams get one `output` message per frame.
+        """
+
     def __init__(
         self,
         *,
@@ -185,16 +192,41 @@ class StreamResponse(_message.Message):
         notice: Global___Notice | None = ...,
         flushed: Global___SessionFlushed | None = ...,
         forecast: Global___ForecastResponse | None = ...,
+        outputs: Global___FrameOutputs | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "flushed", b"flushed", "forecast", b"forecast", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "reset", b"reset"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "flushed", b"flushed", "forecast", b"forecast", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "outputs", b"outputs", "reset", b"reset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "flushed", b"flushed", "forecast", b"forecast", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "reset", b"reset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "flushed", b"flushed", "forecast", b"forecast", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "outputs", b"outputs", "reset", b"reset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "output", "error", "reset", "ended", "notice", "flushed", "forecast"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "output", "error", "reset", "ended", "notice", "flushed", "forecast", "outputs"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___StreamResponse: _TypeAlias = StreamResponse  # noqa: Y015
+
+@_typing.final
+class FrameOutputs(_message.Message):
+    """Outputs answered together (e.g. frames of one batch), in the order they were answered: a
+    session's frames are in frame order, as they would be in separate `output` messages.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___FrameOutput]: ...
+    def __init__(
+        self,
+        *,
+        outputs: _abc.Iterable[Global___FrameOutput] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FrameOutputs: _TypeAlias = FrameOutputs  # noqa: Y015
 
 @_typing.final
 class Notice(_message.Message):

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from rnnstream_pb.metadata import PACK_OUTPUTS_METADATA_KEY
 from rnnstream_pb.tensor_codec import NUMPY_TO_DTYPE
 from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
@@ -97,7 +98,7 @@ class NativeServicer:
             owner = await self._auth.principal(context)
         except Exception as exc:
             await abort(context, exc)
-        call = StreamCall(self._engine, owner)
+        call = StreamCall(self._engine, owner, self._packs_outputs(context))
         self.calls.add(call)
         reader = asyncio.get_running_loop().create_task(call.read(requests))
         outbox = call.outbox
@@ -122,6 +123,15 @@ class NativeServicer:
             call.detach()
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+
+    def _packs_outputs(self, context: Context) -> bool:
+        """Whether this stream gets FrameOutputs: the client asked, and the server allows it."""
+        if not self._engine.settings.pack_outputs:
+            return False
+        return any(
+            key == PACK_OUTPUTS_METADATA_KEY and value == "1"
+            for key, value in context.invocation_metadata() or ()
+        )
 
     def shutdown_streams(self, message: str) -> None:
         for call in list(self.calls):

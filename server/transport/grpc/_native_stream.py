@@ -18,6 +18,7 @@ from server.transport.grpc._native_messages import (
     flushed,
     forecasted,
 )
+from server.transport.grpc._outbox import Outbox
 from server.transport.grpc._status import BadRequest, as_rnnstream_error, stream_error
 
 __all__ = ["SHUTDOWN", "StreamCall", "end_session", "named_arrays"]
@@ -47,10 +48,11 @@ def end_session(
 class StreamCall:
     """State of one Stream call."""
 
-    def __init__(self, engine: Engine, owner: str) -> None:
+    def __init__(self, engine: Engine, owner: str, pack_outputs: bool = False) -> None:
         self.engine = engine
         self.owner = owner
-        self.outbox: asyncio.Queue[pb.StreamResponse | object | None] = asyncio.Queue()
+        # Holds responses, None (the call is over) and SHUTDOWN.
+        self.outbox = Outbox(engine.settings.max_message_bytes if pack_outputs else None)
         self.outstanding = 0
         self.reading = True
         self.opened: set[str] = set()

@@ -1,0 +1,78 @@
+"""A stream's responses waiting to be written; packs consecutive frame outputs for streams that
+accept FrameOutputs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from rnnstream_pb.v1 import rnnstream_pb2 as pb
+
+__all__ = ["Outbox"]
+
+# Room kept under the message limit for the FrameOutputs wrapper's own tag and length.
+_PACKING_OVERHEAD = 16
+
+
+class Outbox:
+    """Responses (and the writer's sentinels) in the order they are to be written.
+
+    With `pack_limit_bytes`, the writer takes every frame output queued back to back (up to that
+    many bytes) as one FrameOutputs message: the outputs of one batch become ready together, and
+    one message costs gRPC a fraction of what one per frame does. Nothing waits to be packed: a
+    lone output goes out alone, at once.
+    """
+
+    def __init__(self, pack_limit_bytes: int | None = None) -> None:
+        self._items: deque[object] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._pack_limit = pack_limit_bytes
+        if pack_limit_bytes is not None:
+            self._pack_limit = pack_limit_bytes - _PACKING_OVERHEAD
+
+    def put_nowait(self, item: object) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    async def get(self) -> object:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self.get_nowait()
+
+    def get_nowait(self) -> object:
+        """The next item, frame outputs queued behind it packed in where allowed (IndexError if
+        there is none)."""
+        item = self._items.popleft()
+        if self._pack_limit is None or not self._items or not _is_output(item):
+            return item
+        if not _is_output(self._items[0]):
+            return item
+        assert isinstance(item, pb.StreamResponse)
+        packed = pb.StreamResponse()
+        outputs = packed.outputs.outputs
+        outputs.append(item.output)
+        size = item.ByteSize()  # an output's size as a packed element is the same
+        while self._items and _is_output(head := self._items[0]):
+            assert isinstance(head, pb.StreamResponse)
+            size += head.ByteSize()
+            if size > self._pack_limit:
+                break
+            self._items.popleft()
+            outputs.append(head.output)
+        return packed
+
+
+def _is_output(item: object) -> bool:
+    return isinstance(item, pb.StreamResponse) and item.HasField("output")
