@@ -40,8 +40,16 @@ from rnnstream_pb.v1 import rnnstream_pb2 as pb
 from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parent.parent
-KINDS = ("echo", "off", "on")
-LABELS = {"echo": "echo server", "off": "rnnstream, batching off", "on": "rnnstream, batching on"}
+KINDS = ("echo", "off", "on_single", "on")
+LABELS = {
+    "echo": "echo server",
+    "off": "rnnstream, batching off",
+    "on_single": "rnnstream, batching on, one message per frame",
+    "on": "rnnstream, batching on",
+}
+# on_single is the batching server driven by a client that does not ask for packed outputs.
+SERVER_OF = {"on_single": "on"}
+SERVER_KINDS = ("echo", "off", "on")
 
 
 def free_port() -> int:
@@ -132,7 +140,9 @@ def start_server(kind: str, models: str) -> Server:
         channel.close()
 
 
-def loadtest(server: Server, model: str, sessions: int, args: argparse.Namespace) -> dict[str, Any]:
+def loadtest(
+    server: Server, model: str, sessions: int, args: argparse.Namespace, pack: bool
+) -> dict[str, Any]:
     """One `rnnstream loadtest` run in its own processes; its JSON report."""
     processes = 1 if sessions == 1 else min(args.client_processes, sessions)
     with tempfile.TemporaryDirectory() as folder:
@@ -142,13 +152,17 @@ def loadtest(server: Server, model: str, sessions: int, args: argparse.Namespace
         command += ["--duration", str(args.duration), "--warmup", str(args.warmup)]
         command += ["--processes", str(processes), "--connections", str(min(sessions, 8))]
         command += ["--inflight", "1", "--json", str(report), "--drain", "5"]
+        if not pack:
+            command += ["--no-pack-outputs"]
         subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, check=False, timeout=120)
         return dict(json.loads(report.read_text()))
 
 
-def measure(server: Server, model: str, sessions: int, args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    server: Server, model: str, sessions: int, args: argparse.Namespace, pack: bool = True
+) -> dict[str, Any]:
     before, cpu_before = server.scrape(model), server.cpu_seconds()
-    report = loadtest(server, model, sessions, args)
+    report = loadtest(server, model, sessions, args, pack)
     after, cpu_after = server.scrape(model), server.cpu_seconds()
     frames = after["frames"] - before["frames"]
     batches = after["batch_count"] - before["batch_count"]
@@ -374,11 +388,11 @@ def markdown(
         lines.append(
             f"| {r['model']} | {r['sessions']} | {LABELS[r['kind']]} | {_fmt(r['frames_per_s'], 0)}"
             f" | {_fmt(r['fps_vs_echo'], 2) if r['kind'] != 'echo' else ''}"
-            f" | {_fmt(r['fps_vs_off'], 2) if r['kind'] == 'on' else ''}"
+            f" | {_fmt(r['fps_vs_off'], 2) if r['kind'].startswith('on') else ''}"
             f" | {_fmt(r['p50_ms'], 2)} | {_fmt(r['p99_ms'], 2)} | {_fmt(r['mean_batch'])}"
             f" | {_fmt(r['cpu_us_per_frame'], 0)} | {_fmt(r['frames_per_core_s'], 0)}"
             f" | {_fmt(r['per_core_vs_echo'], 2) if r['kind'] != 'echo' else ''}"
-            f" | {_fmt(r['per_core_vs_off'], 2) if r['kind'] == 'on' else ''} |"
+            f" | {_fmt(r['per_core_vs_off'], 2) if r['kind'].startswith('on') else ''} |"
         )
     lines += ["", "ONNX Runtime alone (one thread, T = 1):", ""]
     lines += ["| model | batch | µs per call | frames/s |", "| --- | ---: | ---: | ---: |"]
@@ -421,7 +435,7 @@ def machine() -> dict[str, Any]:
 def servers(models: str) -> Iterator[dict[str, Server]]:
     started: dict[str, Server] = {}
     try:
-        for kind in KINDS:
+        for kind in SERVER_KINDS:
             started[kind] = start_server(kind, models)
         yield started
     finally:
@@ -465,7 +479,8 @@ def main() -> None:
             for model in models:
                 for sessions in counts:
                     for kind in KINDS:
-                        run = measure(running[kind], model, sessions, args)
+                        server = running[SERVER_OF.get(kind, kind)]
+                        run = measure(server, model, sessions, args, kind != "on_single")
                         run.update(model=model, sessions=sessions, kind=kind, round=round_)
                         runs.append(run)
                         print(

@@ -1,7 +1,8 @@
 """Echo server: rnnstream's Stream protocol on the same asyncio gRPC stack, with no model behind it.
 
 It answers `open` with `opened`, every `frame` with an `output` holding a precomputed tensor of
-the real model's output shape and size, and `end` with `ended`; GetModel answers with the real
+the real model's output shape and size (always one message per frame: answering at once, it never
+holds two outputs to pack), and `end` with `ended`; GetModel answers with the real
 model's ModelInfo (read from the ONNX file the way the server reads it). `rnnstream loadtest`
 drives it unchanged, so its frames/s and latency are the transport ceiling rnnstream is compared
 with. Run: python bench/echo_server.py --model-repository models --port 50061
