@@ -35,7 +35,9 @@ __all__ = ["BatchStats", "ModelScheduler"]
 log = logging.getLogger("rnnstream.scheduler")
 
 _ARRIVAL_TURNS = 64
+_ARRIVAL_PATIENCE = 2  # quiet loop turns in a row that end the gathering
 _POLL_MAX_BATCH = 4  # busy polling follows only batches of at most this many frames
+_POLL_MAX_SKIPS = 64
 
 
 @dataclass
@@ -89,7 +91,10 @@ class ModelScheduler:
         self.run_times = RunTimes(inline_run_seconds)
         self._busy_poll_seconds = busy_poll_seconds
         self._last_batch_size = 0
-        self._last_gap_short = True  # the last idle gap was shorter than the polling window
+        # Polls in a row that found nothing. From the second on, that many idle periods (1, 2,
+        # 4, ... at most _POLL_MAX_SKIPS) pass without polling; a hit clears it.
+        self._poll_misses = 0
+        self._poll_skips = 0
         self.queued_frames = 0
         self.submitted = 0
         self.store: StateStore | None = None  # set by the engine when state is persisted
@@ -202,14 +207,11 @@ class ModelScheduler:
     async def _loop(self) -> None:
         while True:
             if not self._ready:
-                idle_since = time.perf_counter()
                 if await self._poll_for_work():
                     continue
                 self._wake.clear()
                 self.pool.compact(self._relocate)
                 await self._wake.wait()
-                gap = time.perf_counter() - idle_since
-                self._last_gap_short = gap < self._busy_poll_seconds
                 continue
             await self._gather_arrivals()
             sessions, frames = self._take_batch()
@@ -225,34 +227,44 @@ class ModelScheduler:
         frame several times slower, which at low load costs more latency than the work itself.
         So it polls only at low load: after a batch of a few frames (a larger one means frames
         are queueing, the loop has work, and spinning would take CPU from the transport and the
-        clients), and only while the last idle gap was shorter than the window (when frames come
-        further apart, polling would spin in vain)."""
-        if (
-            self._busy_poll_seconds <= 0
-            or not 0 < self._last_batch_size <= _POLL_MAX_BATCH
-            or not self._last_gap_short
-        ):
+        clients), and, after two or more polls in a row that found nothing, only every 2nd, 3rd,
+        5th, ... idle period (frames that come further apart than the window would make it spin
+        in vain)."""
+        if self._busy_poll_seconds <= 0 or not 0 < self._last_batch_size <= _POLL_MAX_BATCH:
+            return False
+        if self._poll_skips:
+            self._poll_skips -= 1
             return False
         self.stats.busy_polls += 1
         until = time.perf_counter() + self._busy_poll_seconds
         while not self._ready and time.perf_counter() < until:
             await asyncio.sleep(0)
         if not self._ready:
+            self._poll_misses += 1
+            if self._poll_misses > 1:  # one miss is jitter; two in a row, frames come slower
+                self._poll_skips = min(2 ** (self._poll_misses - 2), _POLL_MAX_SKIPS)
             return False
         self.stats.busy_poll_hits += 1
+        self._poll_misses = 0
         return True
 
     async def _gather_arrivals(self) -> None:
         """Let the loop read what has already arrived before a batch is taken: while frames keep
-        coming in each loop turn, wait another turn (a few at most; never a timer)."""
+        coming, wait another loop turn (up to _ARRIVAL_TURNS; never a timer). It stops after
+        _ARRIVAL_PATIENCE turns in a row bring nothing, or at once when every session of the
+        model is ready (a lone stream waits for nothing)."""
         arrived = self.submitted
+        quiet = 0
         for _ in range(_ARRIVAL_TURNS):
-            if len(self._ready) >= self.max_batch_size:
+            if len(self._ready) >= min(self.max_batch_size, len(self._slot_owner)):
                 return
             await asyncio.sleep(0)
-            if self.submitted == arrived:
+            if self.submitted != arrived:
+                arrived, quiet = self.submitted, 0
+                continue
+            quiet += 1
+            if quiet >= _ARRIVAL_PATIENCE:
                 return
-            arrived = self.submitted
 
     def _head_frame(self, session: Session) -> FrameWork | None:
         """Apply controls and answer stale or early frames at the head; return a runnable frame."""
