@@ -48,7 +48,7 @@ class Settings:
         "batch to the thread.",
     )
     busy_poll_us: float = _setting(
-        300.0,
+        500.0,
         "After a batch, keep the event loop polling (not sleeping) this many microseconds for the "
         "next frame: lower latency at low load for CPU while frames flow; 0 turns it off.",
     )
