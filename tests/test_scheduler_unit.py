@@ -289,6 +289,36 @@ async def test_calibration_stops_at_the_first_size_over_the_threshold(
     assert h.executor.calls == 2  # too slow for the loop: every batch goes to the executor
 
 
+class RefusesLargeBatches(RecordingModel):
+    """A model that fails any batch of more than two frames."""
+
+    def run(self, feeds: Mapping[str, npt.NDArray[Any]]) -> tuple[Arrays, Arrays]:
+        x_spec = self.spec.inputs[0]
+        if feeds[x_spec.name].shape[x_spec.batch_axis] > 2:
+            raise RuntimeError("batch too large")
+        return super().run(feeds)
+
+
+async def test_a_model_that_fails_a_timing_run_is_still_served(
+    gru_spec: ModelSpec, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(gru_spec, max_batch_size=8, inline_run_seconds=10.0)
+    h.model = RefusesLargeBatches(gru_spec)
+    h.scheduler.model = h.model  # type: ignore[assignment]
+    session = h.open()
+    with caplog.at_level("WARNING", logger="rnnstream.scheduler"):
+        timed = h.scheduler.calibrate()
+    assert [size for size, _ in timed] == [1, 2]
+    assert "timing a batch of 4 zero frames failed (batch too large)" in caplog.text
+    h.scheduler.start()
+    try:
+        await _settle([h.frame(session, 0)])
+    finally:
+        await h.scheduler.stop()
+    assert h.executor.calls == 0  # size 1 was timed: it runs on the loop
+    assert h.state(session) == 1.0
+
+
 def test_a_slow_timing_never_raises_an_estimate() -> None:
     times = RunTimes(inline_seconds=1e-3)
     key = ((1, 16),)

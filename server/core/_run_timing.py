@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,8 @@ import numpy.typing as npt
 from server.core._models import ModelSpec
 
 __all__ = ["BatchKey", "RunTimes", "single_step_feeds", "single_step_key"]
+
+log = logging.getLogger("rnnstream.scheduler")
 
 BatchKey = tuple[tuple[int, ...], ...]  # the frame shapes of a batch, one per model input
 Feeds = dict[str, npt.NDArray[Any]]
@@ -81,7 +84,19 @@ class RunTimes:
         size, previous = 1, 0
         while True:
             feeds = single_step_feeds(spec, key, size)
-            seconds = min(timed_run(feeds) for _ in range(3))
+            try:
+                seconds = min(timed_run(feeds) for _ in range(3))
+            except Exception as exc:
+                # Zero inputs are only a stand-in for real frames; a model that refuses them is
+                # still served, and the sizes not timed here are timed in the executor thread.
+                log.warning(
+                    "model %s: timing a batch of %d zero frames failed (%s); larger batches are "
+                    "timed in the executor thread when they first run",
+                    spec.name,
+                    size,
+                    exc,
+                )
+                return timed
             timed.append((size, seconds))
             for between in range(previous + 1, size + 1):
                 self.record(key, between, seconds)
