@@ -52,6 +52,12 @@ class Settings:
         "After a batch, keep the event loop polling (not sleeping) this many microseconds for the "
         "next frame: lower latency at low load for CPU while frames flow; 0 turns it off.",
     )
+    gather_us: float = _setting(
+        200.0,
+        "Under load, the longest quiet spell a batch waits through for more frames: 1 µs per "
+        "session whose next frame is expected (answered in the last 100 ms, nothing sent since), "
+        "up to this; a lone stream never waits; 0: a batch starts after two idle loop turns.",
+    )
     workers: int = _setting(
         1, "Server processes sharing the port (SO_REUSEPORT), each with its own sessions."
     )

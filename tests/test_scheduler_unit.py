@@ -15,6 +15,7 @@ import numpy.typing as npt
 import pytest
 
 from server.core import InvalidArgument, ModelScheduler, ModelSpec, Session, load_model
+from server.core._arrivals import ExpectedFrames
 from server.core._run_timing import RunTimes, single_step_key
 from server.core._sessions import ControlWork, FrameResult, FrameWork
 from tests.conftest import MODELS
@@ -422,3 +423,54 @@ async def test_a_nan_frame_is_refused_and_the_rest_of_its_batch_runs(gru_spec: M
     assert sorted(h.model.batches[0]) == [(0, 0, 1), (2, 0, 1)]
     assert h.model.batches[1] == [(1, 0, 1)]
     assert [h.state(s) for s in (a, b, c)] == [1.0, 1.0, 1.0]
+
+
+def test_expected_frames_counts_answered_sessions_until_they_send_or_go_quiet() -> None:
+    expected = ExpectedFrames(horizon=1.0)
+    a, b = (Session(name, "gru", "owner", ring_size=4) for name in "ab")
+    expected.answered(a, 10.0)
+    expected.answered(b, 10.5)
+    expected.answered(a, 10.6)  # answered again: still one expected frame from a
+    assert expected.count == 2
+    expected.arrived(b)
+    expected.arrived(b)  # twice is once
+    assert expected.count == 1
+    expected.expire(11.4)  # a's first entry is stale, but a was answered again since
+    assert expected.count == 1
+    expected.expire(11.7)  # a has sent nothing for over the horizon: idle
+    assert expected.count == 0 and not a.expected_since
+
+
+async def test_under_load_a_batch_waits_for_expected_frames(
+    gru_spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("server.core._scheduler._GATHER_SECONDS_PER_EXPECTED", 1.0)
+    for gather_seconds, batches in ((10.0, [[0, 1]]), (0.0, [[0], [1]])):
+        h = Harness(gru_spec, max_batch_size=8, gather_seconds=gather_seconds)
+        a, b = h.open(), h.open()
+        h.scheduler.start()
+        try:
+            await _settle([h.frame(a, 0), h.frame(b, 0)])  # both answered: both expected
+            h.model.batches.clear()
+            first = h.frame(a, 1)
+            await asyncio.sleep(0.05)  # b's frame comes within a's quiet spell (1 s)
+            await _settle([first, h.frame(b, 1)])
+        finally:
+            await h.scheduler.stop()
+        assert [sorted(s for s, _, _ in batch) for batch in h.model.batches] == batches
+
+
+async def test_a_lone_stream_among_idle_sessions_never_waits(
+    gru_spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("server.core._scheduler._GATHER_SECONDS_PER_EXPECTED", 1.0)
+    h = Harness(gru_spec, max_batch_size=8, gather_seconds=100.0)
+    active = h.open()
+    idle = [h.open() for _ in range(50)]  # opened, never sent a frame
+    h.scheduler.start()
+    try:
+        for index in range(5):  # a 1 s quiet spell per frame would blow _settle's 5 s timeout
+            await _settle([h.frame(active, index)])
+    finally:
+        await h.scheduler.stop()
+    assert h.state(active) == 5.0 and [h.state(s) for s in idle] == [0.0] * 50

@@ -138,6 +138,7 @@ class Engine:
                 metrics=self.metrics,
                 inline_run_seconds=self.settings.inline_run_us * 1e-6,
                 busy_poll_seconds=self.settings.busy_poll_us * 1e-6,
+                gather_seconds=self.settings.gather_us * 1e-6,
             )
             scheduler.store = self.store
             self._calibrate(scheduler)

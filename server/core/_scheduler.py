@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from server.core._arrivals import ExpectedFrames
 from server.core._errors import (
     FailedPrecondition,
     Internal,
@@ -35,7 +36,9 @@ __all__ = ["BatchStats", "ModelScheduler"]
 log = logging.getLogger("rnnstream.scheduler")
 
 _ARRIVAL_TURNS = 64
+_GATHER_SPELLS = 32  # under load, gathering lasts at most this many quiet spells
 _ARRIVAL_PATIENCE = 2  # quiet loop turns in a row that end the gathering
+_GATHER_SECONDS_PER_EXPECTED = 1e-6  # quiet spell a batch waits through per expected frame
 _POLL_MAX_BATCH = 4  # busy polling follows only batches of at most this many frames
 _POLL_MAX_SKIPS = 64
 
@@ -79,6 +82,7 @@ class ModelScheduler:
         metrics: Metrics | None = None,
         inline_run_seconds: float = 0.0,
         busy_poll_seconds: float = 0.0,
+        gather_seconds: float = 0.0,
     ) -> None:
         self.model = model
         self.spec = model.spec
@@ -90,6 +94,8 @@ class ModelScheduler:
         # every batch to the executor.
         self.run_times = RunTimes(inline_run_seconds)
         self._busy_poll_seconds = busy_poll_seconds
+        self._gather_seconds = gather_seconds
+        self._expected = ExpectedFrames()
         self._last_batch_size = 0
         # Polls in a row that found nothing. From the second on, that many idle periods (1, 2,
         # 4, ... at most _POLL_MAX_SKIPS) pass without polling; a hit clears it.
@@ -140,6 +146,8 @@ class ModelScheduler:
 
     def submit(self, session: Session, work: FrameWork | ControlWork) -> None:
         self.submitted += 1
+        if session.expected_since:
+            self._expected.arrived(session)
         if isinstance(work, FrameWork):
             self.queued_frames += 1
             session.frames_queued += 1
@@ -161,6 +169,7 @@ class ModelScheduler:
 
     def _close(self, session: Session) -> None:
         session.closed = True
+        self._expected.arrived(session)
         del self._slot_owner[session.slot]
         self.pool.release(session.slot)
         while session.pending:
@@ -250,20 +259,32 @@ class ModelScheduler:
 
     async def _gather_arrivals(self) -> None:
         """Let the loop read what has already arrived before a batch is taken: while frames keep
-        coming, wait another loop turn (up to _ARRIVAL_TURNS; never a timer). It stops after
-        _ARRIVAL_PATIENCE turns in a row bring nothing, or at once when every session of the
-        model is ready (a lone stream waits for nothing)."""
+        coming, wait another loop turn (never a timer). It stops at once when every session of
+        the model is ready (a lone stream waits for nothing), else after two loop turns in a row
+        bring nothing and, under load, a quiet spell of 1 µs per expected frame (ExpectedFrames;
+        at most --gather-us), or after _GATHER_SPELLS such spells in all.
+
+        At hundreds of sessions the clients answer each batch's outputs in bursts; a server with
+        CPU to spare would otherwise start a batch in every gap between them."""
+        self._expected.expire(time.perf_counter())
+        window = min(self._gather_seconds, self._expected.count * _GATHER_SECONDS_PER_EXPECTED)
+        started = last = time.perf_counter()
         arrived = self.submitted
         quiet = 0
-        for _ in range(_ARRIVAL_TURNS):
+        turns = 0
+        while window or turns < _ARRIVAL_TURNS:  # under load the time bound below ends it
+            turns += 1
             if len(self._ready) >= min(self.max_batch_size, len(self._slot_owner)):
                 return
             await asyncio.sleep(0)
+            now = time.perf_counter()
             if self.submitted != arrived:
-                arrived, quiet = self.submitted, 0
-                continue
-            quiet += 1
-            if quiet >= _ARRIVAL_PATIENCE:
+                arrived, quiet, last = self.submitted, 0, now
+            else:
+                quiet += 1
+                if quiet >= _ARRIVAL_PATIENCE and now - last >= window:
+                    return
+            if window and now - started >= _GATHER_SPELLS * window:
                 return
 
     def _head_frame(self, session: Session) -> FrameWork | None:
@@ -479,7 +500,10 @@ class ModelScheduler:
                 cancelled += 1  # its caller stopped waiting; the frame is applied all the same
             else:
                 frame.reply.set_result(result)
-            self._mark_ready(session)
+            if session.pending:
+                self._mark_ready(session)
+            else:
+                self._expected.answered(session, done_at)
         self.count("OK", len(frames) - cancelled)
         if cancelled:
             self.count("CANCELLED", cancelled)

@@ -103,6 +103,7 @@ class Session:
     __slots__ = (
         "closed",
         "emit",
+        "expected_since",
         "frames_queued",
         "id",
         "in_flight",
@@ -137,6 +138,7 @@ class Session:
         )
         self.ring_size = ring_size
         self.last_active = time.monotonic()
+        self.expected_since = 0.0  # when its next frame became expected (0: not expected)
         # Told when the server ends the session (expired, evicted, shutdown): the attached stream.
         self.listener: Callable[[Session, str], None] | None = None
         self.frames_queued = 0
