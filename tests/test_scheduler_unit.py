@@ -362,7 +362,7 @@ async def test_busy_polling_backs_off_after_polls_that_found_nothing(
 ) -> None:
     h = Harness(gru_spec, max_batch_size=8, busy_poll_seconds=0.2)
     session = h.open()
-    stats = h.scheduler.stats
+    stats = h.scheduler.pacer
     h.scheduler.start()
     try:
         await _settle([h.frame(session, 0)])
@@ -393,10 +393,10 @@ async def test_no_busy_polling_after_a_large_batch(gru_spec: ModelSpec) -> None:
     try:
         await _settle([h.frame(s, 0) for s in sessions])  # one batch of 6: frames are queueing
         await _turns()
-        assert h.scheduler.stats.busy_polls == 0
+        assert h.scheduler.pacer.busy_polls == 0
         await _settle([h.frame(sessions[0], 1)])  # a lone frame: the loop polls after it
         await _turns()
-        assert h.scheduler.stats.busy_polls == 1
+        assert h.scheduler.pacer.busy_polls == 1
     finally:
         await h.scheduler.stop()
     assert [len(batch) for batch in h.model.batches] == [6, 1]
@@ -444,7 +444,7 @@ def test_expected_frames_counts_answered_sessions_until_they_send_or_go_quiet() 
 async def test_under_load_a_batch_waits_for_expected_frames(
     gru_spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("server.core._scheduler._GATHER_SECONDS_PER_EXPECTED", 1.0)
+    monkeypatch.setattr("server.core._arrivals._GATHER_SECONDS_PER_EXPECTED", 1.0)
     for gather_seconds, batches in ((10.0, [[0, 1]]), (0.0, [[0], [1]])):
         h = Harness(gru_spec, max_batch_size=8, gather_seconds=gather_seconds)
         a, b = h.open(), h.open()
@@ -463,7 +463,7 @@ async def test_under_load_a_batch_waits_for_expected_frames(
 async def test_a_lone_stream_among_idle_sessions_never_waits(
     gru_spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("server.core._scheduler._GATHER_SECONDS_PER_EXPECTED", 1.0)
+    monkeypatch.setattr("server.core._arrivals._GATHER_SECONDS_PER_EXPECTED", 1.0)
     h = Harness(gru_spec, max_batch_size=8, gather_seconds=100.0)
     active = h.open()
     idle = [h.open() for _ in range(50)]  # opened, never sent a frame

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from server.core._arrivals import ExpectedFrames
+from server.core._arrivals import Pacer
 from server.core._errors import (
     FailedPrecondition,
     Internal,
@@ -35,13 +35,6 @@ __all__ = ["BatchStats", "ModelScheduler"]
 
 log = logging.getLogger("rnnstream.scheduler")
 
-_ARRIVAL_TURNS = 64
-_GATHER_SPELLS = 32  # under load, gathering lasts at most this many quiet spells
-_ARRIVAL_PATIENCE = 2  # quiet loop turns in a row that end the gathering
-_GATHER_SECONDS_PER_EXPECTED = 1e-6  # quiet spell a batch waits through per expected frame
-_POLL_MAX_BATCH = 4  # busy polling follows only batches of at most this many frames
-_POLL_MAX_SKIPS = 64
-
 
 @dataclass
 class BatchStats:
@@ -57,8 +50,6 @@ class BatchStats:
     queue_seconds: float = 0.0
     last_batch_unix: float = 0.0  # wall-clock end of the latest successful batch
     by_size: dict[int, list[float]] = field(default_factory=dict)  # size -> [batches, seconds]
-    busy_polls: int = 0  # times the loop polled for the next frame after a batch
-    busy_poll_hits: int = 0  # ... and a frame came within the window
 
 
 if TYPE_CHECKING:
@@ -93,14 +84,8 @@ class ModelScheduler:
         # Batches expected to run faster than inline_run_seconds run on the event loop; 0 sends
         # every batch to the executor.
         self.run_times = RunTimes(inline_run_seconds)
-        self._busy_poll_seconds = busy_poll_seconds
-        self._gather_seconds = gather_seconds
-        self._expected = ExpectedFrames()
-        self._last_batch_size = 0
-        # Polls in a row that found nothing. From the second on, that many idle periods (1, 2,
-        # 4, ... at most _POLL_MAX_SKIPS) pass without polling; a hit clears it.
-        self._poll_misses = 0
-        self._poll_skips = 0
+        self.pacer = Pacer(self, busy_poll_seconds, gather_seconds)
+        self._expected = self.pacer.expected
         self.queued_frames = 0
         self.submitted = 0
         self.store: StateStore | None = None  # set by the engine when state is persisted
@@ -135,6 +120,12 @@ class ModelScheduler:
         for task in list(self._side_tasks):
             task.cancel()
         await asyncio.gather(*self._side_tasks, return_exceptions=True)
+
+    def ready_count(self) -> int:
+        return len(self._ready)
+
+    def session_count(self) -> int:
+        return len(self._slot_owner)
 
     def idle(self) -> bool:
         return not self._ready and not any(s.in_flight for s in self._slot_owner.values())
@@ -216,76 +207,17 @@ class ModelScheduler:
     async def _loop(self) -> None:
         while True:
             if not self._ready:
-                if await self._poll_for_work():
+                if await self.pacer.poll_for_work():
                     continue
                 self._wake.clear()
                 self.pool.compact(self._relocate)
                 await self._wake.wait()
                 continue
-            await self._gather_arrivals()
+            await self.pacer.gather_arrivals()
             sessions, frames = self._take_batch()
-            self._last_batch_size = len(frames)
+            self.pacer.last_batch_size = len(frames)
             if frames:
                 await self._run_batch(sessions, frames)
-
-    async def _poll_for_work(self) -> bool:
-        """Keep the event loop turning (never blocking in the kernel) for a short while after a
-        batch, in case the next frame comes soon; True if one came.
-
-        A thread that sleeps between frames wakes on a cold core and runs every step of the next
-        frame several times slower, which at low load costs more latency than the work itself.
-        So it polls only at low load: after a batch of a few frames (a larger one means frames
-        are queueing, the loop has work, and spinning would take CPU from the transport and the
-        clients), and, after two or more polls in a row that found nothing, only every 2nd, 3rd,
-        5th, ... idle period (frames that come further apart than the window would make it spin
-        in vain)."""
-        if self._busy_poll_seconds <= 0 or not 0 < self._last_batch_size <= _POLL_MAX_BATCH:
-            return False
-        if self._poll_skips:
-            self._poll_skips -= 1
-            return False
-        self.stats.busy_polls += 1
-        until = time.perf_counter() + self._busy_poll_seconds
-        while not self._ready and time.perf_counter() < until:
-            await asyncio.sleep(0)
-        if not self._ready:
-            self._poll_misses += 1
-            if self._poll_misses > 1:  # one miss is jitter; two in a row, frames come slower
-                self._poll_skips = min(2 ** (self._poll_misses - 2), _POLL_MAX_SKIPS)
-            return False
-        self.stats.busy_poll_hits += 1
-        self._poll_misses = 0
-        return True
-
-    async def _gather_arrivals(self) -> None:
-        """Let the loop read what has already arrived before a batch is taken: while frames keep
-        coming, wait another loop turn (never a timer). It stops at once when every session of
-        the model is ready (a lone stream waits for nothing), else after two loop turns in a row
-        bring nothing and, under load, a quiet spell of 1 µs per expected frame (ExpectedFrames;
-        at most --gather-us), or after _GATHER_SPELLS such spells in all.
-
-        At hundreds of sessions the clients answer each batch's outputs in bursts; a server with
-        CPU to spare would otherwise start a batch in every gap between them."""
-        self._expected.expire(time.perf_counter())
-        window = min(self._gather_seconds, self._expected.count * _GATHER_SECONDS_PER_EXPECTED)
-        started = last = time.perf_counter()
-        arrived = self.submitted
-        quiet = 0
-        turns = 0
-        while window or turns < _ARRIVAL_TURNS:  # under load the time bound below ends it
-            turns += 1
-            if len(self._ready) >= min(self.max_batch_size, len(self._slot_owner)):
-                return
-            await asyncio.sleep(0)
-            now = time.perf_counter()
-            if self.submitted != arrived:
-                arrived, quiet, last = self.submitted, 0, now
-            else:
-                quiet += 1
-                if quiet >= _ARRIVAL_PATIENCE and now - last >= window:
-                    return
-            if window and now - started >= _GATHER_SPELLS * window:
-                return
 
     def _head_frame(self, session: Session) -> FrameWork | None:
         """Apply controls and answer stale or early frames at the head; return a runnable frame."""
