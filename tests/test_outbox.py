@@ -92,3 +92,16 @@ async def test_get_waits_for_the_next_item() -> None:
     packed = await asyncio.wait_for(getter, 1)
     assert _frames(packed) == [("a", 0), ("b", 0)]
     assert outbox.empty()
+
+
+async def test_a_reader_waits_for_room_until_the_writer_sends() -> None:
+    outbox = Outbox()
+    for index in range(3):
+        outbox.put_nowait(_output("a", index))
+    reader = asyncio.ensure_future(outbox.wait_for_room(3))
+    await asyncio.sleep(0)
+    assert not reader.done()  # three waiting: no room under a limit of three
+    outbox.get_nowait()
+    outbox.wrote()
+    await asyncio.wait_for(reader, 1)
+    await asyncio.wait_for(outbox.wait_for_room(3), 1)  # room already: no wait

@@ -183,12 +183,7 @@ class Engine:
         return self.model(name).spec
 
     def model(self, name: str) -> OrtModel:
-        try:
-            return self.models[name]
-        except KeyError:
-            raise NotFound(
-                f"unknown model {name!r}; loaded models: {sorted(self.models)}"
-            ) from None
+        return self.sessions.scheduler(name).model  # the one lookup that names the loaded models
 
     # -- sessions --------------------------------------------------------------------------
     def open_session(

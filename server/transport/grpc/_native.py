@@ -117,7 +117,7 @@ class NativeServicer:
                 # Yielded, not context.write(): gRPC sends it from its own loop, as the echo
                 # server does; a client that is gone ends this generator.
                 yield response
-                call.wrote()
+                outbox.wrote()
         finally:
             self.calls.discard(call)
             call.detach()

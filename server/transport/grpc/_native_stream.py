@@ -56,7 +56,6 @@ class StreamCall:
         self.outstanding = 0
         self.reading = True
         self.opened: set[str] = set()
-        self._written = asyncio.Event()  # set by the writer after each response it sends
         self._pending_limit = engine.settings.max_pending_frames
         self._output_names: dict[str, list[str]] = {}
         metrics = engine.metrics
@@ -113,17 +112,6 @@ class StreamCall:
             if session.listener == self.notify_ended:
                 session.listener = None
 
-    def wrote(self) -> None:
-        """The writer sent a response: a reader paused on a full outbox may go on."""
-        self._written.set()
-
-    async def _wait_for_writer(self) -> None:
-        # Answers the client does not read pile up here; stop reading until they are sent, so
-        # flow control pushes back on a client that writes without reading.
-        while self.outbox.qsize() >= self._pending_limit:
-            self._written.clear()
-            await self._written.wait()
-
     def shutdown(self, message: str) -> None:
         self.outbox.put_nowait(
             pb.StreamResponse(notice=pb.Notice(kind="shutdown", message=message))
@@ -144,7 +132,7 @@ class StreamCall:
                     # Stop reading while this session's queue is full: flow control pushes back.
                     await self.engine.wait_for_space(waiting_on, self.owner)
                 if self.outbox.qsize() >= self._pending_limit:
-                    await self._wait_for_writer()
+                    await self.outbox.wait_for_room(self._pending_limit)
         finally:
             self.reading = False
             self.finish_if_done()

@@ -233,8 +233,9 @@ class OipServicer:
         reader = asyncio.get_running_loop().create_task(self._read(requests, stream, owner))
         try:
             while (response := await stream.outbox.get()) is not None:
+                assert isinstance(response, oip.ModelStreamInferResponse)
                 yield response
-                stream.wrote()
+                stream.outbox.wrote()
         finally:
             reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
@@ -247,7 +248,7 @@ class OipServicer:
     ) -> None:
         try:
             async for request in requests:
-                await stream.wait_for_writer()
+                await stream.outbox.wait_for_room(stream.max_unsent)
                 if isinstance(request, BadRequest):
                     stream.answer("", error_response(None, InvalidArgument(request.message)))
                     continue

@@ -8,6 +8,7 @@ from typing import Any
 
 from rnnstream_pb.inference import grpc_service_pb2 as oip
 
+from server.transport.grpc._outbox import Outbox
 from server.transport.grpc._status import as_rnnstream_error
 
 __all__ = ["READ_AHEAD", "Stream", "chain", "consume", "error_response"]
@@ -46,13 +47,12 @@ class Stream:
     """One ModelStreamInfer call: responses to write, and the requests still being worked on."""
 
     def __init__(self, max_unsent: int = READ_AHEAD) -> None:
-        self.outbox: asyncio.Queue[oip.ModelStreamInferResponse | None] = asyncio.Queue()
+        self.outbox = Outbox()  # responses, then None when the call is over
         self.outstanding = 0
         self.reading = True
         self.room = asyncio.Event()
         self.room.set()
         self.max_unsent = max(1, max_unsent)
-        self._written = asyncio.Event()
         self._last: dict[str, asyncio.Future[Any]] = {}  # newest unanswered future per sequence
 
     def track(
@@ -103,17 +103,6 @@ class Stream:
         if self.outstanding < READ_AHEAD:
             self.room.set()
         self.finish_if_done()
-
-    def wrote(self) -> None:
-        """The writer sent a response: a reader paused on a full outbox may go on."""
-        self._written.set()
-
-    async def wait_for_writer(self) -> None:
-        # Answers the client does not read pile up in the outbox; stop reading until they are
-        # sent, so flow control pushes back instead of the server's memory growing.
-        while self.outbox.qsize() >= self.max_unsent:
-            self._written.clear()
-            await self._written.wait()
 
     def finish_if_done(self) -> None:
         if not self.reading and self.outstanding == 0:

@@ -1,5 +1,5 @@
-"""A stream's responses waiting to be written; packs consecutive frame outputs for streams that
-accept FrameOutputs."""
+"""A stream's responses waiting to be written, with back-pressure on its reader; packs consecutive
+frame outputs for streams that accept FrameOutputs."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ class Outbox:
 
     def __init__(self, pack_limit_bytes: int | None = None) -> None:
         self._items: deque[object] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None  # the writer, waiting for an item
+        self._room_waiter: asyncio.Future[None] | None = None  # the reader, waiting for room
         self._pack_limit = pack_limit_bytes
         if pack_limit_bytes is not None:
             self._pack_limit = pack_limit_bytes - _PACKING_OVERHEAD
@@ -41,6 +42,23 @@ class Outbox:
 
     def empty(self) -> bool:
         return not self._items
+
+    def wrote(self) -> None:
+        """The writer sent what it took: a reader waiting for room may go on."""
+        waiter = self._room_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait_for_room(self, limit: int) -> None:
+        """Return once fewer than `limit` items wait. Answers a client does not read pile up
+        here; its stream's reader waits, so flow control pushes back on the client instead of
+        the server's memory growing."""
+        while len(self._items) >= limit:
+            self._room_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._room_waiter
+            finally:
+                self._room_waiter = None
 
     async def get(self) -> object:
         while not self._items:
