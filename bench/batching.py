@@ -49,7 +49,7 @@ LABELS = {
 }
 # on_single is the batching server driven by a client that does not ask for packed outputs.
 SERVER_OF = {"on_single": "on"}
-SERVER_KINDS = ("echo", "off", "on")
+SERVER_KINDS = tuple(kind for kind in KINDS if kind not in SERVER_OF)  # processes to start
 
 
 def free_port() -> int:
