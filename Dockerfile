@@ -43,7 +43,7 @@ RUN set -eu; \
 assert 'CUDAExecutionProvider' in o.get_available_providers(), o.get_available_providers()" ;; \
       *) echo "DEVICE must be cpu or cuda, not '$DEVICE'" >&2; exit 1 ;; \
     esac; \
-    python3 -c "import onnxruntime, server, client; print(onnxruntime.get_available_providers())"
+    python3 -c "import onnxruntime, rnnstream, rnnstream.server; print(onnxruntime.get_available_providers())"
 
 # ---- runtime: the virtualenv, the shipped models and an unprivileged user.
 FROM python:3.11-slim AS runtime

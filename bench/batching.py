@@ -36,8 +36,9 @@ import grpc
 import numpy as np
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
-from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
+
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("echo", "off", "on_single", "on")
@@ -109,7 +110,7 @@ def server_command(kind: str, models: str, port: int, metrics_port: int) -> list
         command = [sys.executable, script, "--models", models, "--port", str(port)]
         command += ["--metrics-port", str(metrics_port)]
         return [*command, "--model-repository", str(REPO / "models")]
-    command = [sys.executable, "-m", "server", "--models", models, "--port", str(port)]
+    command = [sys.executable, "-m", "rnnstream.server", "--models", models, "--port", str(port)]
     command += ["--metrics-port", str(metrics_port), "--model-repository", str(REPO / "models")]
     # Per-session INFO log lines would be measured too; the benchmark is about the data path.
     command += ["--log-level", "WARNING", "--max-sessions-per-stream", "100000"]
@@ -147,7 +148,7 @@ def loadtest(
     processes = 1 if sessions == 1 else min(args.client_processes, sessions)
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "report.json"
-        command = [sys.executable, "-m", "client", "loadtest", "--target", server.target]
+        command = [sys.executable, "-m", "rnnstream", "loadtest", "--target", server.target]
         command += ["--model", model, "--sessions", str(sessions), "--no-progress"]
         command += ["--duration", str(args.duration), "--warmup", str(args.warmup)]
         command += ["--processes", str(processes), "--connections", str(min(sessions, 8))]
@@ -184,7 +185,7 @@ def measure(
 
 def ort_alone(model: str, sizes: list[int], seconds: float) -> list[dict[str, Any]]:
     """ONNX Runtime by itself (one intra-op thread, as the server runs it), batch B, T = 1."""
-    from server.core import load_model
+    from rnnstream.server.core import load_model
 
     loaded = load_model(model, REPO / "models" / model, "cpu", 1)
     spec = loaded.spec

@@ -22,13 +22,13 @@ from typing import Any
 import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, start_http_server
-from rnnstream_pb.tensor_codec import encode
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
-from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
 
-from server._loop import run_event_loop
-from server.core import ModelSpec, discover_models, load_model
-from server.transport.grpc._native import model_info
+from rnnstream.proto.tensor_codec import encode
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
+from rnnstream.server._loop import run_event_loop
+from rnnstream.server.core import ModelSpec, discover_models, load_model
+from rnnstream.server.transport.grpc._native import model_info
 
 
 class EchoServicer(pb_grpc.RnnstreamServicer):

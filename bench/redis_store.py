@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from client._loadtest import LoadtestOptions, run_loadtest  # noqa: E402
+from rnnstream.loadtest import LoadtestOptions, run_loadtest  # noqa: E402
 
 
 def free_port() -> int:
@@ -39,7 +39,7 @@ def wait_listening(port: int, timeout: float = 60) -> None:
 
 
 def start_server(port: int, store: str) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "server", "--port", str(port), "--models", "gru"]
+    args = [sys.executable, "-m", "rnnstream.server", "--port", str(port), "--models", "gru"]
     args += ["--metrics-port", "0", "--log-level", "WARNING", "--max-sessions-per-stream", "1024"]
     if store:
         args += ["--state-store", store]

@@ -33,10 +33,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from client import AsyncClient, AsyncSession, RnnstreamError  # noqa: E402
-from client._health import check_health  # noqa: E402
-from client._loadtest import LoadtestOptions, run_loadtest  # noqa: E402
-from client._loadtest._stats import new_histogram, record_seconds  # noqa: E402
+from rnnstream import AsyncClient, AsyncSession, RnnstreamError  # noqa: E402
+from rnnstream._health import check_health  # noqa: E402
+from rnnstream.loadtest import LoadtestOptions, run_loadtest  # noqa: E402
+from rnnstream.loadtest._stats import new_histogram, record_seconds  # noqa: E402
 
 GROWTH_LIMIT = 0.05
 
@@ -237,7 +237,7 @@ def main() -> int:
     port, metrics_port = _free_port(), _free_port()
     target = f"127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "rnnstream.server", "--host", "127.0.0.1", "--port", str(port),
          "--model-repository", str(REPO / "models"), "--models", args.model,
          "--metrics-port", str(metrics_port), "--log-level", "WARNING"],
         cwd=REPO,

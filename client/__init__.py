@@ -1,9 +1,24 @@
-"""rnnstream client: typed sync and asyncio sessions over the native gRPC API."""
+"""rnnstream: stream frames through stateful recurrent ONNX models over gRPC.
 
-from client._aio import AsyncClient, AsyncSession
-from client._errors import RnnstreamError, SessionLost
-from client._frames import FrameInput, Outputs
-from client._sync import Client, Session
+The client library is the package itself (`from rnnstream import Client`); the server is
+`rnnstream.server`, the load tester `rnnstream.loadtest` and the generated protocol code
+`rnnstream.proto`. Names are imported on first use, so `import rnnstream` (and the `rnnstream`
+command) stays cheap until a client is needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from rnnstream._version import __version__
+
+if TYPE_CHECKING:
+    from rnnstream._aio import AsyncClient, AsyncSession
+    from rnnstream._errors import RnnstreamError, SessionLost
+    from rnnstream._frames import FrameInput, Outputs
+    from rnnstream._mux import RetryPolicy
+    from rnnstream._sync import Client, Session
 
 __all__ = [
     "AsyncClient",
@@ -11,7 +26,34 @@ __all__ = [
     "Client",
     "FrameInput",
     "Outputs",
+    "RetryPolicy",
     "RnnstreamError",
     "Session",
     "SessionLost",
+    "__version__",
 ]
+
+_HOMES = {
+    "AsyncClient": "rnnstream._aio",
+    "AsyncSession": "rnnstream._aio",
+    "Client": "rnnstream._sync",
+    "FrameInput": "rnnstream._frames",
+    "Outputs": "rnnstream._frames",
+    "RetryPolicy": "rnnstream._mux",
+    "RnnstreamError": "rnnstream._errors",
+    "Session": "rnnstream._sync",
+    "SessionLost": "rnnstream._errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'rnnstream' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from client._cli import main as _main
+from rnnstream._cli import main as _main
 
 
 def main() -> None:

@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import grpc
-from rnnstream_pb.metadata import PACK_OUTPUTS_METADATA_KEY
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
-from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
 
-from client._errors import RnnstreamError, SessionLost
-from client._frames import EMIT, FrameInput, Outputs, decode_outputs, encode_frame
-from client._mux import RetryPolicy, StreamMux
-from client._routing import SESSION_ID_METADATA_KEY
+from rnnstream._errors import RnnstreamError, SessionLost
+from rnnstream._frames import EMIT, FrameInput, Outputs, decode_outputs, encode_frame
+from rnnstream._mux import RetryPolicy, StreamMux
+from rnnstream._routing import SESSION_ID_METADATA_KEY
+from rnnstream.proto.metadata import PACK_OUTPUTS_METADATA_KEY
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 
 __all__ = ["AsyncClient", "AsyncSession"]
 DEFAULT_RETRY = RetryPolicy()

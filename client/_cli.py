@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from client._errors import RnnstreamError
-from client._health import check_health
-from client._loadtest import add_arguments as add_loadtest_arguments
-from client._loadtest import command as loadtest_command
-from client._sync import Client
+from rnnstream._errors import RnnstreamError
+from rnnstream._health import check_health
+from rnnstream._sync import Client
+from rnnstream.loadtest import add_arguments as add_loadtest_arguments
+from rnnstream.loadtest import command as loadtest_command
 
 __all__ = ["build_parser", "main"]
 

@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from rnnstream_pb.tensor_codec import decode, encode
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
+
+from rnnstream.proto.tensor_codec import decode, encode
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
 
 __all__ = ["EMIT", "FrameInput", "Outputs", "decode_outputs", "encode_frame"]
 

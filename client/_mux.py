@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
-from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
 
-from client._errors import RnnstreamError, SessionLost
-from client._frames import EMIT
+from rnnstream._errors import RnnstreamError, SessionLost
+from rnnstream._frames import EMIT
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from client._aio import AsyncSession
+    from rnnstream._aio import AsyncSession
 
 __all__ = ["RetryPolicy", "StreamMux"]
 

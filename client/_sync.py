@@ -9,10 +9,9 @@ from collections.abc import Coroutine, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
-
-from client._aio import AsyncClient, AsyncSession
-from client._frames import FrameInput, Outputs
+from rnnstream._aio import AsyncClient, AsyncSession
+from rnnstream._frames import FrameInput, Outputs
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
 
 __all__ = ["Client", "Session"]
 

@@ -1,4 +1,7 @@
-"""Regenerate the rnnstream_pb package (Python code and .pyi stubs) from its .proto files."""
+"""Regenerate the rnnstream.proto package (Python code and .pyi stubs) from its .proto files.
+
+The .proto files sit at their import path under proto/ (rnnstream/proto/v1/rnnstream.proto), so
+the generated modules import each other as rnnstream.proto.*, with no rewriting."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ def _plugin(name: str) -> str:
 
 
 def proto_files() -> list[Path]:
-    return sorted(PROTO_ROOT.glob("rnnstream_pb/**/*.proto"))
+    return sorted(PROTO_ROOT.glob("rnnstream/proto/**/*.proto"))
 
 
 def generate(out_dir: Path) -> None:

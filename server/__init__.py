@@ -1,6 +1,6 @@
 """rnnstream server: serves stateful recurrent ONNX models to streaming clients."""
 
-from server._settings import Settings
-from server.transport.grpc import GrpcServer
+from rnnstream.server._settings import Settings
+from rnnstream.server.transport.grpc import GrpcServer
 
 __all__ = ["GrpcServer", "Settings"]

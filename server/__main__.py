@@ -7,9 +7,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from server._logging import configure_logging
-from server._settings import Settings
-from server._workers import serve, supervise
+from rnnstream.server._logging import configure_logging
+from rnnstream.server._settings import Settings
+from rnnstream.server._workers import serve, supervise
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -19,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pre.add_argument("--check-model", type=Path, default=None)
     checked, rest = pre.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     if checked.check_model is not None:
-        from server._check_model import check_model
+        from rnnstream.server._check_model import check_model
 
         settings = Settings.from_args(rest)
         raise SystemExit(check_model(checked.check_model, settings.device, settings.ort_threads))

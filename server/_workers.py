@@ -12,11 +12,11 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from server._logging import configure_logging
-from server._loop import loop_name, run_event_loop
-from server._settings import Settings
-from server.core import DeviceError, ModelConfigError
-from server.transport.grpc import GrpcServer
+from rnnstream.server._logging import configure_logging
+from rnnstream.server._loop import loop_name, run_event_loop
+from rnnstream.server._settings import Settings
+from rnnstream.server.core import DeviceError, ModelConfigError
+from rnnstream.server.transport.grpc import GrpcServer
 
 __all__ = ["serve", "supervise", "worker_settings"]
 

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from server import GrpcServer, Settings
+from rnnstream.server import GrpcServer, Settings
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from client._health import check_health
+from rnnstream._health import check_health
 from tests.conftest import MODELS, REPO
 
 
@@ -30,7 +30,7 @@ class ServerProcess:
         command = [
             sys.executable,
             "-m",
-            "server",
+            "rnnstream.server",
             "--host",
             "127.0.0.1",
             "--port",

@@ -112,7 +112,15 @@ class ServerProcess:
     def __init__(self, *flags: str, port: int | None = None, log: Path | None = None) -> None:
         self.port = port or free_port()
         self.target = f"127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "server", "--port", str(self.port), "--host", "127.0.0.1"]
+        args = [
+            sys.executable,
+            "-m",
+            "rnnstream.server",
+            "--port",
+            str(self.port),
+            "--host",
+            "127.0.0.1",
+        ]
         args += ["--model-repository", str(MODELS), "--metrics-port", "0", *flags]
         self._log: Any = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(args, stdout=self._log, stderr=self._log, cwd=REPO)

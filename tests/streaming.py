@@ -9,10 +9,10 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
-from rnnstream_pb.tensor_codec import decode, encode
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
-from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
 
+from rnnstream.proto.tensor_codec import decode, encode
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 from tests.conftest import MODELS
 from tests.reference import Reference, load_reference
 

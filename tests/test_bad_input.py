@@ -7,11 +7,11 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 import pytest
-from rnnstream_pb.tensor_codec import decode, encode
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
-from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
 
-from client import AsyncClient, RnnstreamError
+from rnnstream import AsyncClient, RnnstreamError
+from rnnstream.proto.tensor_codec import decode, encode
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer
 from tests.streaming import RawStream, frame_request, ort_full, sequence, x_tensor
 

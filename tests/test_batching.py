@@ -16,9 +16,9 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 import pytest
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
-from client import AsyncClient, RnnstreamError
+from rnnstream import AsyncClient, RnnstreamError
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from tests.conftest import MODELS, RunningServer
 from tests.streaming import (
     ATOL,

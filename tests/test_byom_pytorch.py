@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import Client
+from rnnstream import Client
 from tests.conftest import RunningServer, test_settings
 
 torch = pytest.importorskip("torch")

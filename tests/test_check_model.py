@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from server.__main__ import main
+from rnnstream.server.__main__ import main
 from tests.conftest import MODELS
 
 

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncClient, RnnstreamError
+from rnnstream import AsyncClient, RnnstreamError
 from tests.conftest import RunningServer
 
 

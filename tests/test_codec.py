@@ -1,17 +1,18 @@
-"""rnnstream_pb.tensor_codec: numpy arrays to rnnstream.v1.Tensor and back."""
+"""rnnstream.proto.tensor_codec: numpy arrays to rnnstream.v1.Tensor and back."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from rnnstream_pb.tensor_codec import (
+
+from rnnstream.proto.tensor_codec import (
     DTYPE_TO_NUMPY,
     TensorDecodeError,
     decode,
     encode,
     encode_into,
 )
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
 
 WIRE = {
     "float32": pb.FLOAT32,

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from client import AsyncClient, Client
+from rnnstream import AsyncClient, Client
 from tests.conftest import RunningServer
 from tests.streaming import (
     HIDDEN,

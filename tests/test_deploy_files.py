@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-from client._cli import build_parser
-from client._routing import SESSION_ID_METADATA_KEY
-from server import Settings
+from rnnstream._cli import build_parser
+from rnnstream._routing import SESSION_ID_METADATA_KEY
+from rnnstream.server import Settings
 from tests.conftest import REPO
 
 DEPLOY = REPO / "deploy"

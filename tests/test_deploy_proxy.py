@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client._routing import SESSION_ID_METADATA_KEY
+from rnnstream._routing import SESSION_ID_METADATA_KEY
 from tests.conftest import RunningServer, test_settings
 from tests.services import NginxProxy
 

@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 import redis
 
-from client import AsyncClient
-from client._mux import RetryPolicy
-from server.stores import RedisStore
+from rnnstream import AsyncClient
+from rnnstream._mux import RetryPolicy
+from rnnstream.server.stores import RedisStore
 from tests.conftest import MODELS
 from tests.services import NginxProxy, RedisServer, ServerProcess
 

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from client import Client
+from rnnstream import Client
 from tests.conftest import MODELS, RunningServer
 
 FOLDER = MODELS / "co2_forecaster"

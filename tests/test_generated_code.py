@@ -1,4 +1,4 @@
-"""The committed rnnstream_pb code is what proto/generate.py makes from the .proto today."""
+"""The committed rnnstream.proto code is what proto/generate.py makes from the .proto today."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO
 
-PACKAGE = REPO / "proto" / "rnnstream_pb"
+PACKAGE = REPO / "proto" / "rnnstream" / "proto"
 PATTERNS = ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py", "*_pb2_grpc.pyi")
 
 
@@ -50,7 +50,7 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    fresh = _generated(tmp_path / "rnnstream_pb")
+    fresh = _generated(tmp_path / "rnnstream" / "proto")
     committed = _generated(PACKAGE)
     assert sorted(fresh) == sorted(committed)
     assert len(committed) == 4 * len(list(PACKAGE.glob("**/*.proto")))  # pb2, grpc, and stubs

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 from grpc_health.v1 import health_pb2
 
-from client._cli import main
+from rnnstream._cli import main
 from tests.conftest import REPO, RunningServer
 
 NATIVE = "rnnstream.v1.Rnnstream"
@@ -77,7 +77,7 @@ def test_console_command_exit_codes(server: RunningServer) -> None:
     # The container HEALTHCHECK runs the installed command; check its process exit status.
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "client", "health", "--target", server.target, *args],
+            [sys.executable, "-m", "rnnstream", "health", "--target", server.target, *args],
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -8,9 +8,9 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from rnnstream_pb.tensor_codec import decode
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
+from rnnstream.proto.tensor_codec import decode
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from tests.conftest import RunningServer
 from tests.streaming import ort_full, sequence
 

@@ -11,14 +11,14 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 import pytest
-from rnnstream_pb.inference import grpc_service_pb2 as oip
-from rnnstream_pb.inference import grpc_service_pb2_grpc as oip_grpc
-from rnnstream_pb.tensor_codec import decode
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
-from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
 
-from client import AsyncClient, RnnstreamError, SessionLost
-from server.transport.grpc._server import _server_options
+from rnnstream import AsyncClient, RnnstreamError, SessionLost
+from rnnstream.proto.inference import grpc_service_pb2 as oip
+from rnnstream.proto.inference import grpc_service_pb2_grpc as oip_grpc
+from rnnstream.proto.tensor_codec import decode
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
+from rnnstream.server.transport.grpc._server import _server_options
 from tests.conftest import RunningServer, test_settings
 from tests.streaming import RawStream, frame_request, ort_full, sequence, x_tensor
 

@@ -17,9 +17,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from client._loadtest import LoadtestOptions, run_loadtest
-from client._loadtest._plot import write_plot
-from client._loadtest._stats import Timeline, WorkerStats, decode_histogram, new_histogram
+from rnnstream.loadtest import LoadtestOptions, run_loadtest
+from rnnstream.loadtest._plot import write_plot
+from rnnstream.loadtest._stats import Timeline, WorkerStats, decode_histogram, new_histogram
 from tests.conftest import MODELS, REPO, RunningServer
 
 GRU = MODELS / "gru" / "model.onnx"
@@ -29,7 +29,7 @@ def cli(*args: str, timeout: float = 60) -> tuple[int, str, dict[str, Any] | Non
     """Run `rnnstream loadtest` as a user would; returns exit code, stdout, JSON report, stderr."""
     out_dir = Path(args[args.index("--json") + 1]).parent if "--json" in args else None
     proc = subprocess.run(
-        [sys.executable, "-m", "client", "loadtest", "--no-progress", *args],
+        [sys.executable, "-m", "rnnstream", "loadtest", "--no-progress", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -252,7 +252,7 @@ def test_ctrl_c_stops_cleanly_and_prints_the_table(server: RunningServer, tmp_pa
         [
             sys.executable,
             "-m",
-            "client",
+            "rnnstream",
             "loadtest",
             "--no-progress",
             "--target",

@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 
-from client import Client
+from rnnstream import Client
 from tests.server_process import ServerProcess
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client import AsyncClient, RnnstreamError, SessionLost
+from rnnstream import AsyncClient, RnnstreamError, SessionLost
 from tests.conftest import RunningServer
 from tests.streaming import FEATURES, HIDDEN, RawStream, frame_request, sequence, x_tensor
 

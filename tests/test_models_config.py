@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from client import AsyncClient
-from server.core import ModelConfigError, load_model
+from rnnstream import AsyncClient
+from rnnstream.server.core import ModelConfigError, load_model
 from tests.conftest import RunningServer
 from tests.reference import load_reference
 

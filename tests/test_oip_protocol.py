@@ -5,11 +5,11 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from rnnstream_pb.inference import grpc_service_pb2 as oip
-from rnnstream_pb.inference import grpc_service_pb2_grpc as oip_grpc
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
-from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
 
+from rnnstream.proto.inference import grpc_service_pb2 as oip
+from rnnstream.proto.inference import grpc_service_pb2_grpc as oip_grpc
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 from tests.conftest import MODELS, RunningServer
 from tests.reference import load_reference
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-from rnnstream_pb.tensor_codec import encode
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
-from server.transport.grpc._outbox import Outbox
+from rnnstream.proto.tensor_codec import encode
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream.server.transport.grpc._outbox import Outbox
 
 
 def _output(session: str, index: int, values: int = 4) -> pb.StreamResponse:

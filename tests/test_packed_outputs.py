@@ -9,11 +9,11 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from rnnstream_pb.metadata import PACK_OUTPUTS_METADATA_KEY
-from rnnstream_pb.tensor_codec import decode
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
-from client import AsyncClient
+from rnnstream import AsyncClient
+from rnnstream.proto.metadata import PACK_OUTPUTS_METADATA_KEY
+from rnnstream.proto.tensor_codec import decode
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from tests.conftest import RunningServer
 from tests.streaming import (
     RawStream,

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from rnnstream_pb.tensor_codec import decode, encode
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
+from rnnstream.proto.tensor_codec import decode, encode
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from tests.conftest import RunningServer, test_settings
 from tests.streaming import FEATURES, HIDDEN, numpy_full
 

@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from client import AsyncClient, SessionLost
-from client._mux import RetryPolicy
+from rnnstream import AsyncClient, SessionLost
+from rnnstream._mux import RetryPolicy
 from tests.conftest import MODELS, RunningServer
 from tests.faults import FaultyProxy
 

@@ -14,10 +14,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from server.core import InvalidArgument, ModelScheduler, ModelSpec, Session, load_model
-from server.core._arrivals import ExpectedFrames
-from server.core._run_timing import RunTimes, single_step_key
-from server.core._sessions import ControlWork, FrameResult, FrameWork
+from rnnstream.server.core import InvalidArgument, ModelScheduler, ModelSpec, Session, load_model
+from rnnstream.server.core._arrivals import ExpectedFrames
+from rnnstream.server.core._run_timing import RunTimes, single_step_key
+from rnnstream.server.core._sessions import ControlWork, FrameResult, FrameWork
 from tests.conftest import MODELS
 
 Arrays = list[npt.NDArray[Any]]
@@ -444,7 +444,7 @@ def test_expected_frames_counts_answered_sessions_until_they_send_or_go_quiet() 
 async def test_under_load_a_batch_waits_for_expected_frames(
     gru_spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("server.core._arrivals._GATHER_SECONDS_PER_EXPECTED", 1.0)
+    monkeypatch.setattr("rnnstream.server.core._arrivals._GATHER_SECONDS_PER_EXPECTED", 1.0)
     for gather_seconds, batches in ((10.0, [[0, 1]]), (0.0, [[0], [1]])):
         h = Harness(gru_spec, max_batch_size=8, gather_seconds=gather_seconds)
         a, b = h.open(), h.open()
@@ -463,7 +463,7 @@ async def test_under_load_a_batch_waits_for_expected_frames(
 async def test_a_lone_stream_among_idle_sessions_never_waits(
     gru_spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("server.core._arrivals._GATHER_SECONDS_PER_EXPECTED", 1.0)
+    monkeypatch.setattr("rnnstream.server.core._arrivals._GATHER_SECONDS_PER_EXPECTED", 1.0)
     h = Harness(gru_spec, max_batch_size=8, gather_seconds=100.0)
     active = h.open()
     idle = [h.open() for _ in range(50)]  # opened, never sent a frame

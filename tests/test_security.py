@@ -17,15 +17,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rnnstream_pb.inference import grpc_service_pb2 as oip
-from rnnstream_pb.inference import grpc_service_pb2_grpc as oip_grpc
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
-from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
 
-from client import AsyncClient, RnnstreamError, SessionLost
-from server import Settings
-from server.transport.grpc._auth import Authenticator, parse_tokens
-from server.transport.grpc._server import _credentials
+from rnnstream import AsyncClient, RnnstreamError, SessionLost
+from rnnstream.proto.inference import grpc_service_pb2 as oip
+from rnnstream.proto.inference import grpc_service_pb2_grpc as oip_grpc
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
+from rnnstream.server import Settings
+from rnnstream.server.transport.grpc._auth import Authenticator, parse_tokens
+from rnnstream.server.transport.grpc._server import _credentials
 from tests.conftest import RunningServer, test_settings
 from tests.streaming import ort_full, sequence, x_tensor
 

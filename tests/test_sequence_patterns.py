@@ -11,11 +11,11 @@ import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 import pytest
-from rnnstream_pb.tensor_codec import decode, encode
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
-from rnnstream_pb.v1 import rnnstream_pb2_grpc as pb_grpc
 
-from client import Client, RnnstreamError
+from rnnstream import Client, RnnstreamError
+from rnnstream.proto.tensor_codec import decode, encode
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 from tests.conftest import MODELS, RunningServer
 
 F32 = npt.NDArray[np.float32]
@@ -222,7 +222,7 @@ def test_forecast_runs_in_order_with_frames_in_flight(server: RunningServer) -> 
     """Frames sent without waiting, then a forecast: it sees every frame sent before it."""
     import asyncio
 
-    from client import AsyncClient
+    from rnnstream import AsyncClient
 
     ref = BatchFirst("co2_forecaster")
     history = co2_like(50, seed=5)

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncClient, RnnstreamError
+from rnnstream import AsyncClient, RnnstreamError
 from tests.conftest import RunningServer
 from tests.streaming import (
     MODEL_NAMES,

@@ -13,8 +13,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from client import AsyncClient
-from server import Settings
+from rnnstream import AsyncClient
+from rnnstream.server import Settings
 from tests.conftest import MODELS, RunningServer
 from tests.streaming import ort_full, sequence
 

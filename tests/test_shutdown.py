@@ -11,11 +11,11 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rnnstream_pb.tensor_codec import decode
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
-from client import AsyncClient, SessionLost
-from client._mux import RetryPolicy
+from rnnstream import AsyncClient, SessionLost
+from rnnstream._mux import RetryPolicy
+from rnnstream.proto.tensor_codec import decode
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from tests.conftest import RunningServer, test_settings
 from tests.server_process import ServerProcess
 from tests.streaming import RawStream, frame_request, ort_full, sequence, x_tensor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from client import Client
+from rnnstream import Client
 from tests.conftest import MODELS, RunningServer
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import redis
 
-from client import AsyncClient, RnnstreamError
-from client._mux import RetryPolicy
-from server.stores import RedisStore
+from rnnstream import AsyncClient, RnnstreamError
+from rnnstream._mux import RetryPolicy
+from rnnstream.server.stores import RedisStore
 from tests.conftest import RunningServer
 from tests.services import RedisServer
 from tests.streaming import assert_matches_references, sequence

@@ -16,8 +16,8 @@ import numpy as np
 import psutil
 import pytest
 
-from client import AsyncClient
-from client._aio import DEFAULT_OPTIONS
+from rnnstream import AsyncClient
+from rnnstream._aio import DEFAULT_OPTIONS
 from tests.conftest import MODELS, REPO
 from tests.streaming import assert_matches_references, sequence
 
@@ -31,7 +31,7 @@ def workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "server", "--workers", "2", "--port", "0"),
+                *(sys.executable, "-m", "rnnstream.server", "--workers", "2", "--port", "0"),
                 *("--metrics-port", "0", "--model-repository", str(MODELS), "--models", "gru"),
                 *("--grace", str(GRACE)),
             ],
@@ -113,7 +113,15 @@ def test_two_workers_share_one_port_and_stop_on_sigterm(
 
 def test_workers_must_be_positive() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "server", "--workers", "0", "--model-repository", str(MODELS)],
+        [
+            sys.executable,
+            "-m",
+            "rnnstream.server",
+            "--workers",
+            "0",
+            "--model-repository",
+            str(MODELS),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -1,7 +1,7 @@
 """Transport-neutral core: models, sessions, the batching scheduler and the engine over them."""
 
-from server.core._engine import Engine, OpenedSession, SessionSnapshot, discover_models
-from server.core._errors import (
+from rnnstream.server.core._engine import Engine, OpenedSession, SessionSnapshot, discover_models
+from rnnstream.server.core._errors import (
     Aborted,
     AlreadyExists,
     FailedPrecondition,
@@ -13,13 +13,13 @@ from server.core._errors import (
     Unauthenticated,
     Unavailable,
 )
-from server.core._forecast import FlushResult, ForecastResult
-from server.core._models import ModelConfigError, ModelSpec, StateSpec, TensorSpec
-from server.core._runtime import DeviceError, OrtModel, load_model
-from server.core._scheduler import ModelScheduler
-from server.core._sessions import FrameResult, Session, SessionManager
-from server.core._state_pool import StatePool
-from server.core._store import SessionRecord, StateStore, StepRecord
+from rnnstream.server.core._forecast import FlushResult, ForecastResult
+from rnnstream.server.core._models import ModelConfigError, ModelSpec, StateSpec, TensorSpec
+from rnnstream.server.core._runtime import DeviceError, OrtModel, load_model
+from rnnstream.server.core._scheduler import ModelScheduler
+from rnnstream.server.core._sessions import FrameResult, Session, SessionManager
+from rnnstream.server.core._state_pool import StatePool
+from rnnstream.server.core._store import SessionRecord, StateStore, StepRecord
 
 __all__ = [
     "Aborted",

@@ -8,7 +8,7 @@ import time
 from collections import deque
 from typing import Protocol
 
-from server.core._sessions import Session
+from rnnstream.server.core._sessions import Session
 
 __all__ = ["ExpectedFrames", "Pacer"]
 

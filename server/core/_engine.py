@@ -13,20 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server._metrics import Metrics
-from server._settings import Settings
-from server.core._errors import (
+from rnnstream.server._metrics import Metrics
+from rnnstream.server._settings import Settings
+from rnnstream.server.core._errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     RnnstreamError,
     Unavailable,
 )
-from server.core._forecast import FlushResult, ForecastResult, first_from_frame
-from server.core._models import ModelConfigError, ModelSpec
-from server.core._runtime import OrtModel, load_model
-from server.core._scheduler import ModelScheduler
-from server.core._sessions import (
+from rnnstream.server.core._forecast import FlushResult, ForecastResult, first_from_frame
+from rnnstream.server.core._models import ModelConfigError, ModelSpec
+from rnnstream.server.core._runtime import OrtModel, load_model
+from rnnstream.server.core._scheduler import ModelScheduler
+from rnnstream.server.core._sessions import (
     ControlWork,
     ForecastParams,
     FrameReply,
@@ -35,8 +35,8 @@ from server.core._sessions import (
     Session,
     SessionManager,
 )
-from server.core._store import StateStore, StepRecord
-from server.core._validation import FrameValidator, NamedArray, validate_frame
+from rnnstream.server.core._store import StateStore, StepRecord
+from rnnstream.server.core._validation import FrameValidator, NamedArray, validate_frame
 
 __all__ = ["Engine", "OpenedSession", "SessionSnapshot", "discover_models"]
 

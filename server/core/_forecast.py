@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server.core._errors import FailedPrecondition, InvalidArgument
-from server.core._models import ModelSpec, TensorSpec, step_shape
-from server.core._runtime import OrtModel
-from server.core._sessions import FrameResult
+from rnnstream.server.core._errors import FailedPrecondition, InvalidArgument
+from rnnstream.server.core._models import ModelSpec, TensorSpec, step_shape
+from rnnstream.server.core._runtime import OrtModel
+from rnnstream.server.core._sessions import FrameResult
 
 __all__ = [
     "FlushResult",

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server.core._models import ModelSpec
+from rnnstream.server.core._models import ModelSpec
 
 __all__ = ["BatchKey", "RunTimes", "single_step_feeds", "single_step_key"]
 

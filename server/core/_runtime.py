@@ -10,7 +10,13 @@ from typing import Any
 import numpy.typing as npt
 import onnxruntime as ort
 
-from server.core._models import GraphTensor, ModelConfigError, ModelSpec, build_spec, load_config
+from rnnstream.server.core._models import (
+    GraphTensor,
+    ModelConfigError,
+    ModelSpec,
+    build_spec,
+    load_config,
+)
 
 __all__ = ["DeviceError", "OrtModel", "load_model"]
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from server.core._arrivals import Pacer
-from server.core._errors import (
+from rnnstream.server.core._arrivals import Pacer
+from rnnstream.server.core._errors import (
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -23,13 +23,19 @@ from server.core._errors import (
     RnnstreamError,
     Unavailable,
 )
-from server.core._forecast import FlushResult, ForecastResult, first_from_last, rollout
-from server.core._run_timing import RunTimes
-from server.core._runtime import OrtModel
-from server.core._sessions import ControlWork, FrameResult, FrameWork, Session, as_index_array
-from server.core._state_pool import StatePool
-from server.core._store import StateStore, StepRecord
-from server.core._validation import nonfinite_rows
+from rnnstream.server.core._forecast import FlushResult, ForecastResult, first_from_last, rollout
+from rnnstream.server.core._run_timing import RunTimes
+from rnnstream.server.core._runtime import OrtModel
+from rnnstream.server.core._sessions import (
+    ControlWork,
+    FrameResult,
+    FrameWork,
+    Session,
+    as_index_array,
+)
+from rnnstream.server.core._state_pool import StatePool
+from rnnstream.server.core._store import StateStore, StepRecord
+from rnnstream.server.core._validation import nonfinite_rows
 
 __all__ = ["BatchStats", "ModelScheduler"]
 
@@ -53,7 +59,7 @@ class BatchStats:
 
 
 if TYPE_CHECKING:
-    from server._metrics import Metrics
+    from rnnstream.server._metrics import Metrics
 
 
 class ModelScheduler:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from server.core._errors import (
+from rnnstream.server.core._errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -23,9 +23,9 @@ from server.core._errors import (
 )
 
 if TYPE_CHECKING:
-    from server._metrics import Metrics
-    from server.core._scheduler import ModelScheduler
-    from server.core._store import SessionRecord
+    from rnnstream.server._metrics import Metrics
+    from rnnstream.server.core._scheduler import ModelScheduler
+    from rnnstream.server.core._store import SessionRecord
 
 __all__ = [
     "EMIT_MODES",

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server.core._models import StateSpec
+from rnnstream.server.core._models import StateSpec
 
 __all__ = ["StatePool"]
 

@@ -10,8 +10,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from server.core._models import ModelSpec
-from server.core._sessions import FrameResult
+from rnnstream.server.core._models import ModelSpec
+from rnnstream.server.core._sessions import FrameResult
 
 __all__ = [
     "SessionRecord",

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server.core._errors import InvalidArgument
-from server.core._models import ModelSpec, TensorSpec
+from rnnstream.server.core._errors import InvalidArgument
+from rnnstream.server.core._models import ModelSpec, TensorSpec
 
 __all__ = ["FrameValidator", "describe_shape", "nonfinite_rows", "validate_frame"]
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from server.core import ModelSpec, Unavailable
-from server.core._store import (
+from rnnstream.server.core import ModelSpec, Unavailable
+from rnnstream.server.core._store import (
     SessionRecord,
     StateStore,
     StepRecord,

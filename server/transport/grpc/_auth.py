@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from server.core import Unauthenticated
+from rnnstream.server.core import Unauthenticated
 
 __all__ = ["ANONYMOUS", "Authenticator", "parse_tokens"]
 

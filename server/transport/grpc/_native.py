@@ -8,15 +8,26 @@ from typing import Any
 
 import grpc
 import numpy as np
-from rnnstream_pb.metadata import PACK_OUTPUTS_METADATA_KEY
-from rnnstream_pb.tensor_codec import NUMPY_TO_DTYPE
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
-from server.core import Engine, ModelSpec, TensorSpec, Unavailable
-from server.transport.grpc._auth import Authenticator
-from server.transport.grpc._native_messages import encode_outputs, forecasted
-from server.transport.grpc._native_stream import SHUTDOWN, StreamCall, end_session, named_arrays
-from server.transport.grpc._status import BadRequest, abort, tolerant, tolerant_unary, unary
+from rnnstream.proto.metadata import PACK_OUTPUTS_METADATA_KEY
+from rnnstream.proto.tensor_codec import NUMPY_TO_DTYPE
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream.server.core import Engine, ModelSpec, TensorSpec, Unavailable
+from rnnstream.server.transport.grpc._auth import Authenticator
+from rnnstream.server.transport.grpc._native_messages import encode_outputs, forecasted
+from rnnstream.server.transport.grpc._native_stream import (
+    SHUTDOWN,
+    StreamCall,
+    end_session,
+    named_arrays,
+)
+from rnnstream.server.transport.grpc._status import (
+    BadRequest,
+    abort,
+    tolerant,
+    tolerant_unary,
+    unary,
+)
 
 __all__ = ["NativeServicer", "model_info"]
 

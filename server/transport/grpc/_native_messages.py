@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from rnnstream_pb.tensor_codec import encode
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
-
-from server.core import Engine, FlushResult, ForecastResult, FrameResult, InvalidArgument
+from rnnstream.proto.tensor_codec import encode
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream.server.core import Engine, FlushResult, ForecastResult, FrameResult, InvalidArgument
 
 __all__ = ["emit_name", "encode_outputs", "ended", "flushed", "forecasted"]
 

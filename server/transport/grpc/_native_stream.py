@@ -7,19 +7,18 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from rnnstream_pb.tensor_codec import decode, encode_into
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
-
-from server.core import Engine, FrameResult, InvalidArgument, ResourceExhausted, Session
-from server.core._validation import NamedArray
-from server.transport.grpc._native_messages import (
+from rnnstream.proto.tensor_codec import decode, encode_into
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream.server.core import Engine, FrameResult, InvalidArgument, ResourceExhausted, Session
+from rnnstream.server.core._validation import NamedArray
+from rnnstream.server.transport.grpc._native_messages import (
     emit_name,
     ended,
     flushed,
     forecasted,
 )
-from server.transport.grpc._outbox import Outbox
-from server.transport.grpc._status import BadRequest, as_rnnstream_error, stream_error
+from rnnstream.server.transport.grpc._outbox import Outbox
+from rnnstream.server.transport.grpc._status import BadRequest, as_rnnstream_error, stream_error
 
 __all__ = ["SHUTDOWN", "StreamCall", "end_session", "named_arrays"]
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from rnnstream_pb.inference import grpc_service_pb2 as oip
 
-from server.core import (
+from rnnstream.proto.inference import grpc_service_pb2 as oip
+from rnnstream.server.core import (
     Engine,
     FailedPrecondition,
     FrameResult,
@@ -27,17 +27,23 @@ from server.core import (
     OrtModel,
     Session,
 )
-from server.core._validation import NamedArray
-from server.transport.grpc._auth import Authenticator
-from server.transport.grpc._oip_codec import decode_inputs, encode_outputs, to_frame
-from server.transport.grpc._oip_config import (
+from rnnstream.server.core._validation import NamedArray
+from rnnstream.server.transport.grpc._auth import Authenticator
+from rnnstream.server.transport.grpc._oip_codec import decode_inputs, encode_outputs, to_frame
+from rnnstream.server.transport.grpc._oip_config import (
     VERSION,
     model_config,
     model_metadata,
     model_statistics,
 )
-from server.transport.grpc._oip_stream import Stream, chain, consume, error_response
-from server.transport.grpc._status import BadRequest, abort, tolerant, tolerant_unary, unary
+from rnnstream.server.transport.grpc._oip_stream import Stream, chain, consume, error_response
+from rnnstream.server.transport.grpc._status import (
+    BadRequest,
+    abort,
+    tolerant,
+    tolerant_unary,
+    unary,
+)
 
 __all__ = ["EXTENSIONS", "SERVICE", "OipServicer", "session_id_for"]
 

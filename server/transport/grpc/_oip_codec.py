@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from rnnstream_pb.inference import grpc_service_pb2 as oip
-from rnnstream_pb.inference import model_config_pb2 as mc
 
-from server.core import InvalidArgument, TensorSpec
+from rnnstream.proto.inference import grpc_service_pb2 as oip
+from rnnstream.proto.inference import model_config_pb2 as mc
+from rnnstream.server.core import InvalidArgument, TensorSpec
 
 __all__ = [
     "CONFIG_TYPES",

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from rnnstream_pb.inference import grpc_service_pb2 as oip
-from rnnstream_pb.inference import model_config_pb2 as mc
 
-from server._settings import Settings
-from server.core import OrtModel, StateSpec, TensorSpec
-from server.core._scheduler import BatchStats
-from server.transport.grpc._oip_codec import CONFIG_TYPES, DATATYPES, oip_dims
+from rnnstream.proto.inference import grpc_service_pb2 as oip
+from rnnstream.proto.inference import model_config_pb2 as mc
+from rnnstream.server._settings import Settings
+from rnnstream.server.core import OrtModel, StateSpec, TensorSpec
+from rnnstream.server.core._scheduler import BatchStats
+from rnnstream.server.transport.grpc._oip_codec import CONFIG_TYPES, DATATYPES, oip_dims
 
 __all__ = ["PLATFORM", "VERSION", "model_config", "model_metadata", "model_statistics"]
 

@@ -6,10 +6,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from rnnstream_pb.inference import grpc_service_pb2 as oip
-
-from server.transport.grpc._outbox import Outbox
-from server.transport.grpc._status import as_rnnstream_error
+from rnnstream.proto.inference import grpc_service_pb2 as oip
+from rnnstream.server.transport.grpc._outbox import Outbox
+from rnnstream.server.transport.grpc._status import as_rnnstream_error
 
 __all__ = ["READ_AHEAD", "Stream", "chain", "consume", "error_response"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
 
 __all__ = ["Outbox"]
 

@@ -12,13 +12,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server._settings import Settings
-from server.core import Engine
-from server.stores import open_store
-from server.transport.grpc._auth import Authenticator
-from server.transport.grpc._native import SERVICE, NativeServicer
-from server.transport.grpc._oip import SERVICE as OIP_SERVICE
-from server.transport.grpc._oip import OipServicer
+from rnnstream.server._settings import Settings
+from rnnstream.server.core import Engine
+from rnnstream.server.stores import open_store
+from rnnstream.server.transport.grpc._auth import Authenticator
+from rnnstream.server.transport.grpc._native import SERVICE, NativeServicer
+from rnnstream.server.transport.grpc._oip import SERVICE as OIP_SERVICE
+from rnnstream.server.transport.grpc._oip import OipServicer
 
 __all__ = ["GrpcServer"]
 

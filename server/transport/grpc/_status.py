@@ -8,10 +8,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from rnnstream_pb.tensor_codec import TensorDecodeError
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
-from server.core import Internal, InvalidArgument, RnnstreamError
+from rnnstream.proto.tensor_codec import TensorDecodeError
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream.server.core import Internal, InvalidArgument, RnnstreamError
 
 __all__ = [
     "BadRequest",

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from rnnstream_pb.tensor_codec import DTYPE_TO_NUMPY
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
-from client._loadtest._options import OptionsError
+from rnnstream.loadtest._options import OptionsError
+from rnnstream.proto.tensor_codec import DTYPE_TO_NUMPY
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
 
 __all__ = ["Frame", "FrameSource", "SessionFrames", "frame_shape"]
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
 
 __all__ = [
     "DTYPE_TO_NUMPY",

@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from rnnstream_pb.tensor_codec import DTYPE_TO_NUMPY
-from rnnstream_pb.v1 import rnnstream_pb2 as pb
 
-from client._frames import Outputs
-from client._loadtest._frames import Frame
-from client._loadtest._options import OptionsError
+from rnnstream._frames import Outputs
+from rnnstream.loadtest._frames import Frame
+from rnnstream.loadtest._options import OptionsError
+from rnnstream.proto.tensor_codec import DTYPE_TO_NUMPY
+from rnnstream.proto.v1 import rnnstream_pb2 as pb
 
 __all__ = ["TOLERANCE", "Reference", "SessionCheck", "Verifier", "VerifyStats"]
 

@@ -7,12 +7,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from client._aio import AsyncSession
-from client._errors import RnnstreamError
-from client._frames import Outputs
-from client._loadtest._frames import SessionFrames
-from client._loadtest._stats import WorkerStats
-from client._loadtest._verify import SessionCheck
+from rnnstream._aio import AsyncSession
+from rnnstream._errors import RnnstreamError
+from rnnstream._frames import Outputs
+from rnnstream.loadtest._frames import SessionFrames
+from rnnstream.loadtest._stats import WorkerStats
+from rnnstream.loadtest._verify import SessionCheck
 
 __all__ = ["NO_ANSWER", "RunClock", "SessionDriver"]
 

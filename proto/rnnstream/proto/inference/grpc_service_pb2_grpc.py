@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from rnnstream_pb.inference import grpc_service_pb2 as rnnstream__pb_dot_inference_dot_grpc__service__pb2
+from rnnstream.proto.inference import grpc_service_pb2 as rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in rnnstream_pb/inference/grpc_service_pb2_grpc.py depends on'
+        + ' but the generated code in rnnstream/proto/inference/grpc_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,48 +36,48 @@ class GRPCInferenceServiceStub:
         """
         self.ServerLive = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerLive',
-                request_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+                request_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.FromString,
                 _registered_method=True)
         self.ServerReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerReady',
-                request_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+                request_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.FromString,
                 _registered_method=True)
         self.ModelReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelReady',
-                request_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+                request_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.FromString,
                 _registered_method=True)
         self.ServerMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerMetadata',
-                request_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+                request_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelMetadata',
-                request_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+                request_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelInfer',
-                request_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelInferResponse.FromString,
+                request_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
         self.ModelStreamInfer = channel.stream_stream(
                 '/inference.GRPCInferenceService/ModelStreamInfer',
-                request_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
+                request_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
                 _registered_method=True)
         self.ModelConfig = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelConfig',
-                request_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+                request_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
                 _registered_method=True)
         self.ModelStatistics = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelStatistics',
-                request_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+                request_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
                 _registered_method=True)
 
 
@@ -143,48 +143,48 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ServerLive': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerLive,
-                    request_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.SerializeToString,
             ),
             'ServerReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerReady,
-                    request_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.SerializeToString,
             ),
             'ModelReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelReady,
-                    request_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.SerializeToString,
             ),
             'ServerMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerMetadata,
-                    request_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.SerializeToString,
             ),
             'ModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelMetadata,
-                    request_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
-                    request_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelInferRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelInferRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
             ),
             'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
                     servicer.ModelStreamInfer,
-                    request_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelInferRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelStreamInferResponse.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelInferRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelStreamInferResponse.SerializeToString,
             ),
             'ModelConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelConfig,
-                    request_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
             ),
             'ModelStatistics': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelStatistics,
-                    request_deserializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -212,8 +212,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerLive',
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -239,8 +239,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerReady',
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -266,8 +266,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelReady',
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -293,8 +293,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerMetadata',
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -320,8 +320,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelMetadata',
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -347,8 +347,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelInfer',
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelInferResponse.FromString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -374,8 +374,8 @@ class GRPCInferenceService:
             request_iterator,
             target,
             '/inference.GRPCInferenceService/ModelStreamInfer',
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -401,8 +401,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelConfig',
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -428,8 +428,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelStatistics',
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
-            rnnstream__pb_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+            rnnstream_dot_proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

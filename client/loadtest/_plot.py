@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client._loadtest._options import OptionsError
-from client._loadtest._report import Report
+from rnnstream.loadtest._options import OptionsError
+from rnnstream.loadtest._report import Report
 
 __all__ = ["write_plot"]
 

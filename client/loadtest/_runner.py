@@ -15,17 +15,17 @@ from typing import Any
 
 from rich.text import Text
 
-from client._loadtest._options import LoadtestOptions, OptionsError
-from client._loadtest._report import Report, progress_text
-from client._loadtest._stats import (
+from rnnstream.loadtest._options import LoadtestOptions, OptionsError
+from rnnstream.loadtest._report import Report, progress_text
+from rnnstream.loadtest._stats import (
     Timeline,
     decode_histogram,
     encode_histogram,
     new_histogram,
     summary_ms,
 )
-from client._loadtest._verify import VerifyStats
-from client._loadtest._worker import Share, WorkerFailed, WorkerResult, run_worker
+from rnnstream.loadtest._verify import VerifyStats
+from rnnstream.loadtest._worker import Share, WorkerFailed, WorkerResult, run_worker
 
 __all__ = ["LoadtestError", "run_loadtest", "split"]
 

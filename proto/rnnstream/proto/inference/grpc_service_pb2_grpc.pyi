@@ -9,7 +9,7 @@ RPCs left out of the service answer UNIMPLEMENTED.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from rnnstream_pb.inference import grpc_service_pb2 as _grpc_service_pb2
+from rnnstream.proto.inference import grpc_service_pb2 as _grpc_service_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -8,14 +8,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from client._aio import DEFAULT_OPTIONS, AsyncClient, AsyncSession
-from client._errors import RnnstreamError
-from client._loadtest._driver import RunClock, SessionDriver, clock
-from client._loadtest._frames import FrameSource
-from client._loadtest._options import LoadtestOptions
-from client._loadtest._schedule import arrival_times, run_schedule
-from client._loadtest._stats import WorkerStats, encode_histogram
-from client._loadtest._verify import Reference, Verifier, VerifyStats
+from rnnstream._aio import DEFAULT_OPTIONS, AsyncClient, AsyncSession
+from rnnstream._errors import RnnstreamError
+from rnnstream.loadtest._driver import RunClock, SessionDriver, clock
+from rnnstream.loadtest._frames import FrameSource
+from rnnstream.loadtest._options import LoadtestOptions
+from rnnstream.loadtest._schedule import arrival_times, run_schedule
+from rnnstream.loadtest._stats import WorkerStats, encode_histogram
+from rnnstream.loadtest._verify import Reference, Verifier, VerifyStats
 
 __all__ = ["Link", "Share", "WorkerFailed", "WorkerResult", "run_worker"]
 

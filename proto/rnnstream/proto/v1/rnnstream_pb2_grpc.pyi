@@ -5,7 +5,7 @@ rnnstream native API: stream frames through stateful recurrent models."""
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from rnnstream_pb.v1 import rnnstream_pb2 as _rnnstream_pb2
+from rnnstream.proto.v1 import rnnstream_pb2 as _rnnstream_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -9,10 +9,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from client._loadtest._options import OptionsError, from_args
-from client._loadtest._plot import write_plot
-from client._loadtest._report import print_report
-from client._loadtest._runner import LoadtestError, Progress, run_loadtest
+from rnnstream.loadtest._options import OptionsError, from_args
+from rnnstream.loadtest._plot import write_plot
+from rnnstream.loadtest._report import print_report
+from rnnstream.loadtest._runner import LoadtestError, Progress, run_loadtest
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_UNUSABLE", "command"]
 

@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from client._loadtest._options import LoadtestOptions
-from client._loadtest._stats import SecondTotals
-from client._loadtest._verify import TOLERANCE, VerifyStats
+from rnnstream.loadtest._options import LoadtestOptions
+from rnnstream.loadtest._stats import SecondTotals
+from rnnstream.loadtest._verify import TOLERANCE, VerifyStats
 
 __all__ = ["Report", "print_report", "progress_text", "render_table"]
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from rnnstream_pb.v1 import rnnstream_pb2 as rnnstream__pb_dot_v1_dot_rnnstream__pb2
+from rnnstream.proto.v1 import rnnstream_pb2 as rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in rnnstream_pb/v1/rnnstream_pb2_grpc.py depends on'
+        + ' but the generated code in rnnstream/proto/v1/rnnstream_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,38 +36,38 @@ class RnnstreamStub:
         """
         self.Stream = channel.stream_stream(
                 '/rnnstream.v1.Rnnstream/Stream',
-                request_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.StreamRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.StreamResponse.FromString,
+                request_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.StreamRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.StreamResponse.FromString,
                 _registered_method=True)
         self.Infer = channel.unary_unary(
                 '/rnnstream.v1.Rnnstream/Infer',
-                request_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.InferRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.InferResponse.FromString,
+                request_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.InferRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.InferResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/rnnstream.v1.Rnnstream/ListModels',
-                request_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.ListModelsResponse.FromString,
+                request_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/rnnstream.v1.Rnnstream/GetModel',
-                request_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.GetModelRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.ModelInfo.FromString,
+                request_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ModelInfo.FromString,
                 _registered_method=True)
         self.GetSession = channel.unary_unary(
                 '/rnnstream.v1.Rnnstream/GetSession',
-                request_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.GetSessionRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.SessionInfo.FromString,
+                request_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.SessionInfo.FromString,
                 _registered_method=True)
         self.EndSession = channel.unary_unary(
                 '/rnnstream.v1.Rnnstream/EndSession',
-                request_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.EndSessionRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.SessionEnded.FromString,
+                request_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.EndSessionRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.SessionEnded.FromString,
                 _registered_method=True)
         self.Forecast = channel.unary_unary(
                 '/rnnstream.v1.Rnnstream/Forecast',
-                request_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.ForecastRequest.SerializeToString,
-                response_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.ForecastResponse.FromString,
+                request_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ForecastRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ForecastResponse.FromString,
                 _registered_method=True)
 
 
@@ -125,38 +125,38 @@ def add_RnnstreamServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Stream': grpc.stream_stream_rpc_method_handler(
                     servicer.Stream,
-                    request_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.StreamRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.StreamResponse.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.StreamRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.StreamResponse.SerializeToString,
             ),
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
-                    request_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.InferRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.InferResponse.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.InferRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.InferResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.ListModelsRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListModelsRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListModelsResponse.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
-                    request_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.GetModelRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.GetModelRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ModelInfo.SerializeToString,
             ),
             'GetSession': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSession,
-                    request_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.GetSessionRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.SessionInfo.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.GetSessionRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.SessionInfo.SerializeToString,
             ),
             'EndSession': grpc.unary_unary_rpc_method_handler(
                     servicer.EndSession,
-                    request_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.EndSessionRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.SessionEnded.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.EndSessionRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.SessionEnded.SerializeToString,
             ),
             'Forecast': grpc.unary_unary_rpc_method_handler(
                     servicer.Forecast,
-                    request_deserializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.ForecastRequest.FromString,
-                    response_serializer=rnnstream__pb_dot_v1_dot_rnnstream__pb2.ForecastResponse.SerializeToString,
+                    request_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ForecastRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ForecastResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,8 +184,8 @@ class Rnnstream:
             request_iterator,
             target,
             '/rnnstream.v1.Rnnstream/Stream',
-            rnnstream__pb_dot_v1_dot_rnnstream__pb2.StreamRequest.SerializeToString,
-            rnnstream__pb_dot_v1_dot_rnnstream__pb2.StreamResponse.FromString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.StreamRequest.SerializeToString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.StreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -211,8 +211,8 @@ class Rnnstream:
             request,
             target,
             '/rnnstream.v1.Rnnstream/Infer',
-            rnnstream__pb_dot_v1_dot_rnnstream__pb2.InferRequest.SerializeToString,
-            rnnstream__pb_dot_v1_dot_rnnstream__pb2.InferResponse.FromString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.InferRequest.SerializeToString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.InferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -238,8 +238,8 @@ class Rnnstream:
             request,
             target,
             '/rnnstream.v1.Rnnstream/ListModels',
-            rnnstream__pb_dot_v1_dot_rnnstream__pb2.ListModelsRequest.SerializeToString,
-            rnnstream__pb_dot_v1_dot_rnnstream__pb2.ListModelsResponse.FromString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListModelsRequest.SerializeToString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -265,8 +265,8 @@ class Rnnstream:
             request,
             target,
             '/rnnstream.v1.Rnnstream/GetModel',
-            rnnstream__pb_dot_v1_dot_rnnstream__pb2.GetModelRequest.SerializeToString,
-            rnnstream__pb_dot_v1_dot_rnnstream__pb2.ModelInfo.FromString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.GetModelRequest.SerializeToString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -292,8 +292,8 @@ class Rnnstream:
             request,
             target,
             '/rnnstream.v1.Rnnstream/GetSession',
-            rnnstream__pb_dot_v1_dot_rnnstream__pb2.GetSessionRequest.SerializeToString,
-            rnnstream__pb_dot_v1_dot_rnnstream__pb2.SessionInfo.FromString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.GetSessionRequest.SerializeToString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.SessionInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -319,8 +319,8 @@ class Rnnstream:
             request,
             target,
             '/rnnstream.v1.Rnnstream/EndSession',
-            rnnstream__pb_dot_v1_dot_rnnstream__pb2.EndSessionRequest.SerializeToString,
-            rnnstream__pb_dot_v1_dot_rnnstream__pb2.SessionEnded.FromString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.EndSessionRequest.SerializeToString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.SessionEnded.FromString,
             options,
             channel_credentials,
             insecure,
@@ -346,8 +346,8 @@ class Rnnstream:
             request,
             target,
             '/rnnstream.v1.Rnnstream/Forecast',
-            rnnstream__pb_dot_v1_dot_rnnstream__pb2.ForecastRequest.SerializeToString,
-            rnnstream__pb_dot_v1_dot_rnnstream__pb2.ForecastResponse.FromString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ForecastRequest.SerializeToString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ForecastResponse.FromString,
             options,
             channel_credentials,
             insecure,
