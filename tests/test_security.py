@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import re
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -12,10 +12,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rnnstream import AsyncClient, RnnstreamError, SessionLost
@@ -23,85 +19,17 @@ from rnnstream.proto.inference import grpc_service_pb2 as oip
 from rnnstream.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
-from rnnstream.server import Settings
+from rnnstream.server import GrpcServer, Settings
+from rnnstream.server.core import Unauthenticated
 from rnnstream.server.transport.grpc._auth import Authenticator, parse_tokens
 from rnnstream.server.transport.grpc._server import _credentials
-from tests.conftest import RunningServer, test_settings
+from tests.conftest import MODELS, REPO, RunningServer, test_settings
+from tests.pki import Pki
+from tests.server_process import free_port
 from tests.streaming import ort_full, sequence, x_tensor
 
 MODEL = "gru"
 X = sequence(MODEL, 4, seed=80)
-
-
-# -- certificates ------------------------------------------------------------------------------
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[str, ec.EllipticCurvePrivateKey] | None,
-    *,
-    ca: bool = False,
-    server: bool = False,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    issuer_name, issuer_key = issuer if issuer is not None else (subject, key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(_name(issuer_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-class Pki:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
-
-    def __init__(self, folder: Path) -> None:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca = _cert("rnnstream test CA", ca_key, None, ca=True)
-        server_key = ec.generate_private_key(ec.SECP256R1())
-        server = _cert("localhost", server_key, ("rnnstream test CA", ca_key), server=True)
-        client_key = ec.generate_private_key(ec.SECP256R1())
-        client = _cert("client-1", client_key, ("rnnstream test CA", ca_key))
-        other_ca_key = ec.generate_private_key(ec.SECP256R1())
-        stranger_key = ec.generate_private_key(ec.SECP256R1())
-        stranger = _cert("stranger", stranger_key, ("another CA", other_ca_key))
-        self.ca = _pem(ca)
-        self.client_cert, self.client_key = _pem(client), _key_pem(client_key)
-        self.stranger_cert, self.stranger_key = _pem(stranger), _key_pem(stranger_key)
-        self.ca_path = folder / "ca.pem"
-        self.cert_path = folder / "server.pem"
-        self.key_path = folder / "server.key"
-        self.ca_path.write_bytes(self.ca)
-        self.cert_path.write_bytes(_pem(server))
-        self.key_path.write_bytes(_key_pem(server_key))
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +200,62 @@ def test_token_parsing() -> None:
     assert auth.check([("authorization", "Bearer x")]) == "a"
     assert auth.check([("authorization", "bearer  x ")]) == "a"  # scheme is case-insensitive
     assert Authenticator().check(None) == "anonymous"
+
+
+BAD_TOKEN_CONFIGS = {
+    # What `alice=$ALICE_TOKEN,bob=...` becomes when ALICE_TOKEN is unset.
+    "alice=,bob=bob-secret-token": "principal 'alice' has an empty auth token",
+    "alice= ,bob=bob-secret-token": "principal 'alice' has an empty auth token",
+    "alice=same-token,bob=same-token": "principals 'alice' and 'bob' are given the same auth token",
+    "alice=t1,alice=t1": "principal 'alice' lists the same auth token twice",
+    "=orphan-token": "names no principal",
+    "bare-token,token-1=named": "principal 'token-1' is both named and given to a bare token",
+}
+
+
+@pytest.mark.parametrize("tokens", BAD_TOKEN_CONFIGS)
+def test_bad_token_configuration_is_refused(tokens: str, tmp_path: Path) -> None:
+    # Before the fix, "alice=" made "" alice's token, and `authorization: Bearer  ` opened
+    # sessions as alice; two principals with one token silently became the last one.
+    expected = BAD_TOKEN_CONFIGS[tokens]
+    settings = Settings.from_args([], env={"RNNSTREAM_AUTH_TOKENS": tokens})
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        GrpcServer(settings)
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text("\n".join(tokens.split(",")) + "\n")
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        GrpcServer(test_settings(auth_tokens_file=str(tokens_file)))
+
+
+def test_server_with_an_empty_token_does_not_start() -> None:
+    command = [sys.executable, "-m", "rnnstream.server", "--port", str(free_port())]
+    command += ["--model-repository", str(MODELS), "--metrics-port", "0"]
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={"RNNSTREAM_AUTH_TOKENS": "alice=,bob=bob-secret-token", "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail("rnnstream-server started with an empty token for alice")
+    assert process.returncode == 2, stderr
+    assert "principal 'alice' has an empty auth token" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_empty_bearer_never_matches() -> None:
+    with pytest.raises(ValueError, match="empty auth token"):
+        Authenticator({"": "alice"})
+    auth = Authenticator(parse_tokens(["alice=alice-secret-token"]))
+    for header in ("Bearer ", "Bearer  ", "Bearer \t", "bearer", "Bearer"):
+        with pytest.raises(Unauthenticated, match="missing bearer token"):
+            auth.check([("authorization", header)])
 
 
 # -- sessions belong to their principal --------------------------------------------------------

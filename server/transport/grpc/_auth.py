@@ -17,16 +17,42 @@ ANONYMOUS = "anonymous"
 
 
 def parse_tokens(entries: Iterable[str]) -> dict[str, str]:
-    """token -> principal from 'principal=token' entries; a bare token is its own principal."""
+    """token -> principal from 'principal=token' entries; a bare token is its own principal.
+
+    Refuses (ValueError naming the principal) an empty token or principal, and a token listed
+    twice: an unset shell variable in `alice=$TOKEN` must not open the server to everyone, and
+    one token must never stand for two principals.
+    """
     tokens: dict[str, str] = {}
+    explicit: set[str] = set()
+    bare: list[str] = []
     for raw in entries:
         entry = raw.strip()
         if not entry or entry.startswith("#"):
             continue
-        principal, sep, token = entry.partition("=")
+        principal, sep, token = (part.strip() for part in entry.partition("="))
         if not sep:
             principal, token = f"token-{len(tokens) + 1}", entry
-        tokens[token.strip()] = principal.strip()
+            bare.append(principal)
+        elif not principal:
+            raise ValueError("auth token entry '=...' names no principal: write principal=token")
+        else:
+            explicit.add(principal)
+        if not token:
+            raise ValueError(f"principal {principal!r} has an empty auth token")
+        if token in tokens:
+            raise ValueError(
+                f"principals {tokens[token]!r} and {principal!r} are given the same auth token; "
+                "every token must be unique"
+                if tokens[token] != principal
+                else f"principal {principal!r} lists the same auth token twice"
+            )
+        tokens[token] = principal
+    clash = sorted(explicit.intersection(bare))
+    if clash:
+        raise ValueError(
+            f"principal {clash[0]!r} is both named and given to a bare token: name every token"
+        )
     return tokens
 
 
@@ -35,6 +61,9 @@ class Authenticator:
     are one anonymous principal."""
 
     def __init__(self, tokens: dict[str, str] | None = None) -> None:
+        for token, principal in (tokens or {}).items():
+            if not token.strip() or not principal:
+                raise ValueError(f"principal {principal!r} has an empty auth token")
         self._tokens = [(t.encode(), p) for t, p in (tokens or {}).items()]
 
     @classmethod
@@ -56,11 +85,11 @@ class Authenticator:
             if key == "authorization":
                 header = value.decode() if isinstance(value, bytes) else str(value)
         scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented:
+        candidate = presented.strip().encode()
+        if scheme.lower() != "bearer" or not candidate:
             raise Unauthenticated(
                 "missing bearer token: send metadata 'authorization: Bearer <token>'"
             )
-        candidate = presented.strip().encode()
         principal = None
         # Compare against every token, always, so timing says nothing about which one matched.
         for token, owner in self._tokens:
