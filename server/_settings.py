@@ -96,11 +96,23 @@ class Settings:
     tls_client_ca: str = _setting(
         "", "PEM CA bundle; when set, clients must present a certificate."
     )
+    tls_client_principal: str = _setting(
+        "cn",
+        "With --tls-client-ca, the client certificate's name that is its principal: the subject "
+        "common name, or its one DNS, URI or email SAN; none: certificates only admit the "
+        "connection. With bearer tokens too, a call needs both, naming the same principal.",
+        choices=("cn", "dns", "uri", "email", "none"),
+    )
     auth_tokens: tuple[str, ...] = _setting(
         (), "Bearer tokens, comma-separated, each 'principal=token' or a bare token."
     )
     auth_tokens_file: str = _setting(
         "", "File of bearer tokens, one per line: 'principal=token' or a bare token."
+    )
+    readiness_without_auth: bool = _setting(
+        False,
+        "Let the Open Inference Protocol ServerLive and ServerReady answer callers without "
+        "credentials (for probes that cannot send any); gRPC health always does.",
     )
 
     @classmethod

@@ -81,8 +81,17 @@ def x_tensor(x: npt.NDArray[Any]) -> pb.Tensor:
 class RawStream:
     """One rnnstream.v1 Stream call driven message by message, for exact control of the wire."""
 
-    def __init__(self, target: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self,
+        target: str,
+        metadata: tuple[tuple[str, str], ...] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.channel = (
+            grpc.aio.insecure_channel(target)
+            if credentials is None
+            else grpc.aio.secure_channel(target, credentials)
+        )
         self.stub = pb_grpc.RnnstreamStub(self.channel)
         self.call = self.stub.Stream(metadata=metadata)
 

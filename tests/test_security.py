@@ -157,7 +157,7 @@ async def test_bearer_tokens(
     make_server: Callable[..., RunningServer], tmp_path: Path, source: str
 ) -> None:
     running = make_server(**_token_settings(tmp_path, source))
-    assert running.server.auth.enabled
+    assert running.server.auth.mode == "bearer tokens"
     stats = running.engine.schedulers[MODEL].stats
     channel = grpc.aio.insecure_channel(running.target)
     try:

@@ -1,19 +1,27 @@
-"""Who is calling: bearer-token authentication and the principal that owns a call's sessions."""
+"""Who is calling: the principal named by a bearer token or a client certificate."""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import grpc
-
+from rnnstream.server._settings import Settings
 from rnnstream.server.core import Unauthenticated
 
-__all__ = ["ANONYMOUS", "Authenticator", "parse_tokens"]
+__all__ = ["ANONYMOUS", "CERTIFICATE_FIELDS", "Authenticator", "parse_tokens"]
 
 ANONYMOUS = "anonymous"
+
+# --tls-client-principal: which verified name of the client certificate is the principal, as
+# gRPC's auth context carries it (subject CN, or the SANs of one type).
+CERTIFICATE_FIELDS = {
+    "cn": ("x509_common_name", "subject common name"),
+    "dns": ("peer_dns", "DNS subject alternative name"),
+    "uri": ("peer_uri", "URI subject alternative name"),
+    "email": ("peer_email", "email subject alternative name"),
+}
 
 
 def parse_tokens(entries: Iterable[str]) -> dict[str, str]:
@@ -57,27 +65,78 @@ def parse_tokens(entries: Iterable[str]) -> dict[str, str]:
 
 
 class Authenticator:
-    """Checks `authorization: Bearer <token>` metadata; with no tokens configured, all callers
-    are one anonymous principal."""
+    """The principal of a call, from its `authorization: Bearer <token>` metadata and, with
+    mutual TLS, its client certificate. With tokens and a certificate field both in use, a call
+    needs both and they must name the same principal. With neither, every caller is one
+    anonymous principal."""
 
-    def __init__(self, tokens: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tokens: Mapping[str, str] | None = None, certificate_field: str = "none"
+    ) -> None:
         for token, principal in (tokens or {}).items():
             if not token.strip() or not principal:
                 raise ValueError(f"principal {principal!r} has an empty auth token")
+        if certificate_field != "none" and certificate_field not in CERTIFICATE_FIELDS:
+            raise ValueError(
+                f"--tls-client-principal {certificate_field!r}: choose from "
+                f"{', '.join([*CERTIFICATE_FIELDS, 'none'])}"
+            )
         self._tokens = [(t.encode(), p) for t, p in (tokens or {}).items()]
+        self._certificate = CERTIFICATE_FIELDS.get(certificate_field)
 
     @classmethod
-    def from_settings(cls, tokens: Iterable[str], tokens_file: str) -> Authenticator:
-        entries = list(tokens)
-        if tokens_file:
-            entries += Path(tokens_file).read_text().splitlines()
-        return cls(parse_tokens(entries))
+    def from_settings(cls, settings: Settings) -> Authenticator:
+        entries = list(settings.auth_tokens)
+        if settings.auth_tokens_file:
+            entries += Path(settings.auth_tokens_file).read_text().splitlines()
+        # Only verified certificates name principals: without --tls-client-ca there are none.
+        field = settings.tls_client_principal if settings.tls_client_ca else "none"
+        return cls(parse_tokens(entries), field)
 
     @property
-    def enabled(self) -> bool:
-        return bool(self._tokens)
+    def mode(self) -> str:
+        """How principals are named, for the start-up log line."""
+        parts = ["bearer tokens"] if self._tokens else []
+        if self._certificate is not None:
+            parts.append(f"client certificate {self._certificate[1]}")
+        return " and ".join(parts) or "none (every caller is one anonymous principal)"
+
+    def principal(
+        self,
+        metadata: Iterable[tuple[str, Any]] | None,
+        auth_context: Mapping[str, Iterable[bytes]] | None = None,
+    ) -> str:
+        """The caller's principal; Unauthenticated saying what is missing or wrong."""
+        named = self._from_certificate(auth_context or {})
+        if not self._tokens:
+            return ANONYMOUS if named is None else named
+        principal = self.check(metadata)
+        if named is not None and named != principal:
+            raise Unauthenticated(
+                f"the bearer token belongs to principal {principal!r} but the client "
+                f"certificate names {named!r}: they must agree"
+            )
+        return principal
+
+    def _from_certificate(self, auth_context: Mapping[str, Iterable[bytes]]) -> str | None:
+        if self._certificate is None:
+            return None
+        key, what = self._certificate
+        # gRPC reports a certificate without a subject CN as one empty CN.
+        values = [value for value in auth_context.get(key, ()) if value]
+        if len(values) != 1:
+            raise Unauthenticated(
+                f"the client certificate must carry exactly one {what} (it names the principal); "
+                f"it has {len(values)}"
+            )
+        try:
+            name = values[0].decode()
+        except UnicodeDecodeError:
+            raise Unauthenticated(f"the client certificate's {what} is not UTF-8") from None
+        return name
 
     def check(self, metadata: Iterable[tuple[str, Any]] | None) -> str:
+        """The principal of the bearer token in `metadata` (anonymous when tokens are off)."""
         if not self._tokens:
             return ANONYMOUS
         header = ""
@@ -98,6 +157,3 @@ class Authenticator:
         if principal is None:
             raise Unauthenticated("invalid bearer token")
         return principal
-
-    async def principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
-        return self.check(context.invocation_metadata())

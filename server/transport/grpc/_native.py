@@ -13,7 +13,7 @@ from rnnstream.proto.metadata import PACK_OUTPUTS_METADATA_KEY
 from rnnstream.proto.tensor_codec import NUMPY_TO_DTYPE
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.server.core import Engine, ModelSpec, TensorSpec, Unavailable
-from rnnstream.server.transport.grpc._auth import Authenticator
+from rnnstream.server.transport.grpc._interceptor import call_principal
 from rnnstream.server.transport.grpc._native_messages import encode_outputs, forecasted
 from rnnstream.server.transport.grpc._native_stream import (
     SHUTDOWN,
@@ -70,9 +70,8 @@ def model_info(spec: ModelSpec, provider: str, max_batch_size: int) -> pb.ModelI
 
 
 class NativeServicer:
-    def __init__(self, engine: Engine, auth: Authenticator) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._auth = auth
         self.calls: set[StreamCall] = set()
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -105,11 +104,7 @@ class NativeServicer:
     async def Stream(
         self, requests: AsyncIterator[pb.StreamRequest | BadRequest], context: Context
     ) -> AsyncIterator[pb.StreamResponse]:
-        try:
-            owner = await self._auth.principal(context)
-        except Exception as exc:
-            await abort(context, exc)
-        call = StreamCall(self._engine, owner, self._packs_outputs(context))
+        call = StreamCall(self._engine, call_principal(), self._packs_outputs(context))
         self.calls.add(call)
         reader = asyncio.get_running_loop().create_task(call.read(requests))
         outbox = call.outbox
@@ -151,7 +146,7 @@ class NativeServicer:
     # -- unary -----------------------------------------------------------------------------
     @unary
     async def Infer(self, request: pb.InferRequest, context: Context) -> pb.InferResponse:
-        owner = await self._auth.principal(context)
+        owner = call_principal()
         index = request.frame_index if request.HasField("frame_index") else None
         metrics = self._engine.metrics
         metrics.bytes_received.inc(sum(len(t.data) for t in request.inputs))
@@ -167,14 +162,12 @@ class NativeServicer:
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
-        await self._auth.principal(context)
         return pb.ListModelsResponse(
             models=[self._info(name) for name in sorted(self._engine.models)]
         )
 
     @unary
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.ModelInfo:
-        await self._auth.principal(context)
         return self._info(request.name)
 
     def _info(self, name: str) -> pb.ModelInfo:
@@ -183,7 +176,7 @@ class NativeServicer:
 
     @unary
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.SessionInfo:
-        owner = await self._auth.principal(context)
+        owner = call_principal()
         snap = self._engine.snapshot(request.session_id, owner)
         return pb.SessionInfo(
             session_id=snap.session_id,
@@ -196,13 +189,13 @@ class NativeServicer:
 
     @unary
     async def EndSession(self, request: pb.EndSessionRequest, context: Context) -> pb.SessionEnded:
-        owner = await self._auth.principal(context)
+        owner = call_principal()
         future, respond = end_session(self._engine, request.session_id, owner)
         return respond(await future)
 
     @unary
     async def Forecast(self, request: pb.ForecastRequest, context: Context) -> pb.ForecastResponse:
-        owner = await self._auth.principal(context)
+        owner = call_principal()
         model = self._engine.sessions.get(request.session_id, owner).model
         future = self._engine.forecast(
             request.session_id, request.steps, request.commit, named_arrays(request.inputs), owner

@@ -28,7 +28,7 @@ from rnnstream.server.core import (
     Session,
 )
 from rnnstream.server.core._validation import NamedArray
-from rnnstream.server.transport.grpc._auth import Authenticator
+from rnnstream.server.transport.grpc._interceptor import call_principal
 from rnnstream.server.transport.grpc._oip_codec import decode_inputs, encode_outputs, to_frame
 from rnnstream.server.transport.grpc._oip_config import (
     VERSION,
@@ -39,7 +39,6 @@ from rnnstream.server.transport.grpc._oip_config import (
 from rnnstream.server.transport.grpc._oip_stream import Stream, chain, consume, error_response
 from rnnstream.server.transport.grpc._status import (
     BadRequest,
-    abort,
     tolerant,
     tolerant_unary,
     unary,
@@ -107,9 +106,8 @@ def _next_index(session: Session) -> int:
 
 
 class OipServicer:
-    def __init__(self, engine: Engine, auth: Authenticator) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._auth = auth
         try:
             self._version = importlib.metadata.version("rnnstream")
         except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source tree only
@@ -224,19 +222,17 @@ class OipServicer:
     async def ModelInfer(
         self, request: oip.ModelInferRequest, context: Context
     ) -> oip.ModelInferResponse:
-        owner = await self._auth.principal(context)
+        owner = call_principal()
         _, future = self._submit(request, owner)
         return await future
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[oip.ModelInferRequest | BadRequest], context: Context
     ) -> AsyncIterator[oip.ModelStreamInferResponse]:
-        try:
-            owner = await self._auth.principal(context)
-        except Exception as exc:
-            await abort(context, exc)  # UNAUTHENTICATED, not an unexpected-error UNKNOWN
         stream = Stream(self._engine.settings.max_pending_frames)
-        reader = asyncio.get_running_loop().create_task(self._read(requests, stream, owner))
+        reader = asyncio.get_running_loop().create_task(
+            self._read(requests, stream, call_principal())
+        )
         try:
             while (response := await stream.outbox.get()) is not None:
                 assert isinstance(response, oip.ModelStreamInferResponse)
@@ -306,14 +302,12 @@ class OipServicer:
     async def ModelMetadata(
         self, request: oip.ModelMetadataRequest, context: Context
     ) -> oip.ModelMetadataResponse:
-        await self._auth.principal(context)
         return model_metadata(self._model(request.name, request.version))
 
     @unary
     async def ModelConfig(
         self, request: oip.ModelConfigRequest, context: Context
     ) -> oip.ModelConfigResponse:
-        await self._auth.principal(context)
         model = self._model(request.name, request.version)
         return oip.ModelConfigResponse(config=model_config(model, self._engine.settings))
 
@@ -321,7 +315,6 @@ class OipServicer:
     async def ModelStatistics(
         self, request: oip.ModelStatisticsRequest, context: Context
     ) -> oip.ModelStatisticsResponse:
-        await self._auth.principal(context)
         if request.name:
             names = [self._model(request.name, request.version).spec.name]
         else:

@@ -16,6 +16,11 @@ from rnnstream.server._settings import Settings
 from rnnstream.server.core import Engine
 from rnnstream.server.stores import open_store
 from rnnstream.server.transport.grpc._auth import Authenticator
+from rnnstream.server.transport.grpc._interceptor import (
+    HEALTH_AND_REFLECTION,
+    READINESS,
+    AuthInterceptor,
+)
 from rnnstream.server.transport.grpc._native import SERVICE, NativeServicer
 from rnnstream.server.transport.grpc._oip import SERVICE as OIP_SERVICE
 from rnnstream.server.transport.grpc._oip import OipServicer
@@ -56,16 +61,23 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def _transport(settings: Settings, tls: bool) -> str:
+    if not tls:
+        return "plaintext"
+    return "mutual TLS" if settings.tls_client_ca else "TLS"
+
+
 class GrpcServer:
     """An engine served over gRPC on one port, with metrics on another."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Credentials first: a bad token list fails before anything else is built.
+        self.auth = Authenticator.from_settings(settings)
         self.engine = Engine(settings)
         self.health = health.aio.HealthServicer()
-        self.auth = Authenticator.from_settings(settings.auth_tokens, settings.auth_tokens_file)
-        self.native = NativeServicer(self.engine, self.auth)
-        self.oip = OipServicer(self.engine, self.auth)
+        self.native = NativeServicer(self.engine)
+        self.oip = OipServicer(self.engine)
         self.port = 0
         self.metrics_port = 0
         self._services = [SERVICE, OIP_SERVICE]
@@ -79,7 +91,13 @@ class GrpcServer:
                 self.settings.state_store, self.settings.session_ttl, self.settings.output_ring
             )
         await self.engine.start()
-        server = grpc.aio.server(options=_server_options(self.settings))
+        open_methods = HEALTH_AND_REFLECTION
+        if self.settings.readiness_without_auth:
+            open_methods |= READINESS
+        server = grpc.aio.server(
+            interceptors=[AuthInterceptor(self.auth, open_methods)],
+            options=_server_options(self.settings),
+        )
         server.add_generic_rpc_handlers([self.native.handler(), self.oip.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -100,11 +118,12 @@ class GrpcServer:
                 self.settings.host, self.settings.metrics_port
             )
         log.info(
-            "serving %s on %s:%d (%s)%s",
+            "serving %s on %s:%d (%s; principals from %s)%s",
             sorted(self.engine.models),
             self.settings.host,
             self.port,
-            "TLS" if credentials else "plaintext",
+            _transport(self.settings, credentials is not None),
+            self.auth.mode,
             f", metrics on :{self.metrics_port}" if self.metrics_port else "",
         )
         return self.port
