@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -62,7 +63,13 @@ def proxy(tmp_path: Path, replicas: list[RunningServer]) -> Iterator[Proxy]:
 
 
 def _upstream_of(proxy: Proxy, session: str, start: int) -> str:
-    ups = {up for s, up in proxy.routes()[start:] if s == session}
+    # nginx writes a call's log line after the response has left: the client can read its
+    # answer before the line is there.
+    deadline = time.monotonic() + 10
+    while not (ups := {up for s, up in proxy.routes()[start:] if s == session}):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert len(ups) == 1, f"{session} went to {ups}"
     return ups.pop()
 
