@@ -185,7 +185,7 @@ def measure(
 
 def ort_alone(model: str, sizes: list[int], seconds: float) -> list[dict[str, Any]]:
     """ONNX Runtime by itself (one intra-op thread, as the server runs it), batch B, T = 1."""
-    from rnnstream.server.core import load_model
+    from rnnstream.server.core._runtime import load_model
 
     loaded = load_model(model, REPO / "models" / model, "cpu", 1)
     spec = loaded.spec

@@ -27,7 +27,9 @@ from rnnstream.proto.tensor_codec import encode
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 from rnnstream.server._loop import run_event_loop
-from rnnstream.server.core import ModelSpec, discover_models, load_model
+from rnnstream.server.core import ModelInfo, ModelSpec
+from rnnstream.server.core._engine import discover_models
+from rnnstream.server.core._runtime import load_model
 from rnnstream.server.transport.grpc._native import model_info
 
 
@@ -127,7 +129,7 @@ async def serve(
     for name, folder in discover_models(repository, models).items():
         model = load_model(name, folder, "cpu", 1)
         specs[name] = model.spec
-        infos[name] = model_info(model.spec, model.provider, 1)
+        infos[name] = model_info(ModelInfo(model.spec, model.provider, 1))
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),

@@ -10,9 +10,9 @@ from typing import Any, TextIO
 import numpy as np
 import numpy.typing as npt
 
-from rnnstream.server.core import DeviceError, ModelConfigError, ModelSpec, OrtModel, TensorSpec
+from rnnstream.server.core import DeviceError, ModelConfigError, ModelSpec, TensorSpec
 from rnnstream.server.core._models import load_config
-from rnnstream.server.core._runtime import load_model
+from rnnstream.server.core._runtime import OrtModel, load_model
 
 __all__ = ["CheckFailed", "check_model", "run_check"]
 

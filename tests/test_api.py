@@ -12,6 +12,7 @@ from rnnstream import AsyncClient, RnnstreamError
 from rnnstream.proto.tensor_codec import encode
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
+from tests import probe
 from tests.conftest import MODELS, RunningServer
 from tests.streaming import (
     FEATURES,
@@ -36,7 +37,7 @@ async def test_stateless_infer(server: RunningServer, model: str) -> None:
 
 async def test_stateless_infer_keeps_nothing(server: RunningServer) -> None:
     def live() -> int:
-        return sum(s.pool.live for s in server.engine.schedulers.values())
+        return probe.live_slots(server.engine)
 
     before = server.run(live)
     async with AsyncClient(server.target) as client:

@@ -19,6 +19,7 @@ import pytest
 
 from rnnstream import AsyncClient, RnnstreamError
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from tests import probe
 from tests.conftest import MODELS, RunningServer
 from tests.streaming import (
     ATOL,
@@ -115,10 +116,10 @@ async def test_outputs_equal_per_frame_references_under_churn(
 
     def server_side() -> tuple[list[int], int, set[int]]:
         engine = running.engine
-        indices = [engine.sessions.get(s, OWNER).next_index for s in still_open]
-        schedulers = engine.schedulers.values()
-        sizes = {size for s in schedulers for size in s.stats.by_size}
-        return indices, sum(s.stats.frames for s in schedulers), sizes
+        indices = [probe.session(engine, OWNER, s).next_index for s in still_open]
+        stats = [engine.model_stats(name) for name in engine.model_names()]
+        sizes = {size for s in stats for size in s.by_size}
+        return indices, sum(s.frames for s in stats), sizes
 
     indices, applied, sizes = running.run(server_side)
     assert indices == [sent[s] for s in still_open]
@@ -247,8 +248,8 @@ async def test_failing_model_fails_only_its_own_frames_in_band(
     assert results[len(healthy) :] == [10] * len(fragile)
 
     def stats() -> tuple[int, int, int, int]:
-        schedulers = running.engine.schedulers
-        gru, bad = schedulers["gru"].stats, schedulers["fragile"].stats
+        engine = running.engine
+        gru, bad = engine.model_stats("gru"), engine.model_stats("fragile")
         return gru.failed_frames, gru.frames, bad.failed_frames, bad.frames
 
     assert running.run(stats) == (0, 6 * 20, 6 * 10, 6 * 10)

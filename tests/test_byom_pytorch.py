@@ -74,4 +74,4 @@ def test_every_export_is_detected_without_config(
 ) -> None:
     repository = exported[0]
     assert not list(repository.glob("*/config.toml"))
-    assert sorted(byom_server.engine.models) == sorted(r.name for r in RECIPES)
+    assert byom_server.engine.model_names() == sorted(r.name for r in RECIPES)

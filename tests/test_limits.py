@@ -19,6 +19,7 @@ from rnnstream.proto.tensor_codec import decode
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 from rnnstream.server.transport.grpc._server import _server_options
+from tests import probe
 from tests.conftest import RunningServer, test_settings
 from tests.streaming import RawStream, frame_request, ort_full, sequence, x_tensor
 
@@ -70,7 +71,7 @@ async def test_max_sessions_per_stream(make_server: Callable[..., RunningServer]
         ended = await raw.request(pb.StreamRequest(end=pb.EndSessionRequest(session_id=first)))
         assert ended.WhichOneof("kind") == "ended"
         await raw.open(MODEL)
-    assert running.run(lambda: len(running.engine.sessions)) == 3
+    assert running.run(lambda: probe.session_count(running.engine)) == 3
 
 
 async def test_max_sessions_in_total_across_streams(
@@ -86,7 +87,7 @@ async def test_max_sessions_in_total_across_streams(
 
 def _server_held(running: RunningServer) -> tuple[int, int]:
     """(frames queued on the session, responses waiting in the stream's outbox)."""
-    queued = max((s.frames_queued for s in running.engine.sessions.sessions()), default=0)
+    queued = probe.max_frames_queued(running.engine)
     outbox = max((c.outbox.qsize() for c in running.server.native.calls), default=0)
     return queued, outbox
 
@@ -167,7 +168,7 @@ async def test_unary_deadline_on_a_queued_frame(make_server: Callable[..., Runni
     running = make_server(models=(MODEL,), inline_run_us=0)  # every batch runs in the thread
     x = sequence(MODEL, 2, seed=72)
     release = threading.Event()
-    running.engine._executor.submit(release.wait)  # the one ORT thread is busy
+    probe.block_ort(running.engine, release)  # the one ORT thread is busy
     channel = grpc.aio.insecure_channel(running.target)
     stub = pb_grpc.RnnstreamStub(channel)
     try:
@@ -183,7 +184,7 @@ async def test_unary_deadline_on_a_queued_frame(make_server: Callable[..., Runni
             )
 
             def taken() -> bool:
-                return running.engine.sessions.get(running_one.id, "anonymous").in_flight
+                return probe.session(running.engine, "anonymous", running_one.id).in_flight
 
             while not running.run(taken):
                 await asyncio.sleep(0.01)
@@ -198,7 +199,7 @@ async def test_unary_deadline_on_a_queued_frame(make_server: Callable[..., Runni
                 await first
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             release.set()
-            while running.run(lambda: running.engine.schedulers[MODEL].stats.frames) < 1:
+            while running.run(lambda: running.engine.model_stats(MODEL).frames) < 1:
                 await asyncio.sleep(0.01)
             assert (await client.get_session(queued_one.id)).next_frame_index == 0
             assert (await client.get_session(running_one.id)).next_frame_index == 1
@@ -213,7 +214,7 @@ async def test_unary_deadline_on_a_queued_frame(make_server: Callable[..., Runni
                 )
             assert (await client.get_session(queued_one.id)).next_frame_index == 1
             assert (await client.get_session(running_one.id)).next_frame_index == 1
-            assert running.run(lambda: running.engine.schedulers[MODEL].stats.frames) == 2
+            assert running.run(lambda: running.engine.model_stats(MODEL).frames) == 2
     finally:
         release.set()
         await channel.close()

@@ -20,6 +20,7 @@ from onnx import numpy_helper
 from rnnstream.loadtest import LoadtestOptions, run_loadtest
 from rnnstream.loadtest._plot import write_plot
 from rnnstream.loadtest._stats import Timeline, WorkerStats, decode_histogram, new_histogram
+from tests import probe
 from tests.conftest import MODELS, REPO, RunningServer
 
 GRU = MODELS / "gru" / "model.onnx"
@@ -83,7 +84,7 @@ def test_frames_bounded_counts_are_exact(server: RunningServer, tmp_path: Path) 
     assert report["passed"] is True
     for label in ("frames answered", "latency p99.9", "session open", "PASS"):
         assert label in stdout
-    assert server.run(lambda: len(server.engine.sessions)) == 0  # every session was ended
+    assert server.run(lambda: probe.session_count(server.engine)) == 0  # every session was ended
 
 
 def test_processes_merge_exactly(server: RunningServer) -> None:

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rnnstream import AsyncClient, RnnstreamError, SessionLost
+from tests import probe
 from tests.conftest import RunningServer
 from tests.streaming import FEATURES, HIDDEN, RawStream, frame_request, sequence, x_tensor
 
@@ -94,7 +95,7 @@ async def test_metrics_endpoint_counts_everything(
         await others[0].end()
         # `others[1]` and `newest` expire after 3 s idle.
         deadline = asyncio.get_running_loop().time() + 20
-        while running.run(lambda: len(running.engine.sessions)) and (
+        while running.run(lambda: probe.session_count(running.engine)) and (
             asyncio.get_running_loop().time() < deadline
         ):
             await asyncio.sleep(0.1)
@@ -115,7 +116,7 @@ async def test_metrics_endpoint_counts_everything(
     assert _value(after, "rnnstream_sessions_ended_total", model=MODEL, reason="expired") == 2
     assert _value(after, "rnnstream_active_sessions", model=MODEL) == 0
     assert _value(after, "rnnstream_queue_depth", model=MODEL) == 0
-    stats = running.run(lambda: running.engine.schedulers[MODEL].stats)
+    stats = running.run(lambda: running.engine.model_stats(MODEL))
     assert stats.frames == 8
     # Histograms: one latency per applied frame, one ORT time and batch size per batch.
     assert _value(after, "rnnstream_frame_latency_seconds_count", model=MODEL) == 8
@@ -137,7 +138,7 @@ async def test_queue_depth_shows_waiting_frames(make_server: Callable[..., Runni
     # frames that arrive now wait in the scheduler's queue.
     running = make_server(metrics_port=port, models=(MODEL,), max_batch_size=4, inline_run_us=0)
     release = threading.Event()
-    running.engine._executor.submit(release.wait)
+    probe.block_ort(running.engine, release)
     try:
         async with RawStream(running.target) as raw:
             opened = [await raw.open(MODEL) for _ in range(6)]

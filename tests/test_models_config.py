@@ -12,7 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rnnstream import AsyncClient
-from rnnstream.server.core import ModelConfigError, load_model
+from rnnstream.server.core import ModelConfigError
+from rnnstream.server.core._runtime import load_model
 from tests.conftest import RunningServer
 from tests.reference import load_reference
 

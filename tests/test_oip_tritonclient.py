@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from tests import probe
 from tests.conftest import MODELS, REPO, RunningServer, missing_dependency
 from tests.reference import load_reference
 
@@ -82,7 +83,7 @@ def test_interleaved_sequences_over_one_stream(server: RunningServer, tmp_path: 
         order = [i for i in report["stream_order"] if i.startswith(f"{sid}-")]
         assert order == [f"{sid}-{t}" for t in range(lengths[sid])]
     # sequence_end freed every session once its last request was answered.
-    assert server.run(lambda: [s.id for s in server.engine.sessions.sessions()]) == []
+    assert server.run(lambda: list(probe.next_indices(server.engine))) == []
 
 
 def test_unary_typed_contents_time_axis_and_descriptions(

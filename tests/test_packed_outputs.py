@@ -14,6 +14,7 @@ from rnnstream import AsyncClient
 from rnnstream.proto.metadata import PACK_OUTPUTS_METADATA_KEY
 from rnnstream.proto.tensor_codec import decode
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from tests import probe
 from tests.conftest import RunningServer
 from tests.streaming import (
     RawStream,
@@ -37,13 +38,13 @@ async def _one_batch_of_answers(
     ids = [(await stream.open(MODEL)).session_id for _ in range(SESSIONS)]
     inputs = {sid: sequence(MODEL, 1, seed=k) for k, sid in enumerate(ids)}
     release = threading.Event()
-    running.engine._executor.submit(release.wait)  # type: ignore[union-attr]
+    probe.block_ort(running.engine, release)
     try:
         for sid in ids:
             await stream.call.write(frame_request(sid, 0, x_tensor(inputs[sid])))
 
         def waiting() -> int:
-            sessions = [running.engine.sessions.get(sid, "anonymous") for sid in ids]
+            sessions = [probe.session(running.engine, "anonymous", sid) for sid in ids]
             return sum(s.frames_queued + s.in_flight for s in sessions)
 
         while running.run(waiting) < SESSIONS:
@@ -78,7 +79,7 @@ async def test_a_batch_is_answered_in_one_message_when_the_stream_asks(
         messages, inputs, outputs = await _one_batch_of_answers(running, stream)
     # The first batch may hold only the frames that came before the thread was found busy;
     # however the frames were split, each batch's outputs came in one message.
-    by_size = running.run(lambda: dict(running.engine.schedulers[MODEL].stats.by_size))
+    by_size = running.run(lambda: running.engine.model_stats(MODEL).by_size)
     batches = sorted(size for size, (count, _) in by_size.items() for _ in range(int(count)))
     sizes = sorted(len(m.outputs.outputs) if m.HasField("outputs") else 1 for m in messages)
     assert sizes == batches and len(batches) <= 2 and sum(batches) == SESSIONS

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from rnnstream.proto.tensor_codec import decode, encode
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from tests import probe
 from tests.conftest import RunningServer, test_settings
 from tests.streaming import FEATURES, HIDDEN, numpy_full
 
@@ -333,9 +334,9 @@ async def _run_unary(driver: Driver, op: tuple[Any, ...]) -> None:
 def _settled(running: RunningServer) -> tuple[int, int, int]:
     engine = running.engine
     return (
-        len(engine.sessions),
-        sum(s.pool.live for s in engine.schedulers.values()),
-        sum(s.queued_frames for s in engine.schedulers.values()),
+        probe.session_count(engine),
+        probe.live_slots(engine),
+        probe.queued_frames(engine),
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from rnnstream import AsyncClient, SessionLost
 from rnnstream._mux import RetryPolicy
+from tests import probe
 from tests.conftest import MODELS, RunningServer
 from tests.faults import FaultyProxy
 
@@ -73,8 +74,8 @@ async def test_outputs_survive_100_dropped_connections(make_server) -> None:
     for i in range(SESSIONS):
         np.testing.assert_allclose(got[i], expected[i], atol=1e-5)
     # Each frame index applied exactly once: the server's applied-frame counters add up.
-    assert server.engine.schedulers["rnn_tanh"].stats.frames == SESSIONS * FRAMES
-    applied = {s.id: s.next_index for s in server.run(server.engine.sessions.sessions)}
+    assert server.run(lambda: server.engine.model_stats("rnn_tanh").frames) == SESSIONS * FRAMES
+    applied = server.run(lambda: probe.next_indices(server.engine))
     assert [applied[s.id] for s in sessions] == [FRAMES] * SESSIONS
 
 

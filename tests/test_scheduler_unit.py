@@ -14,10 +14,12 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from rnnstream.server.core import InvalidArgument, ModelScheduler, ModelSpec, Session, load_model
+from rnnstream.server.core import FrameOutput, InvalidArgument, ModelSpec
 from rnnstream.server.core._arrivals import ExpectedFrames
 from rnnstream.server.core._run_timing import RunTimes, single_step_key
-from rnnstream.server.core._sessions import ControlWork, FrameResult, FrameWork
+from rnnstream.server.core._runtime import load_model
+from rnnstream.server.core._scheduler import ModelScheduler
+from rnnstream.server.core._sessions import ControlWork, FrameWork, Session
 from tests.conftest import MODELS
 
 Arrays = list[npt.NDArray[Any]]
@@ -97,12 +99,12 @@ class Harness:
 
     def frame(
         self, session: Session, index: int, steps: int = 1, nan: bool = False
-    ) -> asyncio.Future[FrameResult]:
+    ) -> asyncio.Future[FrameOutput | None]:
         x = np.zeros((steps, 16), np.float32)
         x[0, 0], x[0, 1] = self.sessions.index(session), index
         if nan:
             x[-1, -1] = np.nan
-        future: asyncio.Future[FrameResult] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[FrameOutput | None] = asyncio.get_running_loop().create_future()
         work = FrameWork(index, [x], (x.shape,), future, enqueued_at=float(next(self.clock)))
         self.scheduler.submit(session, work)
         return future

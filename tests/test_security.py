@@ -23,6 +23,7 @@ from rnnstream.server import GrpcServer, Settings
 from rnnstream.server.core import Unauthenticated
 from rnnstream.server.transport.grpc._auth import Authenticator, parse_tokens
 from rnnstream.server.transport.grpc._server import _credentials
+from tests import probe
 from tests.conftest import MODELS, REPO, RunningServer, test_settings
 from tests.pki import Pki
 from tests.server_process import free_port
@@ -78,7 +79,7 @@ async def test_mutual_tls(make_server: Callable[..., RunningServer], pki: Pki) -
     assert await _refused(running.target, without_cert) == grpc.StatusCode.UNAVAILABLE
     foreign = grpc.ssl_channel_credentials(pki.ca, pki.stranger_key, pki.stranger_cert)
     assert await _refused(running.target, foreign) == grpc.StatusCode.UNAVAILABLE
-    assert running.run(lambda: len(running.engine.sessions)) == 0
+    assert running.run(lambda: probe.session_count(running.engine)) == 0
 
 
 def test_tls_settings_are_checked(pki: Pki) -> None:
@@ -158,7 +159,6 @@ async def test_bearer_tokens(
 ) -> None:
     running = make_server(**_token_settings(tmp_path, source))
     assert running.server.auth.mode == "bearer tokens"
-    stats = running.engine.schedulers[MODEL].stats
     channel = grpc.aio.insecure_channel(running.target)
     try:
         for label, metadata in BAD_METADATA.items():
@@ -169,11 +169,9 @@ async def test_bearer_tokens(
             assert await _stream_status(channel, metadata) == grpc.StatusCode.UNAUTHENTICATED
             assert await _oip_stream_status(channel, metadata) == grpc.StatusCode.UNAUTHENTICATED
         # Refused before any model work: nothing ran, nothing opened.
-        assert running.run(lambda: (stats.batches, stats.frames, len(running.engine.sessions))) == (
-            0,
-            0,
-            0,
-        )
+        stats = running.run(lambda: running.engine.model_stats(MODEL))
+        assert (stats.batches, stats.frames) == (0, 0)
+        assert running.run(lambda: probe.session_count(running.engine)) == 0
         # Health stays open to probes without a token.
         health = health_pb2_grpc.HealthStub(channel)
         reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)

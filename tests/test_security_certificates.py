@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from tests import probe
 from tests.conftest import RunningServer, missing_dependency
 from tests.pki import ClientCert, Pki
 from tests.streaming import ort_full, sequence, x_tensor
@@ -79,7 +80,7 @@ async def test_oip_sequence_belongs_to_its_certificate(
         # client-2's own sequence 7 went on untouched by client-1's end.
         second = oip_output(await two.oip_infer(end_request(MODEL, X[0], 7)))
         np.testing.assert_allclose(second, ort_full(MODEL, X[[5, 0]])[1], rtol=0, atol=ATOL)
-        assert running.run(lambda: len(running.engine.sessions)) == 0
+        assert running.run(lambda: probe.session_count(running.engine)) == 0
     finally:
         await one.close()
         await two.close()

@@ -11,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tests import probe
 from tests.conftest import RunningServer, missing_dependency
 from tests.tenants import TRITON_PYTHON, call_status, drive_tritonclient, every_method, method_path
 
@@ -52,7 +53,7 @@ async def test_every_rpc_needs_credentials(make_server: Callable[..., RunningSer
             code, _ = await call_status(channel, method, ALICE)
             assert code != grpc.StatusCode.UNAUTHENTICATED, method_path(method)
         await _open_services_answer(channel)
-    assert running.run(lambda: len(running.engine.sessions)) == 0
+    assert running.run(lambda: probe.session_count(running.engine)) == 0
 
 
 async def test_readiness_without_auth_opens_only_readiness(

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from rnnstream import AsyncClient, RnnstreamError
+from tests import probe
 from tests.conftest import RunningServer
 from tests.streaming import (
     MODEL_NAMES,
@@ -39,16 +40,15 @@ async def test_states_survive_pool_growth_and_compaction(server: RunningServer) 
     """150 sessions outgrow the initial pool; ending most shrinks it; survivors keep their state."""
     n, keep = 150, (0, 7, 70, 149)
     xs = [sequence("rnn_tanh", 6, seed=400 + i) for i in range(n)]
-    pool = server.engine.schedulers["rnn_tanh"].pool
     async with AsyncClient(server.target) as client:
         sessions = [await client.open("rnn_tanh") for _ in range(n)]
         first = await asyncio.gather(*(s.step(x[:3]) for s, x in zip(sessions, xs, strict=True)))
-        grown = server.run(lambda: pool.capacity)
+        grown = server.run(lambda: probe.pool_capacity(server.engine, "rnn_tanh"))
         assert grown >= n
         await asyncio.gather(*(s.end() for i, s in enumerate(sessions) if i not in keep))
         # The scheduler compacts the pool while idle, moving survivors to low slots.
         deadline = time.monotonic() + 5
-        while server.run(lambda: pool.capacity) == grown:
+        while server.run(lambda: probe.pool_capacity(server.engine, "rnn_tanh")) == grown:
             assert time.monotonic() < deadline, "the state pool never shrank"
             await asyncio.sleep(0.02)
         # New sessions take freed slots; they must not disturb the survivors.
@@ -132,7 +132,7 @@ async def test_idle_sessions_expire(make_server: Callable[..., RunningServer]) -
             await idle.step(x[0])
         assert exc.value.code == grpc.StatusCode.NOT_FOUND
         assert "expired" in exc.value.message
-        assert len(running.engine.sessions) == 1
+        assert running.run(lambda: probe.session_count(running.engine)) == 1
         await busy.end()
 
 

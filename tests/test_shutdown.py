@@ -16,6 +16,7 @@ from rnnstream import AsyncClient, SessionLost
 from rnnstream._mux import RetryPolicy
 from rnnstream.proto.tensor_codec import decode
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from tests import probe
 from tests.conftest import RunningServer, test_settings
 from tests.server_process import ServerProcess
 from tests.streaming import RawStream, frame_request, ort_full, sequence, x_tensor
@@ -128,4 +129,4 @@ async def test_client_reconnects_after_shutdown_and_reports_lost_sessions(
         y = (await fresh.step(x[0]))["y"]
         await fresh.end()
     np.testing.assert_allclose(y, ort_full(MODEL, x[:1])[0], rtol=0, atol=1e-5)
-    assert replacement.run(lambda: len(replacement.engine.sessions)) == 0
+    assert replacement.run(lambda: probe.session_count(replacement.engine)) == 0

@@ -14,6 +14,7 @@ import redis
 from rnnstream import AsyncClient, RnnstreamError
 from rnnstream._mux import RetryPolicy
 from rnnstream.server.stores import RedisStore
+from tests import probe
 from tests.conftest import RunningServer
 from tests.services import RedisServer
 from tests.streaming import assert_matches_references, sequence
@@ -57,7 +58,8 @@ async def test_every_step_is_stored_and_another_server_resumes(
         await resumed.end()
     assert_matches_references("gru", x, np.stack(first + rest))
     assert _hash(redis_server, "anonymous", session.id) == {}  # ended: deleted
-    assert b.engine.schedulers["gru"].stats.frames == 20  # the replayed frame was not re-run
+    # The replayed frame was not run again.
+    assert b.run(lambda: b.engine.model_stats("gru").frames) == 20
 
 
 async def test_keys_expire_with_the_idle_ttl(make_server, redis_server: RedisServer) -> None:
@@ -83,7 +85,7 @@ async def test_outage_gives_unavailable_in_band_and_leaves_state_untouched(
             await session.step(x[6])
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
         assert "state store unreachable" in info.value.message
-        assert server.run(lambda: server.engine.sessions.sessions()[0].next_index) == 6
+        assert server.run(lambda: probe.next_indices(server.engine)) == {session.id: 6}
         redis_server.start()  # back, empty: the next step stores the whole state again
         session.next_index = 6
         ys += [(await session.step(row))["y"] for row in x[6:]]
@@ -110,6 +112,7 @@ async def test_client_waits_out_an_outage_without_losing_frames(
         ys += [out["y"] async for out in session.stream(x[10:], inflight=4)]
         await blip
     assert_matches_references("gru", x, np.stack(ys))
-    assert server.engine.schedulers["gru"].stats.frames == len(x)  # each frame applied once
-    refused = server.engine.metrics.frames.labels("gru", "UNAVAILABLE")._value.get()
+    # Each frame applied once.
+    assert server.run(lambda: server.engine.model_stats("gru").frames) == len(x)
+    refused = server.server.metrics.frames.labels("gru", "UNAVAILABLE")._value.get()
     assert refused > 0  # the outage was felt, and waited out

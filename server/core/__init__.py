@@ -1,6 +1,7 @@
-"""Transport-neutral core: models, sessions, the batching scheduler and the engine over them."""
+"""Transport-neutral core. Its one way in is the Engine: calls that name sessions by (principal,
+session_id) and answer with the typed results below or raise the errors below."""
 
-from rnnstream.server.core._engine import Engine, OpenedSession, SessionSnapshot, discover_models
+from rnnstream.server.core._engine import Engine, NamedArray
 from rnnstream.server.core._errors import (
     Aborted,
     AlreadyExists,
@@ -13,44 +14,55 @@ from rnnstream.server.core._errors import (
     Unauthenticated,
     Unavailable,
 )
-from rnnstream.server.core._forecast import FlushResult, ForecastResult
 from rnnstream.server.core._models import ModelConfigError, ModelSpec, StateSpec, TensorSpec
-from rnnstream.server.core._runtime import DeviceError, OrtModel, load_model
-from rnnstream.server.core._scheduler import ModelScheduler
-from rnnstream.server.core._sessions import FrameResult, Session, SessionManager
-from rnnstream.server.core._state_pool import StatePool
+from rnnstream.server.core._results import (
+    EMIT_MODES,
+    Emit,
+    Ended,
+    Flushed,
+    Forecasted,
+    FrameOutput,
+    ModelInfo,
+    ModelStats,
+    Opened,
+    Reset,
+    SessionInfo,
+)
+from rnnstream.server.core._runtime import DeviceError
+from rnnstream.server.core._sessions import FrameReply
 from rnnstream.server.core._store import SessionRecord, StateStore, StepRecord
 
 __all__ = [
+    "EMIT_MODES",
     "Aborted",
     "AlreadyExists",
     "DeviceError",
+    "Emit",
+    "Ended",
     "Engine",
     "FailedPrecondition",
-    "FlushResult",
-    "ForecastResult",
-    "FrameResult",
+    "Flushed",
+    "Forecasted",
+    "FrameOutput",
+    "FrameReply",
     "Internal",
     "InvalidArgument",
     "ModelConfigError",
-    "ModelScheduler",
+    "ModelInfo",
     "ModelSpec",
+    "ModelStats",
+    "NamedArray",
     "NotFound",
-    "OpenedSession",
-    "OrtModel",
+    "Opened",
+    "Reset",
     "ResourceExhausted",
     "RnnstreamError",
-    "Session",
-    "SessionManager",
+    "SessionInfo",
     "SessionRecord",
-    "SessionSnapshot",
-    "StatePool",
     "StateSpec",
     "StateStore",
     "StepRecord",
     "TensorSpec",
     "Unauthenticated",
     "Unavailable",
-    "discover_models",
-    "load_model",
 ]

@@ -1,4 +1,4 @@
-"""Flush answers and forecast rollouts: feeding a model's outputs back in as its next inputs."""
+"""Forecast rollouts: feeding a model's outputs back in as its next inputs."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ import numpy.typing as npt
 
 from rnnstream.server.core._errors import FailedPrecondition, InvalidArgument
 from rnnstream.server.core._models import ModelSpec, TensorSpec, step_shape
+from rnnstream.server.core._results import FrameOutput
 from rnnstream.server.core._runtime import OrtModel
-from rnnstream.server.core._sessions import FrameResult
 
 __all__ = [
-    "FlushResult",
-    "ForecastResult",
     "Rollout",
     "first_from_frame",
     "first_from_last",
@@ -23,24 +21,6 @@ __all__ = [
 ]
 
 Arrays = list[npt.NDArray[Any]]
-
-
-@dataclass(frozen=True)
-class FlushResult:
-    """The last applied output when the flush reached the head of its session's queue."""
-
-    last: FrameResult | None
-    next_index: int
-    reset: bool
-
-
-@dataclass(frozen=True)
-class ForecastResult:
-    """One tensor per data output, with the rollout's steps along the output's time axis."""
-
-    outputs: Arrays
-    next_index: int
-    committed: bool
 
 
 @dataclass(frozen=True)
@@ -75,7 +55,7 @@ def _check_fed(model: ModelSpec, i: int, value: npt.NDArray[Any], step: int) -> 
         )
 
 
-def first_from_last(model: ModelSpec, last: FrameResult | None) -> Arrays:
+def first_from_last(model: ModelSpec, last: FrameOutput | None) -> Arrays:
     """Step 1's inputs taken from the last time step of the session's last output."""
     if last is None:
         raise FailedPrecondition(

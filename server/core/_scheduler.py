@@ -23,16 +23,11 @@ from rnnstream.server.core._errors import (
     RnnstreamError,
     Unavailable,
 )
-from rnnstream.server.core._forecast import FlushResult, ForecastResult, first_from_last, rollout
+from rnnstream.server.core._forecast import first_from_last, rollout
+from rnnstream.server.core._results import Ended, Flushed, Forecasted, FrameOutput, Reset
 from rnnstream.server.core._run_timing import RunTimes
 from rnnstream.server.core._runtime import OrtModel
-from rnnstream.server.core._sessions import (
-    ControlWork,
-    FrameResult,
-    FrameWork,
-    Session,
-    as_index_array,
-)
+from rnnstream.server.core._sessions import ControlWork, FrameWork, Session, as_index_array
 from rnnstream.server.core._state_pool import StatePool
 from rnnstream.server.core._store import StateStore, StepRecord
 from rnnstream.server.core._validation import nonfinite_rows
@@ -83,6 +78,7 @@ class ModelScheduler:
     ) -> None:
         self.model = model
         self.spec = model.spec
+        self._output_names = tuple(t.name for t in self.spec.outputs)
         self.max_batch_size = max(1, max_batch_size)
         self.pool = StatePool(self.spec.states)
         self.stats = BatchStats()
@@ -245,7 +241,7 @@ class ModelScheduler:
             if work.index < session.next_index:
                 replayed = session.replay(work.index)
                 if replayed is not None:
-                    work.reply.set_result(replayed)
+                    work.reply.set_result(replayed if work.emit else None)
                     self.count("OK")
                 else:
                     self._reject(
@@ -275,16 +271,20 @@ class ModelScheduler:
             self._apply_sequence_control(session, work)
             return
         if work.action == "reset":
+            reset = Reset(session.id, session.next_index)
             if work.at_index is None or work.at_index >= session.next_index:
                 undo = self._undo_point(session)
                 session.last = None
                 self.pool.reset(session.slot)
-                if self._store_then_answer(session, work, session.next_index, undo):
+                if self._store_then_answer(session, work, reset, undo):
                     return
+            result: Reset | Ended = reset
         else:
             self._close(session)
+            last = session.last if session.emit == "last" else None
+            result = Ended(session.id, work.reason, session.next_index, last)
         if not work.future.done():
-            work.future.set_result(session.next_index)
+            work.future.set_result(result)
 
     def _take_batch(self) -> tuple[list[Session], list[FrameWork]]:
         sessions: list[Session] = []
@@ -404,7 +404,7 @@ class ModelScheduler:
         outputs: list[npt.NDArray[Any]],
         states: list[npt.NDArray[Any]],
         seconds: float,
-    ) -> list[FrameResult]:
+    ) -> list[FrameOutput]:
         """Store the new states; each frame's outputs, copied out of the batch."""
         self.run_times.record(frames[0].key, len(frames), seconds)
         self.pool.scatter(slots, states)
@@ -412,8 +412,9 @@ class ModelScheduler:
             np.moveaxis(out, spec.batch_axis, 0)
             for out, spec in zip(outputs, self.spec.outputs, strict=True)
         ]
+        names = self._output_names
         return [
-            FrameResult(frame.index, [np.array(out[i]) for out in per_output])
+            FrameOutput(frame.index, [np.array(out[i]) for out in per_output], names)
             for i, frame in enumerate(frames)
         ]
 
@@ -421,7 +422,7 @@ class ModelScheduler:
         self,
         sessions: list[Session],
         frames: list[FrameWork],
-        results: list[FrameResult],
+        results: list[FrameOutput],
         started: float,
         elapsed: float,
     ) -> None:
@@ -437,7 +438,7 @@ class ModelScheduler:
             if frame.reply.done():
                 cancelled += 1  # its caller stopped waiting; the frame is applied all the same
             else:
-                frame.reply.set_result(result)
+                frame.reply.set_result(result if frame.emit else None)
             if session.pending:
                 self._mark_ready(session)
             else:
@@ -465,7 +466,7 @@ class ModelScheduler:
         self,
         sessions: list[Session],
         frames: list[FrameWork],
-        results: list[FrameResult],
+        results: list[FrameOutput],
         slots: npt.NDArray[np.intp],
         feeds: dict[str, Any],
         states: list[npt.NDArray[Any]],
@@ -507,7 +508,7 @@ class ModelScheduler:
     # -- flush and forecast ----------------------------------------------------------------
     def _apply_sequence_control(self, session: Session, work: ControlWork) -> None:
         if work.action == "flush":
-            result = FlushResult(session.last, session.next_index, work.reset_after)
+            result = Flushed(session.id, session.next_index, work.reset_after, session.last)
             if work.reset_after:
                 undo = self._undo_point(session)
                 self.pool.reset(session.slot)
@@ -542,9 +543,12 @@ class ModelScheduler:
                 # Slots may have moved during the await: session.slot is read afresh.
                 undo = (states, session.last)
                 self.pool.write(session.slot, rolled.states)
-                session.last = FrameResult(session.next_index - 1, rolled.last_step)
+                last = FrameOutput(session.next_index - 1, rolled.last_step, self._output_names)
+                session.last = last
                 await self._store_or_undo(session, undo)
-            result = ForecastResult(rolled.outputs, session.next_index, params.commit)
+            result = Forecasted(
+                session.id, rolled.outputs, self._output_names, session.next_index, params.commit
+            )
         except asyncio.CancelledError:
             self._fail_control(session, work, Internal("server stopped during the forecast"))
             raise
@@ -562,7 +566,7 @@ class ModelScheduler:
             self._mark_ready(session)
 
     # -- persistence of state changes outside batches (reset, flush reset, forecast commit) ----
-    def _undo_point(self, session: Session) -> tuple[list[npt.NDArray[Any]], FrameResult | None]:
+    def _undo_point(self, session: Session) -> tuple[list[npt.NDArray[Any]], FrameOutput | None]:
         states = self.pool.read(session.slot) if self.store is not None else []
         return states, session.last
 
@@ -571,7 +575,7 @@ class ModelScheduler:
         session: Session,
         work: ControlWork,
         result: Any,
-        undo: tuple[list[npt.NDArray[Any]], FrameResult | None],
+        undo: tuple[list[npt.NDArray[Any]], FrameOutput | None],
     ) -> bool:
         """With a store, answer the control only once its new state is stored; True if so."""
         if self.store is None:
@@ -596,7 +600,7 @@ class ModelScheduler:
         return True
 
     async def _store_or_undo(
-        self, session: Session, undo: tuple[list[npt.NDArray[Any]], FrameResult | None]
+        self, session: Session, undo: tuple[list[npt.NDArray[Any]], FrameOutput | None]
     ) -> None:
         if self.store is None:
             return

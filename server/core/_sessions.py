@@ -21,6 +21,7 @@ from rnnstream.server.core._errors import (
     ResourceExhausted,
     Unavailable,
 )
+from rnnstream.server.core._results import EMIT_MODES, Emit, Ended, FrameOutput
 
 if TYPE_CHECKING:
     from rnnstream.server._metrics import Metrics
@@ -28,11 +29,10 @@ if TYPE_CHECKING:
     from rnnstream.server.core._store import SessionRecord
 
 __all__ = [
-    "EMIT_MODES",
     "ControlWork",
+    "EndListener",
     "ForecastParams",
     "FrameReply",
-    "FrameResult",
     "FrameWork",
     "Session",
     "SessionManager",
@@ -43,23 +43,17 @@ log = logging.getLogger("rnnstream.sessions")
 Arrays = list[npt.NDArray[Any]]
 _MAX_ID_LENGTH = 128
 _EXPIRED_MEMORY = 100_000
-EMIT_MODES = ("every", "last")
-
-
-@dataclass(frozen=True, slots=True)
-class FrameResult:
-    index: int
-    outputs: Arrays
-    replayed: bool = False
+EndListener = Callable[[Ended], None]
 
 
 class FrameReply(Protocol):
     """Whoever waits for a frame's answer: an asyncio.Future, or a stream's direct callback,
-    which answers within the scheduler's turn instead of one loop turn later."""
+    which answers within the scheduler's turn instead of one loop turn later. The answer is
+    None when the frame was applied but its session emits only on flush and end (emit last)."""
 
     def done(self) -> bool: ...
 
-    def set_result(self, result: FrameResult, /) -> None: ...
+    def set_result(self, result: FrameOutput | None, /) -> None: ...
 
     def set_exception(self, exception: BaseException, /) -> None: ...
 
@@ -72,6 +66,7 @@ class FrameWork:
     inputs: Arrays
     key: tuple[tuple[int, ...], ...]  # frames batch together only when their shapes agree
     reply: FrameReply
+    emit: bool = True  # False: answered with None (the outputs wait for a flush or the end)
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -122,7 +117,7 @@ class Session:
     )
 
     def __init__(
-        self, session_id: str, model: str, owner: str, ring_size: int, emit: str = "every"
+        self, session_id: str, model: str, owner: str, ring_size: int, emit: Emit = "every"
     ) -> None:
         self.id = session_id
         self.model = model
@@ -133,21 +128,19 @@ class Session:
         self.in_flight = False
         self.queued = False
         self.closed = False
-        self.ring: deque[FrameResult] | None = (
-            None  # created on first output: idle sessions stay small
-        )
+        self.ring: deque[FrameOutput] | None = None  # created on first output: idle ones stay small
         self.ring_size = ring_size
         self.last_active = time.monotonic()
         self.expected_since = 0.0  # when its next frame became expected (0: not expected)
         # Told when the server ends the session (expired, evicted, shutdown): the attached stream.
-        self.listener: Callable[[Session, str], None] | None = None
+        self.listener: EndListener | None = None
         self.frames_queued = 0
         # Set by a reader that stopped reading because this session's queue is full.
         self.space_waiter: asyncio.Future[None] | None = None
-        self.emit = emit  # "every" or "last": which frames the transport answers
-        self.last: FrameResult | None = None  # the latest output since open or reset
+        self.emit: Emit = emit  # "last": frames are answered by flush and end only
+        self.last: FrameOutput | None = None  # the latest output since open or reset
 
-    def remember(self, result: FrameResult) -> None:
+    def remember(self, result: FrameOutput) -> None:
         self.last = result
         if self.ring_size <= 0:
             return
@@ -155,10 +148,10 @@ class Session:
             self.ring = deque(maxlen=self.ring_size)
         self.ring.append(result)
 
-    def replay(self, index: int) -> FrameResult | None:
+    def replay(self, index: int) -> FrameOutput | None:
         for result in reversed(self.ring or ()):
             if result.index == index:
-                return FrameResult(index, result.outputs, replayed=True)
+                return FrameOutput(index, result.outputs, result.names, replayed=True)
         return None
 
     def pending_frames(self) -> int:
@@ -208,7 +201,7 @@ class SessionManager:
         model: str,
         session_id: str,
         owner: str,
-        emit: str = "every",
+        emit: Emit = "every",
         *,
         resume_only: bool = False,
     ) -> tuple[Session, bool]:
@@ -309,11 +302,11 @@ class SessionManager:
             raise self._missing(session_id, owner)
         return session
 
-    def end(self, session_id: str, owner: str, reason: str = "client") -> asyncio.Future[int]:
+    def end(self, session_id: str, owner: str, reason: str = "client") -> asyncio.Future[Ended]:
         """Remove the session now; its queued frames still run, then its slot is freed."""
         return self._end(self.get(session_id, owner), reason)
 
-    def _end(self, session: Session, reason: str) -> asyncio.Future[int]:
+    def _end(self, session: Session, reason: str) -> asyncio.Future[Ended]:
         del self._sessions[(session.owner, session.id)]
         self._per_model[session.model] -= 1
         if reason != "client":
@@ -322,13 +315,13 @@ class SessionManager:
             while len(self._expired) > _EXPIRED_MEMORY:
                 self._expired.popitem(last=False)
             if session.listener is not None:
-                session.listener(session, reason)
+                session.listener(Ended(session.id, reason, session.next_index))
         if self.metrics is not None:
             self.metrics.sessions_ended.labels(session.model, reason).inc()
         log.info(
             "session ended (%s)", reason, extra={"session_id": session.id, "model": session.model}
         )
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
         self._schedulers[session.model].submit(session, ControlWork("end", future, reason))
         return future
 

@@ -7,11 +7,8 @@ from collections.abc import Sequence
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from rnnstream.server.core import ModelSpec, Unavailable
-from rnnstream.server.core._store import (
-    SessionRecord,
-    StateStore,
-    StepRecord,
+from rnnstream.server.core import ModelSpec, SessionRecord, StateStore, StepRecord, Unavailable
+from rnnstream.server.stores._encoding import (
     decode_result,
     decode_states,
     encode_result,
@@ -97,7 +94,7 @@ class RedisStore:
         oldest = next_index - self._ring
         return SessionRecord(
             model=model,
-            emit=fields[b"emit"].decode(),
+            emit="last" if fields[b"emit"] == b"last" else "every",
             next_index=next_index,
             states=decode_states(spec, fields[b"state"]),
             ring=[r for r in ring if oldest <= r.index < next_index],

@@ -12,15 +12,12 @@ import numpy as np
 from rnnstream.proto.metadata import PACK_OUTPUTS_METADATA_KEY
 from rnnstream.proto.tensor_codec import NUMPY_TO_DTYPE
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
-from rnnstream.server.core import Engine, ModelSpec, TensorSpec, Unavailable
+from rnnstream.server._metrics import Metrics
+from rnnstream.server._settings import Settings
+from rnnstream.server.core import Engine, ModelInfo, TensorSpec, Unavailable
 from rnnstream.server.transport.grpc._interceptor import call_principal
-from rnnstream.server.transport.grpc._native_messages import encode_outputs, forecasted
-from rnnstream.server.transport.grpc._native_stream import (
-    SHUTDOWN,
-    StreamCall,
-    end_session,
-    named_arrays,
-)
+from rnnstream.server.transport.grpc._native_messages import encode_outputs, ended, forecasted
+from rnnstream.server.transport.grpc._native_stream import SHUTDOWN, StreamCall, named_arrays
 from rnnstream.server.transport.grpc._status import (
     BadRequest,
     abort,
@@ -49,7 +46,8 @@ def _tensor_info(spec: TensorSpec) -> pb.TensorInfo:
     )
 
 
-def model_info(spec: ModelSpec, provider: str, max_batch_size: int) -> pb.ModelInfo:
+def model_info(info: ModelInfo) -> pb.ModelInfo:
+    spec = info.spec
     return pb.ModelInfo(
         name=spec.name,
         inputs=[_tensor_info(t) for t in spec.inputs],
@@ -64,14 +62,16 @@ def model_info(spec: ModelSpec, provider: str, max_batch_size: int) -> pb.ModelI
             )
             for s in spec.states
         ],
-        execution_provider=provider,
-        max_batch_size=max_batch_size,
+        execution_provider=info.provider,
+        max_batch_size=info.max_batch_size,
     )
 
 
 class NativeServicer:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
         self._engine = engine
+        self._settings = settings
+        self._metrics = metrics
         self.calls: set[StreamCall] = set()
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -104,7 +104,13 @@ class NativeServicer:
     async def Stream(
         self, requests: AsyncIterator[pb.StreamRequest | BadRequest], context: Context
     ) -> AsyncIterator[pb.StreamResponse]:
-        call = StreamCall(self._engine, call_principal(), self._packs_outputs(context))
+        call = StreamCall(
+            self._engine,
+            call_principal(),
+            self._settings,
+            self._metrics,
+            self._packs_outputs(context),
+        )
         self.calls.add(call)
         reader = asyncio.get_running_loop().create_task(call.read(requests))
         outbox = call.outbox
@@ -132,7 +138,7 @@ class NativeServicer:
 
     def _packs_outputs(self, context: Context) -> bool:
         """Whether this stream gets FrameOutputs: the client asked, and the server allows it."""
-        if not self._engine.settings.pack_outputs:
+        if not self._settings.pack_outputs:
             return False
         return any(
             key == PACK_OUTPUTS_METADATA_KEY and value == "1"
@@ -148,36 +154,34 @@ class NativeServicer:
     async def Infer(self, request: pb.InferRequest, context: Context) -> pb.InferResponse:
         owner = call_principal()
         index = request.frame_index if request.HasField("frame_index") else None
-        metrics = self._engine.metrics
+        metrics = self._metrics
         metrics.bytes_received.inc(sum(len(t.data) for t in request.inputs))
-        session_id, result = await self._engine.infer(
-            request.model, request.session_id, index, named_arrays(request.inputs), owner
+        result = await self._engine.infer(
+            owner, request.session_id, request.model, index, named_arrays(request.inputs)
         )
-        model = request.model or self._engine.sessions.get(session_id, owner).model
-        outputs = encode_outputs(self._engine, model, result)
+        outputs = encode_outputs(result)
         metrics.bytes_sent.inc(sum(len(t.data) for t in outputs))
-        return pb.InferResponse(session_id=session_id, frame_index=result.index, outputs=outputs)
+        return pb.InferResponse(
+            session_id=request.session_id, frame_index=result.index, outputs=outputs
+        )
 
     @unary
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
+        engine = self._engine
         return pb.ListModelsResponse(
-            models=[self._info(name) for name in sorted(self._engine.models)]
+            models=[model_info(engine.model(name)) for name in engine.model_names()]
         )
 
     @unary
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.ModelInfo:
-        return self._info(request.name)
-
-    def _info(self, name: str) -> pb.ModelInfo:
-        model = self._engine.model(name)
-        return model_info(model.spec, model.provider, self._engine.settings.max_batch_size)
+        return model_info(self._engine.model(request.name))
 
     @unary
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.SessionInfo:
         owner = call_principal()
-        snap = self._engine.snapshot(request.session_id, owner)
+        snap = self._engine.session(owner, request.session_id)
         return pb.SessionInfo(
             session_id=snap.session_id,
             model=snap.model,
@@ -190,14 +194,12 @@ class NativeServicer:
     @unary
     async def EndSession(self, request: pb.EndSessionRequest, context: Context) -> pb.SessionEnded:
         owner = call_principal()
-        future, respond = end_session(self._engine, request.session_id, owner)
-        return respond(await future)
+        return ended(await self._engine.end(owner, request.session_id))
 
     @unary
     async def Forecast(self, request: pb.ForecastRequest, context: Context) -> pb.ForecastResponse:
         owner = call_principal()
-        model = self._engine.sessions.get(request.session_id, owner).model
         future = self._engine.forecast(
-            request.session_id, request.steps, request.commit, named_arrays(request.inputs), owner
+            owner, request.session_id, request.steps, request.commit, named_arrays(request.inputs)
         )
-        return forecasted(self._engine, model, request.session_id, await future)
+        return forecasted(await future)

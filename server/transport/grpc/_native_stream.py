@@ -9,18 +9,28 @@ from typing import Any
 
 from rnnstream.proto.tensor_codec import decode, encode_into
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
-from rnnstream.server.core import Engine, FrameResult, InvalidArgument, ResourceExhausted, Session
-from rnnstream.server.core._validation import NamedArray
+from rnnstream.server._metrics import Metrics
+from rnnstream.server._settings import Settings
+from rnnstream.server.core import (
+    Ended,
+    Engine,
+    FrameOutput,
+    InvalidArgument,
+    NamedArray,
+    NotFound,
+    ResourceExhausted,
+)
 from rnnstream.server.transport.grpc._native_messages import (
     emit_name,
     ended,
     flushed,
     forecasted,
+    opened,
 )
 from rnnstream.server.transport.grpc._outbox import Outbox
 from rnnstream.server.transport.grpc._status import BadRequest, as_rnnstream_error, stream_error
 
-__all__ = ["SHUTDOWN", "StreamCall", "end_session", "named_arrays"]
+__all__ = ["SHUTDOWN", "StreamCall", "named_arrays"]
 
 # Placed in a stream's outbox by a graceful shutdown: the call ends with UNAVAILABLE after it.
 SHUTDOWN = object()
@@ -30,34 +40,26 @@ def named_arrays(tensors: Any) -> list[NamedArray]:
     return [(t.name, decode(t)) for t in tensors]
 
 
-def end_session(
-    engine: Engine, session_id: str, owner: str
-) -> tuple[asyncio.Future[int], Callable[[int], pb.SessionEnded]]:
-    """End a session; emit-last sessions answer their end with their last output."""
-    session = engine.sessions.get(session_id, owner)
-    future = engine.end(session_id, owner)
-
-    def respond(next_index: int) -> pb.SessionEnded:
-        last = session.last if session.emit == "last" else None
-        return ended(engine, session.model, session_id, next_index, last)
-
-    return future, respond
-
-
 class StreamCall:
     """State of one Stream call."""
 
-    def __init__(self, engine: Engine, owner: str, pack_outputs: bool = False) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        owner: str,
+        settings: Settings,
+        metrics: Metrics,
+        pack_outputs: bool = False,
+    ) -> None:
         self.engine = engine
         self.owner = owner
         # Holds responses, None (the call is over) and SHUTDOWN.
-        self.outbox = Outbox(engine.settings.max_message_bytes if pack_outputs else None)
+        self.outbox = Outbox(settings.max_message_bytes if pack_outputs else None)
         self.outstanding = 0
         self.reading = True
         self.opened: set[str] = set()
-        self._pending_limit = engine.settings.max_pending_frames
-        self._output_names: dict[str, list[str]] = {}
-        metrics = engine.metrics
+        self._pending_limit = settings.max_pending_frames
+        self._max_sessions = settings.max_sessions_per_stream
         self._bytes_in = metrics.bytes_received
         self._bytes_out = metrics.bytes_sent
 
@@ -90,26 +92,18 @@ class StreamCall:
         if not self.reading and self.outstanding == 0:
             self.outbox.put_nowait(None)
 
-    def notify_ended(self, session: Session, reason: str) -> None:
+    def notify_ended(self, result: Ended) -> None:
         """The server ended a session this stream holds: tell the client in-band."""
-        self.opened.discard(session.id)
-        self.outbox.put_nowait(
-            pb.StreamResponse(
-                ended=pb.SessionEnded(
-                    session_id=session.id, reason=reason, next_frame_index=session.next_index
-                )
-            )
-        )
+        self.opened.discard(result.session_id)
+        self.outbox.put_nowait(pb.StreamResponse(ended=ended(result)))
 
     def detach(self) -> None:
         """The call is over: stop routing server-side session ends to it."""
         for session_id in self.opened:
             try:
-                session = self.engine.sessions.get(session_id, self.owner)
-            except Exception:
+                self.engine.detach(self.owner, session_id, self.notify_ended)
+            except NotFound:  # ended meanwhile
                 continue
-            if session.listener == self.notify_ended:
-                session.listener = None
 
     def shutdown(self, message: str) -> None:
         self.outbox.put_nowait(
@@ -129,7 +123,7 @@ class StreamCall:
                 waiting_on = self.dispatch(request)
                 if waiting_on:
                     # Stop reading while this session's queue is full: flow control pushes back.
-                    await self.engine.wait_for_space(waiting_on, self.owner)
+                    await self.engine.wait_for_space(self.owner, waiting_on)
                 if self.outbox.qsize() >= self._pending_limit:
                     await self.outbox.wait_for_room(self._pending_limit)
         finally:
@@ -154,44 +148,38 @@ class StreamCall:
                 session_id = reset.session_id
                 at = reset.frame_index if reset.HasField("frame_index") else None
                 self._track(
-                    self.engine.reset(session_id, self.owner, at),
-                    lambda n: pb.StreamResponse(
-                        reset=pb.SessionReset(session_id=reset.session_id, next_frame_index=n)
+                    self.engine.reset(self.owner, session_id, at),
+                    lambda r: pb.StreamResponse(
+                        reset=pb.SessionReset(
+                            session_id=r.session_id, next_frame_index=r.next_index
+                        )
                     ),
                     session_id,
                 )
             elif kind == "end":
                 session_id = request.end.session_id
-                future, respond = end_session(self.engine, session_id, self.owner)
+                future = self.engine.end(self.owner, session_id)
                 self.opened.discard(session_id)
-                self._track(future, lambda n: pb.StreamResponse(ended=respond(n)), session_id)
+                self._track(future, lambda r: pb.StreamResponse(ended=ended(r)), session_id)
             elif kind == "flush":
                 session_id = request.flush.session_id
-                model = self.engine.sessions.get(session_id, self.owner).model
                 self._track(
-                    self.engine.flush(session_id, self.owner, request.flush.reset),
-                    lambda r: pb.StreamResponse(
-                        flushed=flushed(self.engine, model, request.flush.session_id, r)
-                    ),
+                    self.engine.flush(self.owner, session_id, request.flush.reset),
+                    lambda r: pb.StreamResponse(flushed=flushed(r)),
                     session_id,
                 )
             elif kind == "forecast":
                 forecast = request.forecast
                 session_id = forecast.session_id
-                model = self.engine.sessions.get(session_id, self.owner).model
                 rollout = self.engine.forecast(
+                    self.owner,
                     session_id,
                     forecast.steps,
                     forecast.commit,
                     named_arrays(forecast.inputs),
-                    self.owner,
                 )
                 self._track(
-                    rollout,
-                    lambda r: pb.StreamResponse(
-                        forecast=forecasted(self.engine, model, forecast.session_id, r)
-                    ),
-                    session_id,
+                    rollout, lambda r: pb.StreamResponse(forecast=forecasted(r)), session_id
                 )
             else:
                 raise InvalidArgument(
@@ -202,7 +190,7 @@ class StreamCall:
         return ""
 
     def _frame(self, frame: pb.Frame) -> str:
-        session = self.engine.sessions.get(frame.session_id, self.owner)
+        session_id = frame.session_id
         arrays = []
         try:
             for tensor in frame.inputs:
@@ -210,19 +198,12 @@ class StreamCall:
                 arrays.append((tensor.name, decode(tensor)))
         except Exception as exc:
             # Undecodable tensors never reach the engine, which counts every other frame.
-            self.engine.count_frame(session.model, as_rnnstream_error(exc).code.name)
+            self.engine.refuse(self.owner, session_id, as_rnnstream_error(exc))
             raise
-        reply = _FrameReply(self, session, frame.frame_index)
-        self.engine.queue_frame(session, frame.frame_index, arrays, reply)
+        reply = _FrameReply(self, session_id, frame.frame_index)
+        full = self.engine.submit(self.owner, session_id, frame.frame_index, arrays, reply)
         self.outstanding += 1
-        return frame.session_id if session.frames_queued >= self._pending_limit else ""
-
-    def output_names(self, model: str) -> list[str]:
-        names = self._output_names.get(model)
-        if names is None:
-            names = [t.name for t in self.engine.model_spec(model).outputs]
-            self._output_names[model] = names
-        return names
+        return session_id if full else ""
 
     def answer(self, response: pb.StreamResponse | None) -> None:
         """A frame's answer, called by the scheduler as soon as the frame is done."""
@@ -238,66 +219,57 @@ class StreamCall:
             self.outbox.put_nowait(stream_error(exc, request.session_id))
 
     async def _open_or_raise(self, request: pb.OpenSession) -> None:
-        cap = self.engine.settings.max_sessions_per_stream
+        cap = self._max_sessions
         if request.session_id not in self.opened and len(self.opened) >= cap:
             raise ResourceExhausted(
                 f"this stream already holds {cap} sessions (--max-sessions-per-stream); "
                 "open another stream"
             )
-        opened = await self.engine.open_or_restore(
-            request.model,
-            request.session_id,
+        result = await self.engine.open(
             self.owner,
+            request.session_id,
+            request.model,
             emit_name(request.emit),
             resume_only=request.resume,
-            listener=self.notify_ended,
+            on_end=self.notify_ended,
         )
-        self.opened.add(opened.session_id)
-        self.outbox.put_nowait(
-            pb.StreamResponse(
-                opened=pb.SessionOpened(
-                    session_id=opened.session_id,
-                    model=opened.model,
-                    next_frame_index=opened.next_index,
-                    resumed=opened.resumed,
-                )
-            )
-        )
+        self.opened.add(result.session_id)
+        self.outbox.put_nowait(pb.StreamResponse(opened=opened(result)))
 
 
 class _FrameReply:
     """Answers one frame of a stream from within the scheduler's turn (a FrameReply)."""
 
-    __slots__ = ("_call", "_done", "_index", "_session")
+    __slots__ = ("_call", "_done", "_index", "_session_id")
 
-    def __init__(self, call: StreamCall, session: Session, index: int) -> None:
+    def __init__(self, call: StreamCall, session_id: str, index: int) -> None:
         self._call = call
-        self._session = session
+        self._session_id = session_id
         self._index = index
         self._done = False
 
     def done(self) -> bool:
         return self._done
 
-    def set_result(self, result: FrameResult) -> None:
+    def set_result(self, result: FrameOutput | None) -> None:
         self._done = True
-        session, call = self._session, self._call
-        if session.emit == "last":  # answered by flush or end, not frame by frame
+        call = self._call
+        if result is None:  # an emit-last session: answered by flush or end, not frame by frame
             call.answer(None)
             return
         try:
             response = pb.StreamResponse()
             output = response.output
-            output.session_id = session.id
+            output.session_id = self._session_id
             output.frame_index = result.index
-            for array, name in zip(result.outputs, call.output_names(session.model), strict=True):
+            for array, name in zip(result.outputs, result.names, strict=True):
                 encode_into(output.outputs.add(), array, name)
                 call._bytes_out.value += array.nbytes
         except Exception as exc:  # never let one answer break the scheduler's turn
-            response = stream_error(as_rnnstream_error(exc), session.id, self._index)
+            response = stream_error(as_rnnstream_error(exc), self._session_id, self._index)
         call.answer(response)
 
     def set_exception(self, exception: BaseException) -> None:
         self._done = True
         classified = as_rnnstream_error(exception)  # logs an internal error once
-        self._call.answer(stream_error(classified, self._session.id, self._index))
+        self._call.answer(stream_error(classified, self._session_id, self._index))

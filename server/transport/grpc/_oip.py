@@ -17,17 +17,17 @@ from typing import Any
 import grpc
 
 from rnnstream.proto.inference import grpc_service_pb2 as oip
+from rnnstream.server._settings import Settings
 from rnnstream.server.core import (
     Engine,
     FailedPrecondition,
-    FrameResult,
+    FrameOutput,
     InvalidArgument,
+    ModelInfo,
     ModelSpec,
+    NamedArray,
     NotFound,
-    OrtModel,
-    Session,
 )
-from rnnstream.server.core._validation import NamedArray
 from rnnstream.server.transport.grpc._interceptor import call_principal
 from rnnstream.server.transport.grpc._oip_codec import decode_inputs, encode_outputs, to_frame
 from rnnstream.server.transport.grpc._oip_config import (
@@ -101,13 +101,10 @@ def _session_key(request: oip.ModelInferRequest) -> str:
         return ""
 
 
-def _next_index(session: Session) -> int:
-    return session.next_index + session.pending_frames() + (1 if session.in_flight else 0)
-
-
 class OipServicer:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
         self._engine = engine
+        self._settings = settings
         try:
             self._version = importlib.metadata.version("rnnstream")
         except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source tree only
@@ -140,17 +137,18 @@ class OipServicer:
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
     # -- inference ---------------------------------------------------------------------------
-    def _model(self, name: str, version: str) -> OrtModel:
+    def _model(self, name: str, version: str) -> ModelInfo:
         model = self._engine.model(name)
         if version not in ("", VERSION):
             raise NotFound(f"model {name!r} has no version {version!r}; it has version {VERSION}")
         return model
 
-    def _session(self, model: str, controls: _Controls, owner: str) -> Session:
-        sessions = self._engine.sessions
+    async def _sequence(self, model: str, controls: _Controls, owner: str) -> None:
+        """The request's sequence is live on `model` once this returns (opened if it starts)."""
+        engine = self._engine
         sid = controls.session_id
         try:
-            session = sessions.get(sid, owner)
+            live = engine.session(owner, sid)
         except NotFound as exc:
             if not controls.start:
                 raise FailedPrecondition(
@@ -158,25 +156,24 @@ class OipServicer:
                     "first request must set sequence_start=true",
                     session_id=sid,
                 ) from None
-            self._engine.open_session(model, sid, owner)
-            return sessions.get(sid, owner)
-        if session.model != model:
+            opened = await engine.open(owner, sid, model)
+            if opened.resumed:  # loaded from the state store: it starts over all the same
+                consume(engine.reset(owner, sid))
+            return
+        if live.model != model:
             raise InvalidArgument(
-                f"sequence {sid.removeprefix('oip-')!r} runs model {session.model!r}, "
-                f"not {model!r}",
+                f"sequence {sid.removeprefix('oip-')!r} runs model {live.model!r}, not {model!r}",
                 session_id=sid,
             )
         if controls.start:
             # A new sequence on a live id starts from the initial state, after what was queued.
-            consume(self._engine.reset(sid, owner))
-        return session
+            consume(engine.reset(owner, sid))
 
-    def _submit(
+    async def _submit(
         self, request: oip.ModelInferRequest, owner: str
     ) -> tuple[str, asyncio.Future[oip.ModelInferResponse]]:
         """Check and queue a request now; the future resolves with its response."""
-        model = self._model(request.model_name, request.model_version)
-        spec = model.spec
+        spec = self._model(request.model_name, request.model_version).spec
         controls = _controls(request)
         requested = [o.name for o in request.outputs]
         unknown = [n for n in requested if n not in {t.name for t in spec.outputs}]
@@ -187,7 +184,7 @@ class OipServicer:
             )
         items, squeeze = _batch_items(spec, decode_inputs(request))
 
-        def respond(results: Sequence[FrameResult]) -> oip.ModelInferResponse:
+        def respond(results: Sequence[FrameOutput]) -> oip.ModelInferResponse:
             response = oip.ModelInferResponse(
                 model_name=spec.name, model_version=VERSION, id=request.id
             )
@@ -196,12 +193,8 @@ class OipServicer:
 
         engine = self._engine
         if not controls.session_id:
-            frames = [
-                asyncio.ensure_future(engine.infer(spec.name, "", None, item, owner))
-                for item in items
-            ]
-            gathered = asyncio.gather(*frames)
-            return "", chain(gathered, lambda done: respond([r for _, r in done]))
+            frames = [engine.infer(owner, "", spec.name, None, item) for item in items]
+            return "", chain(asyncio.gather(*frames), respond)
         sid = controls.session_id
         if len(items) != 1:
             raise InvalidArgument(
@@ -209,13 +202,13 @@ class OipServicer:
                 f"got {len(items)}",
                 session_id=sid,
             )
-        session = self._session(spec.name, controls, owner)
+        await self._sequence(spec.name, controls, owner)
         try:
-            frame = engine.submit_frame(session, _next_index(session), items[0])
+            frame = engine.infer(owner, sid, spec.name, None, items[0])
         finally:
             if controls.end:
                 # The end queues behind the frame: the sequence is freed once it is answered.
-                consume(engine.end(sid, owner))
+                consume(engine.end(owner, sid))
         return sid, chain(frame, lambda result: respond([result]))
 
     @unary
@@ -223,13 +216,13 @@ class OipServicer:
         self, request: oip.ModelInferRequest, context: Context
     ) -> oip.ModelInferResponse:
         owner = call_principal()
-        _, future = self._submit(request, owner)
+        _, future = await self._submit(request, owner)
         return await future
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[oip.ModelInferRequest | BadRequest], context: Context
     ) -> AsyncIterator[oip.ModelStreamInferResponse]:
-        stream = Stream(self._engine.settings.max_pending_frames)
+        stream = Stream(self._settings.max_pending_frames)
         reader = asyncio.get_running_loop().create_task(
             self._read(requests, stream, call_principal())
         )
@@ -255,7 +248,7 @@ class OipServicer:
                     stream.answer("", error_response(None, InvalidArgument(request.message)))
                     continue
                 try:
-                    session_id, future = self._submit(request, owner)
+                    session_id, future = await self._submit(request, owner)
                 except Exception as exc:
                     stream.answer(_session_key(request), error_response(request, exc))
                     continue
@@ -276,17 +269,17 @@ class OipServicer:
     async def ServerReady(
         self, request: oip.ServerReadyRequest, context: Context
     ) -> oip.ServerReadyResponse:
-        engine = self._engine
-        return oip.ServerReadyResponse(ready=bool(engine.schedulers) and engine.sessions.accepting)
+        return oip.ServerReadyResponse(ready=self._engine.ready)
 
     @unary
     async def ModelReady(
         self, request: oip.ModelReadyRequest, context: Context
     ) -> oip.ModelReadyResponse:
+        engine = self._engine
         ready = (
-            request.name in self._engine.schedulers
+            engine.ready
+            and request.name in engine.model_names()
             and request.version in ("", VERSION)
-            and self._engine.sessions.accepting
         )
         return oip.ModelReadyResponse(ready=ready)
 
@@ -309,18 +302,19 @@ class OipServicer:
         self, request: oip.ModelConfigRequest, context: Context
     ) -> oip.ModelConfigResponse:
         model = self._model(request.name, request.version)
-        return oip.ModelConfigResponse(config=model_config(model, self._engine.settings))
+        return oip.ModelConfigResponse(config=model_config(model, self._settings))
 
     @unary
     async def ModelStatistics(
         self, request: oip.ModelStatisticsRequest, context: Context
     ) -> oip.ModelStatisticsResponse:
+        engine = self._engine
         if request.name:
-            names = [self._model(request.name, request.version).spec.name]
+            names = [self._model(request.name, request.version).name]
         else:
-            names = sorted(self._engine.schedulers)
+            names = engine.model_names()
         return oip.ModelStatisticsResponse(
-            model_stats=[model_statistics(n, self._engine.schedulers[n].stats) for n in names]
+            model_stats=[model_statistics(n, engine.model_stats(n)) for n in names]
         )
 
 

@@ -7,8 +7,7 @@ import numpy as np
 from rnnstream.proto.inference import grpc_service_pb2 as oip
 from rnnstream.proto.inference import model_config_pb2 as mc
 from rnnstream.server._settings import Settings
-from rnnstream.server.core import OrtModel, StateSpec, TensorSpec
-from rnnstream.server.core._scheduler import BatchStats
+from rnnstream.server.core import ModelInfo, ModelStats, StateSpec, TensorSpec
 from rnnstream.server.transport.grpc._oip_codec import CONFIG_TYPES, DATATYPES, oip_dims
 
 __all__ = ["PLATFORM", "VERSION", "model_config", "model_metadata", "model_statistics"]
@@ -23,7 +22,7 @@ def _metadata(spec: TensorSpec) -> oip.ModelMetadataResponse.TensorMetadata:
     )
 
 
-def model_metadata(model: OrtModel) -> oip.ModelMetadataResponse:
+def model_metadata(model: ModelInfo) -> oip.ModelMetadataResponse:
     """Inputs and outputs with the batch axis first; states are implicit and not listed."""
     spec = model.spec
     return oip.ModelMetadataResponse(
@@ -57,14 +56,14 @@ def _state(state_spec: StateSpec) -> mc.ModelSequenceBatching.State:
     )
 
 
-def model_config(model: OrtModel, settings: Settings) -> mc.ModelConfig:
+def model_config(model: ModelInfo, settings: Settings) -> mc.ModelConfig:
     """A sequence-batched model whose recurrent state is implicit, batched oldest-first."""
     spec = model.spec
     return mc.ModelConfig(
         name=spec.name,
         platform=PLATFORM,
         backend="onnxruntime",
-        max_batch_size=max(1, settings.max_batch_size),
+        max_batch_size=max(1, model.max_batch_size),
         input=[
             mc.ModelInput(name=t.name, data_type=CONFIG_TYPES[t.dtype], dims=oip_dims(t))
             for t in spec.inputs
@@ -96,7 +95,7 @@ def _duration(count: int, seconds: float) -> oip.StatisticDuration:
     return oip.StatisticDuration(count=count, ns=int(seconds * 1e9))
 
 
-def model_statistics(name: str, stats: BatchStats) -> oip.ModelStatistics:
+def model_statistics(name: str, stats: ModelStats) -> oip.ModelStatistics:
     """Counts and cumulative times since start, per frame (inference) and per batch (execution)."""
     return oip.ModelStatistics(
         name=name,
@@ -115,7 +114,7 @@ def model_statistics(name: str, stats: BatchStats) -> oip.ModelStatistics:
         batch_stats=[
             oip.InferBatchStatistics(
                 batch_size=size,
-                compute_infer=_duration(int(count), seconds),
+                compute_infer=_duration(count, seconds),
             )
             for size, (count, seconds) in sorted(stats.by_size.items())
         ],

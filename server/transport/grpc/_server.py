@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rnnstream.server._metrics import Metrics
 from rnnstream.server._settings import Settings
 from rnnstream.server.core import Engine
 from rnnstream.server.stores import open_store
@@ -74,10 +75,11 @@ class GrpcServer:
         self.settings = settings
         # Credentials first: a bad token list fails before anything else is built.
         self.auth = Authenticator.from_settings(settings)
-        self.engine = Engine(settings)
+        self.metrics = Metrics()
+        self.engine = Engine(settings, self.metrics)
         self.health = health.aio.HealthServicer()
-        self.native = NativeServicer(self.engine)
-        self.oip = OipServicer(self.engine)
+        self.native = NativeServicer(self.engine, settings, self.metrics)
+        self.oip = OipServicer(self.engine, settings)
         self.port = 0
         self.metrics_port = 0
         self._services = [SERVICE, OIP_SERVICE]
@@ -86,11 +88,12 @@ class GrpcServer:
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
+        store = None
         if self.settings.state_store:
-            self.engine.store = await open_store(
+            store = await open_store(
                 self.settings.state_store, self.settings.session_ttl, self.settings.output_ring
             )
-        await self.engine.start()
+        await self.engine.start(store)
         open_methods = HEALTH_AND_REFLECTION
         if self.settings.readiness_without_auth:
             open_methods |= READINESS
@@ -114,12 +117,10 @@ class GrpcServer:
         for service in ("", *self._services):
             await self.health.set(service, SERVING)
         if self.settings.metrics_port:
-            self.metrics_port = self.engine.metrics.serve(
-                self.settings.host, self.settings.metrics_port
-            )
+            self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         log.info(
             "serving %s on %s:%d (%s; principals from %s)%s",
-            sorted(self.engine.models),
+            self.engine.model_names(),
             self.settings.host,
             self.port,
             _transport(self.settings, credentials is not None),
@@ -145,17 +146,14 @@ class GrpcServer:
         deadline = loop.time() + grace
         log.info("shutting down within %.1f s", grace)
         # Refuse first, then tell health: a client that sees NOT_SERVING can count on it.
-        self.engine.sessions.accepting = False
-        self.engine.accepting_frames = False
+        self.engine.stop_accepting()
         await self.health.enter_graceful_shutdown()
         await self.engine.drain(max(0.0, (deadline - loop.time()) * 0.6))
         self.native.shutdown_streams("server is shutting down; resume your sessions elsewhere")
         await asyncio.sleep(0)  # let the streams write their notice before the transport closes
         await self._server.stop(max(0.0, deadline - loop.time()))
         await self.engine.stop()
-        if self.engine.store is not None:
-            await self.engine.store.close()
-        self.engine.metrics.close()
+        self.metrics.close()
         self._server = None
         self._stopped.set()
 

@@ -1,0 +1,117 @@
+"""What the Engine answers: typed results carrying everything a transport needs to encode them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy.typing as npt
+
+from rnnstream.server.core._models import ModelSpec
+
+__all__ = [
+    "EMIT_MODES",
+    "Emit",
+    "Ended",
+    "Flushed",
+    "Forecasted",
+    "FrameOutput",
+    "ModelInfo",
+    "ModelStats",
+    "Opened",
+    "Reset",
+    "SessionInfo",
+]
+
+Arrays = list[npt.NDArray[Any]]
+Emit = Literal["every", "last"]
+EMIT_MODES: tuple[Emit, ...] = ("every", "last")
+
+
+@dataclass(frozen=True, slots=True)
+class FrameOutput:
+    """One applied frame's outputs, in the model's output order, with their names."""
+
+    index: int
+    outputs: Arrays
+    names: tuple[str, ...]
+    replayed: bool = False  # answered from the output ring: the frame was applied before
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    session_id: str
+    model: str
+    next_index: int
+    resumed: bool  # the id named a session this principal holds (here or in the state store)
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    session_id: str
+    next_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """A session is gone: ended by its client, or by the server (expired, evicted, shutdown)."""
+
+    session_id: str
+    reason: str
+    next_index: int
+    last: FrameOutput | None = None  # an emit-last session's final answer (client ends only)
+
+
+@dataclass(frozen=True, slots=True)
+class Flushed:
+    """The session's last output when the flush reached the head of its queue."""
+
+    session_id: str
+    next_index: int
+    reset: bool
+    last: FrameOutput | None
+
+
+@dataclass(frozen=True, slots=True)
+class Forecasted:
+    """One tensor per data output, with the rollout's steps along the output's time axis."""
+
+    session_id: str
+    outputs: Arrays
+    names: tuple[str, ...]
+    next_index: int
+    committed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    session_id: str
+    model: str
+    next_index: int
+    pending_frames: int
+    idle_seconds: float
+    expires_in: float  # 0 when sessions do not expire
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    spec: ModelSpec  # inputs, outputs and states, with their axes
+    provider: str  # the ONNX Runtime execution provider that runs it
+    max_batch_size: int
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    """Totals since start, per model."""
+
+    batches: int
+    frames: int
+    failed_frames: int
+    frame_run_seconds: float  # each frame counts its batch's run time
+    queue_seconds: float  # each frame's wait from arrival to the start of its batch
+    last_batch_unix: float  # wall-clock end of the latest successful batch (0: none yet)
+    by_size: dict[int, tuple[int, float]]  # batch size -> (batches, ORT seconds)

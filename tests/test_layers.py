@@ -1,0 +1,109 @@
+"""The server's rooms keep to their doors: transports reach the core only through the Engine's
+public surface, and the core reaches nothing above it. Read from the source (ast), not run."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import rnnstream.server.core as core
+from tests.conftest import REPO
+
+SERVER = REPO / "server"
+CORE = "rnnstream.server.core"
+
+# Where the core's public names may be defined: the Engine, its results, its errors, and the
+# value types those carry (model specs, the state store interface, a frame's tensors).
+PUBLIC_HOMES = {
+    f"{CORE}._engine",
+    f"{CORE}._errors",
+    f"{CORE}._models",
+    f"{CORE}._results",
+    f"{CORE}._runtime",  # DeviceError only, checked below
+    f"{CORE}._sessions",  # FrameReply only, checked below
+    f"{CORE}._store",
+}
+INTERNALS = {"Session", "SessionManager", "ModelScheduler", "StatePool", "OrtModel", "load_model"}
+
+
+@dataclass(frozen=True)
+class Import:
+    path: Path
+    line: int
+    module: str  # absolute module imported from
+    names: tuple[str, ...]  # names imported from it (empty for `import module`)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SERVER).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(("rnnstream", "server", *parts))
+
+
+def imports(folder: Path) -> list[Import]:
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        package = module_name(path)
+        if path.name != "__init__.py":
+            package = package.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found += [Import(path, node.lineno, a.name, ()) for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    module = ".".join([*base, module] if module else base)
+                names = tuple(a.name for a in node.names)
+                found.append(Import(path, node.lineno, module, names))
+    return found
+
+
+def where(i: Import) -> str:
+    return f"{i.path.relative_to(REPO)}:{i.line}"
+
+
+def test_the_walk_sees_the_imports_it_checks() -> None:
+    """The rules below cannot pass by finding nothing."""
+    transport = imports(SERVER / "transport")
+    assert any(i.module == CORE and "Engine" in i.names for i in transport)
+    assert any(i.module.startswith(f"{CORE}._") for i in imports(SERVER / "core"))
+
+
+def test_transports_use_only_the_cores_public_surface() -> None:
+    public = set(core.__all__)
+    problems = []
+    for i in imports(SERVER / "transport"):
+        if i.module.startswith(f"{CORE}.") or (i.module == CORE and not i.names):
+            problems.append(f"{where(i)}: imports {i.module} (only `from {CORE} import ...`)")
+        elif i.module == CORE:
+            problems += [
+                f"{where(i)}: {n} is not in {CORE}.__all__" for n in i.names if n not in public
+            ]
+    assert problems == []
+
+
+def test_the_core_exports_the_engine_its_results_and_errors_only() -> None:
+    assert "Engine" in core.__all__
+    assert not INTERNALS & set(core.__all__)
+    for name in core.__all__:
+        value = getattr(core, name)
+        home = getattr(value, "__module__", None)
+        if home is None or home == "typing" or not home.startswith(CORE):
+            continue  # type aliases and constants
+        assert home in PUBLIC_HOMES, f"{name} comes from {home}"
+        if home == f"{CORE}._runtime":
+            assert name == "DeviceError"
+        if home == f"{CORE}._sessions":
+            assert name == "FrameReply"
+
+
+def test_the_core_reaches_nothing_above_it() -> None:
+    problems = [
+        f"{where(i)}: imports {i.module}"
+        for i in imports(SERVER / "core")
+        if i.module.startswith(("rnnstream.server.transport", "rnnstream.server.stores"))
+    ]
+    assert problems == []
