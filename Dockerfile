@@ -9,11 +9,11 @@
 #   docker run --rm --gpus all -p 50051:50051 rnnstream:cuda
 # See docs/deploy.md.
 #
-# Both variants start from python:3.11-slim. For CUDA, onnxruntime-gpu's own `cuda` and `cudnn`
-# extras install the NVIDIA CUDA runtime and cuDNN libraries (NVIDIA's wheels) of exactly the
-# CUDA major version that onnxruntime-gpu release was built for, so the image never pairs an
-# onnxruntime-gpu with the wrong CUDA base; the host needs only the NVIDIA driver and the
-# NVIDIA container toolkit.
+# Both variants start from python:3.11-slim and install the project with one server extra:
+# `cpu` (onnxruntime) or `cuda` (onnxruntime-gpu with its own `cuda` and `cudnn` extras: the
+# NVIDIA CUDA runtime and cuDNN wheels of exactly the CUDA version that onnxruntime-gpu release
+# was built for, so the image never pairs it with the wrong CUDA base). The host needs only the
+# NVIDIA driver and the NVIDIA container toolkit. Both add the `redis` extra (--state-store).
 
 # cpu | cuda: which onnxruntime build (and CUDA libraries) the image gets.
 ARG DEVICE=cpu
@@ -29,21 +29,16 @@ COPY pyproject.toml README.md ./
 COPY proto/ proto/
 COPY server/ server/
 COPY client/ client/
-# onnxruntime (a core dependency) and onnxruntime-gpu install the same `onnxruntime` package;
-# for CUDA keep only the GPU build, reinstalled so none of its files were overwritten.
+# The extras `cpu` and `cuda` are alternatives: each brings exactly one ONNX Runtime package.
 RUN set -eu; \
     case "$DEVICE" in \
-      cpu) pip install . ;; \
-      cuda) pip install '.[cuda]'; \
-            ort_gpu=$(pip show onnxruntime-gpu | sed -n 's/^Version: //p'); \
-            pip uninstall -y onnxruntime; \
-            pip install --force-reinstall --no-deps "onnxruntime-gpu==$ort_gpu"; \
-            pip install "onnxruntime-gpu[cuda,cudnn]==$ort_gpu"; \
-            python3 -c "import onnxruntime as o; \
-assert 'CUDAExecutionProvider' in o.get_available_providers(), o.get_available_providers()" ;; \
+      cpu|cuda) pip install ".[$DEVICE,redis]" ;; \
       *) echo "DEVICE must be cpu or cuda, not '$DEVICE'" >&2; exit 1 ;; \
     esac; \
-    python3 -c "import onnxruntime, rnnstream, rnnstream.server; print(onnxruntime.get_available_providers())"
+    pip check; \
+    python3 -c "import onnxruntime, rnnstream.server; \
+providers = onnxruntime.get_available_providers(); print(providers); \
+assert '$DEVICE' == 'cpu' or 'CUDAExecutionProvider' in providers, providers"
 
 # ---- runtime: the virtualenv, the shipped models and an unprivileged user.
 FROM python:3.11-slim AS runtime
@@ -82,7 +77,9 @@ VOLUME /models
 WORKDIR /opt/rnnstream
 USER 10001:10001
 EXPOSE 50051 9400
-# Exit 1 unless the server answers SERVING; it turns NOT_SERVING first thing on SIGTERM.
+# Exit 1 unless the server answers SERVING; it turns NOT_SERVING first thing on SIGTERM. With
+# TLS on (RNNSTREAM_TLS_CERT/RNNSTREAM_TLS_KEY, and RNNSTREAM_TLS_CLIENT_CA for mutual TLS) the
+# check speaks the server's TLS from those same variables (`rnnstream health --help`).
 HEALTHCHECK --interval=10s --timeout=6s --start-period=30s --retries=3 \
   CMD rnnstream health --target "127.0.0.1:${RNNSTREAM_PORT}" --timeout 5 || exit 1
 # Exec form: the server is PID 1 and gets SIGTERM itself, so `docker stop` drains sessions

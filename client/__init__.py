@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 from rnnstream._version import __version__
 
 if TYPE_CHECKING:
-    from rnnstream._aio import AsyncClient, AsyncSession
+    from rnnstream._aio import AsyncClient
     from rnnstream._errors import RnnstreamError, SessionLost
     from rnnstream._frames import FrameInput, Outputs
+    from rnnstream._info import ModelInfo, SessionEnded, SessionInfo, StateInfo, TensorInfo
     from rnnstream._mux import RetryPolicy
+    from rnnstream._session import AsyncSession
     from rnnstream._sync import Client, Session
 
 __all__ = [
@@ -25,24 +27,34 @@ __all__ = [
     "AsyncSession",
     "Client",
     "FrameInput",
+    "ModelInfo",
     "Outputs",
     "RetryPolicy",
     "RnnstreamError",
     "Session",
+    "SessionEnded",
+    "SessionInfo",
     "SessionLost",
+    "StateInfo",
+    "TensorInfo",
     "__version__",
 ]
 
 _HOMES = {
     "AsyncClient": "rnnstream._aio",
-    "AsyncSession": "rnnstream._aio",
+    "AsyncSession": "rnnstream._session",
     "Client": "rnnstream._sync",
     "FrameInput": "rnnstream._frames",
+    "ModelInfo": "rnnstream._info",
     "Outputs": "rnnstream._frames",
     "RetryPolicy": "rnnstream._mux",
     "RnnstreamError": "rnnstream._errors",
     "Session": "rnnstream._sync",
+    "SessionEnded": "rnnstream._info",
+    "SessionInfo": "rnnstream._info",
     "SessionLost": "rnnstream._errors",
+    "StateInfo": "rnnstream._info",
+    "TensorInfo": "rnnstream._info",
 }
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -11,7 +11,10 @@ import numpy.typing as npt
 from rnnstream.proto.tensor_codec import decode, encode
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 
-__all__ = ["EMIT", "FrameInput", "Outputs", "decode_outputs", "encode_frame"]
+if TYPE_CHECKING:
+    from rnnstream._info import ModelInfo, TensorInfo
+
+__all__ = ["EMIT", "FrameInput", "Outputs", "decode_outputs", "decode_tensors", "encode_frame"]
 
 EMIT = {"every": pb.EMIT_EVERY, "last": pb.EMIT_LAST}
 Array = npt.NDArray[Any]
@@ -19,17 +22,19 @@ FrameInput = Array | Mapping[str, Any]
 Outputs = dict[str, Array]
 
 
-def _frame_rank(info: pb.TensorInfo) -> int:
-    return len(info.shape) - (1 if info.batch_axis >= 0 else 0)
+def _frame_rank(info: TensorInfo) -> int:
+    return len(info.shape) - (1 if info.batch_axis is not None else 0)
 
 
-def _frame_time_axis(info: pb.TensorInfo) -> int:
-    if info.time_axis < 0:
-        return -1
-    return info.time_axis - (1 if info.batch_axis >= 0 and info.time_axis > info.batch_axis else 0)
+def _frame_time_axis(info: TensorInfo) -> int | None:
+    """The time axis of one session's frame (the model's shape less its batch axis)."""
+    if info.time_axis is None:
+        return None
+    batch = info.batch_axis
+    return info.time_axis - (1 if batch is not None and info.time_axis > batch else 0)
 
 
-def encode_frame(model: pb.ModelInfo, frame: FrameInput) -> tuple[list[pb.Tensor], bool]:
+def encode_frame(model: ModelInfo, frame: FrameInput) -> tuple[list[pb.Tensor], bool]:
     """Tensors for one frame, and whether a single time step was given without its time axis.
 
     A bare array feeds a single-input model. An input one rank short of the model's frame shape
@@ -48,22 +53,32 @@ def encode_frame(model: pb.ModelInfo, frame: FrameInput) -> tuple[list[pb.Tensor
     for name, value in items:
         array = np.asarray(value)
         info = infos.get(name)
-        if info is not None and info.time_axis >= 0 and array.ndim == _frame_rank(info) - 1:
-            array = np.expand_dims(array, _frame_time_axis(info))
-            added_time = True
+        if info is not None and array.ndim == _frame_rank(info) - 1:
+            axis = _frame_time_axis(info)
+            if axis is not None:
+                array = np.expand_dims(array, axis)
+                added_time = True
         tensors.append(encode(array, name))
     return tensors, added_time
 
 
-def decode_outputs(model: pb.ModelInfo, tensors: Any, squeeze_time: bool = False) -> Outputs:
+def decode_tensors(tensors: Iterable[pb.Tensor]) -> Outputs:
+    return {tensor.name: decode(tensor) for tensor in tensors}
+
+
+def decode_outputs(
+    model: ModelInfo, tensors: Iterable[pb.Tensor], squeeze_time: bool = False
+) -> Outputs:
+    """Arrays by output name; `squeeze_time` drops a time axis of length 1 (a step's output)."""
+    if not squeeze_time:
+        return decode_tensors(tensors)
     infos = {t.name: t for t in model.outputs}
     outputs: Outputs = {}
     for tensor in tensors:
         array = decode(tensor)
         info = infos.get(tensor.name)
-        if squeeze_time and info is not None and info.time_axis >= 0:
-            axis = _frame_time_axis(info)
-            if array.shape[axis] == 1:
-                array = np.squeeze(array, axis)
+        axis = _frame_time_axis(info) if info is not None else None
+        if axis is not None and array.shape[axis] == 1:
+            array = np.squeeze(array, axis)
         outputs[tensor.name] = array
     return outputs

@@ -5,21 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import grpc
 
 from rnnstream._errors import RnnstreamError, SessionLost
-from rnnstream._frames import EMIT
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
-from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 
-if TYPE_CHECKING:
-    from rnnstream._aio import AsyncSession
-
-__all__ = ["RetryPolicy", "StreamMux"]
+__all__ = ["Connect", "MuxedSession", "RetryPolicy", "StreamCall", "StreamMux"]
 
 # Statuses after which the stream is re-established and the sessions resumed.
 RETRYABLE = frozenset(
@@ -41,22 +36,70 @@ class RetryPolicy:
         return random.uniform(ceiling / 2, ceiling)  # jitter spreads reconnect storms
 
 
+class StreamCall(Protocol):
+    """One Stream call, as the mux uses it (grpc.aio's StreamStreamCall is one)."""
+
+    async def write(self, request: pb.StreamRequest) -> None: ...
+
+    async def done_writing(self) -> None: ...
+
+    def cancel(self) -> bool: ...
+
+    def __aiter__(self) -> AsyncIterator[pb.StreamResponse]: ...
+
+
+# Starts a new Stream call to the server; called once per (re)connection.
+Connect = Callable[[], StreamCall]
+
+
+class MuxedSession(Protocol):
+    """What the mux tells a session it carries (each session's own waiters implement it)."""
+
+    def resume_request(self) -> pb.OpenSession:
+        """The OpenSession that resumes this session on a new call."""
+        ...
+
+    def unanswered(self) -> list[pb.StreamRequest]:
+        """Requests sent and not yet answered, in send order: resent after a resume."""
+        ...
+
+    def on_output(self, output: pb.FrameOutput) -> None: ...
+
+    def on_frame_error(self, index: int, error: RnnstreamError) -> None: ...
+
+    def on_control(self, next_index: int) -> None:
+        """A reset (or the client's own end) was applied; `next_index` numbers the next frame."""
+        ...
+
+    def on_reply(self, reply: pb.SessionFlushed | pb.ForecastResponse) -> None: ...
+
+    def on_control_error(self, error: RnnstreamError) -> None: ...
+
+    def on_ended(self, ended: pb.SessionEnded) -> None: ...
+
+    def on_lost(self, error: SessionLost) -> None:
+        """The server no longer holds the session: fail what waits and refuse what follows."""
+        ...
+
+    def on_failed(self, error: RnnstreamError) -> None:
+        """The stream failed for good: fail everything that waits."""
+        ...
+
+
 class StreamMux:
     """Routes each response to its session; on a broken stream, reconnects with backoff, resumes
     every session (OpenSession with resume) and resends what was not yet answered, in order. The
     server applies each frame index once and answers resent ones from its output ring."""
 
-    def __init__(
-        self,
-        stub: pb_grpc.RnnstreamAsyncStub,
-        metadata: Sequence[tuple[str, str]],
-        retry: RetryPolicy | None,
-    ) -> None:
-        self._stub = stub
-        self._metadata = tuple(metadata)
+    def __init__(self, connect: Connect, retry: RetryPolicy | None) -> None:
+        self._connect = connect
         self._retry = retry
-        self.sessions: dict[str, AsyncSession] = {}
-        self._call: grpc.aio.StreamStreamCall[pb.StreamRequest, pb.StreamResponse] | None = None
+        self._sessions: dict[str, MuxedSession] = {}
+        # Sessions whose resume is on the wire, and sessions waiting for one after the server
+        # said UNAVAILABLE about them (their later frames' refusals are expected).
+        self._resuming: set[str] = set()
+        self._recovering: set[str] = set()
+        self._call: StreamCall | None = None
         self._connected = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._open_lock = asyncio.Lock()
@@ -66,6 +109,13 @@ class StreamMux:
         self.reconnects = 0
         self._closing = False
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def register(self, session_id: str, session: MuxedSession) -> None:
+        """Route `session_id`'s answers to `session` and resume it after every reconnect."""
+        self._sessions[session_id] = session
+
+    def forget(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
 
     # -- sending ---------------------------------------------------------------------------
     async def send(self, request: pb.StreamRequest) -> None:
@@ -102,8 +152,7 @@ class StreamMux:
     async def _run(self) -> None:
         attempt = 0
         while True:
-            # wait_for_ready: a call made while the channel reconnects waits instead of failing.
-            self._call = self._stub.Stream(metadata=self._metadata, wait_for_ready=True)
+            self._call = self._connect()
             progressed = False
             try:
                 await self._resume_all()
@@ -157,15 +206,9 @@ class StreamMux:
         assert call is not None
         # Holding the write lock: grpc allows one write at a time on a call.
         async with self._write_lock:
-            for session in list(self.sessions.values()):
-                session.resuming = True
-                resume = pb.OpenSession(
-                    model=session.model.name,
-                    session_id=session.id,
-                    resume=True,
-                    emit=EMIT[session.emit],
-                )
-                await call.write(pb.StreamRequest(open=resume))
+            for session_id, session in list(self._sessions.items()):
+                self._resuming.add(session_id)
+                await call.write(pb.StreamRequest(open=session.resume_request()))
                 for request in session.unanswered():
                     await call.write(request)
 
@@ -179,8 +222,8 @@ class StreamMux:
         self._connected.set()  # wake senders so they see the failure
         if self._opening is not None and not self._opening.done():
             self._opening.set_exception(error)
-        for session in list(self.sessions.values()):
-            session.fail_all(error)
+        for session in list(self._sessions.values()):
+            session.on_failed(error)
 
     # -- routing ---------------------------------------------------------------------------
     def _route(self, response: pb.StreamResponse) -> None:
@@ -192,37 +235,39 @@ class StreamMux:
                 self._route_output(output)
         elif kind == "opened":
             opened = response.opened
-            session = self.sessions.get(opened.session_id)
-            if session is not None and session.resuming:
-                session.resuming = session.recovering = False
+            if opened.session_id in self._sessions and opened.session_id in self._resuming:
+                self._resuming.discard(opened.session_id)
+                self._recovering.discard(opened.session_id)
             elif self._opening is not None and not self._opening.done():
                 self._opening.set_result(opened)
         elif kind == "error":
             self._route_error(response.error)
         elif kind == "reset":
-            session = self.sessions.get(response.reset.session_id)
+            session = self._sessions.get(response.reset.session_id)
             if session is not None:
                 session.on_control(response.reset.next_frame_index)
         elif kind in ("flushed", "forecast"):
             reply = response.flushed if kind == "flushed" else response.forecast
-            session = self.sessions.get(reply.session_id)
+            session = self._sessions.get(reply.session_id)
             if session is not None:
                 session.on_reply(reply)
         elif kind == "ended":
             ended = response.ended
-            session = self.sessions.pop(ended.session_id, None)
+            session = self._sessions.pop(ended.session_id, None)
+            self._resuming.discard(ended.session_id)
+            self._recovering.discard(ended.session_id)
             if session is not None:
                 session.on_ended(ended)
 
     def _route_output(self, output: pb.FrameOutput) -> None:
-        session = self.sessions.get(output.session_id)
+        session = self._sessions.get(output.session_id)
         if session is not None:
             session.on_output(output)
 
     def _route_error(self, error: pb.StreamError) -> None:
         index = error.frame_index if error.HasField("frame_index") else None
         exc = RnnstreamError.from_number(error.code, error.message, error.session_id, index)
-        session = self.sessions.get(error.session_id)
+        session = self._sessions.get(error.session_id)
         opening = self._opening is not None and not self._opening.done()
         if opening and index is None and error.session_id == self._opening_id:
             assert self._opening is not None
@@ -234,20 +279,23 @@ class StreamMux:
             if index is None and self._opening is not None and not self._opening.done():
                 self._opening.set_exception(exc)
             return
-        if session.resuming and index is None:
+        session_id = error.session_id
+        if session_id in self._resuming and index is None:
             # The resume itself was refused: the server no longer holds this session.
-            self.sessions.pop(session.id, None)
+            self._sessions.pop(session_id, None)
+            self._resuming.discard(session_id)
+            self._recovering.discard(session_id)
             # Marked lost, not just failed: the stream no longer routes its answers, so a later
             # call would wait forever; it raises this instead.
-            session.lose(
-                SessionLost(exc.code, f"cannot resume: {exc.message}", session_id=session.id)
+            session.on_lost(
+                SessionLost(exc.code, f"cannot resume: {exc.message}", session_id=session_id)
             )
             return
-        if session.recovering and index is not None:
+        if session_id in self._recovering and index is not None:
             return  # a later frame refused because an earlier one was: it is resent on resume
         if exc.code == grpc.StatusCode.UNAVAILABLE and self._retry is not None:
             # E.g. the server is draining or its state store is down: resume once reachable.
-            session.recovering = True
+            self._recovering.add(session_id)
             self.reconnect()
             return
         if index is not None:

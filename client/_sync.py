@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from rnnstream._aio import AsyncClient, AsyncSession
+import grpc
+
+from rnnstream._aio import DEFAULT_OPTIONS, DEFAULT_RETRY, AsyncClient
 from rnnstream._frames import FrameInput, Outputs
-from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from rnnstream._info import ModelInfo, SessionEnded, SessionInfo
+from rnnstream._mux import RetryPolicy
+from rnnstream._session import AsyncSession
 
 __all__ = ["Client", "Session"]
 
@@ -39,11 +43,27 @@ class _LoopThread:
 
 
 class Session:
-    """Blocking view of an AsyncSession."""
+    """Blocking view of an AsyncSession. `with client.open(model) as session:` ends it on the
+    way out (unless it has ended already)."""
 
     def __init__(self, runner: _LoopThread, inner: AsyncSession) -> None:
         self._runner = runner
         self._inner = inner
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._inner.ended:
+            self.end()
+
+    @property
+    def model(self) -> ModelInfo:
+        return self._inner.model
+
+    @property
+    def ended(self) -> bool:
+        return self._inner.ended
 
     @property
     def id(self) -> str:
@@ -102,11 +122,40 @@ async def _await(future: asyncio.Future[T]) -> T:
 
 
 class Client:
-    """Blocking client. Use `with Client(target) as client`."""
+    """Blocking client. Use `with Client(target) as client`; the arguments are AsyncClient's."""
 
-    def __init__(self, target: str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+        stream_per_session: bool = False,
+        options: Sequence[tuple[str, Any]] = DEFAULT_OPTIONS,
+        pack_outputs: bool = True,
+    ) -> None:
         self._runner = _LoopThread()
-        self._inner: AsyncClient = self._runner.run(_make(target, kwargs))
+
+        async def make() -> AsyncClient:
+            # The channel must be created on the loop that will use it.
+            return AsyncClient(
+                target,
+                credentials=credentials,
+                token=token,
+                metadata=metadata,
+                retry=retry,
+                stream_per_session=stream_per_session,
+                options=options,
+                pack_outputs=pack_outputs,
+            )
+
+        try:
+            self._inner = self._runner.run(make())
+        except BaseException:
+            self._runner.stop()
+            raise
 
     def __enter__(self) -> Client:
         return self
@@ -118,16 +167,20 @@ class Client:
         self._runner.run(self._inner.close())
         self._runner.stop()
 
-    def list_models(self) -> list[pb.ModelInfo]:
+    @property
+    def target(self) -> str:
+        return self._inner.target
+
+    def list_models(self) -> list[ModelInfo]:
         return self._runner.run(self._inner.list_models())
 
-    def get_model(self, name: str) -> pb.ModelInfo:
+    def get_model(self, name: str) -> ModelInfo:
         return self._runner.run(self._inner.get_model(name))
 
-    def get_session(self, session_id: str) -> pb.SessionInfo:
+    def get_session(self, session_id: str) -> SessionInfo:
         return self._runner.run(self._inner.get_session(session_id))
 
-    def end_session(self, session_id: str) -> pb.SessionEnded:
+    def end_session(self, session_id: str) -> SessionEnded:
         return self._runner.run(self._inner.end_session(session_id))
 
     def open(
@@ -137,10 +190,18 @@ class Client:
         opening = self._inner.open(model, session_id, emit, resume=resume)
         return Session(self._runner, self._runner.run(opening))
 
-    def infer(self, model: str, frame: FrameInput, **kwargs: Any) -> Outputs:
-        return self._runner.run(self._inner.infer(model, frame, **kwargs))
+    def infer(
+        self,
+        model: str,
+        frame: FrameInput,
+        *,
+        session_id: str = "",
+        frame_index: int | None = None,
+    ) -> Outputs:
+        """See AsyncClient.infer."""
+        call = self._inner.infer(model, frame, session_id=session_id, frame_index=frame_index)
+        return self._runner.run(call)
 
-
-async def _make(target: str, kwargs: dict[str, Any]) -> AsyncClient:
-    # The channel must be created on the loop that will use it.
-    return AsyncClient(target, **kwargs)
+    def forecast(self, model: str, session_id: str, steps: int, *, commit: bool = False) -> Outputs:
+        """See AsyncClient.forecast."""
+        return self._runner.run(self._inner.forecast(model, session_id, steps, commit=commit))

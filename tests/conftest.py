@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
@@ -90,3 +92,16 @@ def missing_dependency(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI must provide this: {reason}")
     pytest.skip(reason)
+
+
+# PyTorch is an opt-in extra: from the package index alone it brings gigabytes of CUDA wheels.
+NO_TORCH = (
+    "PyTorch comparisons need the torch extra (pip install -e '.[torch]'; a CPU-only build is "
+    "enough); .ci/run installs it where a CPU build lies on local disk"
+)
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def require_torch() -> ModuleType:
+    """The torch module, or a skip that says how to get it."""
+    return pytest.importorskip("torch", reason=NO_TORCH)

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import grpc
 import numpy as np
 import pytest
 
-from rnnstream import AsyncClient, RnnstreamError
+from rnnstream import (
+    AsyncClient,
+    Client,
+    ModelInfo,
+    RnnstreamError,
+    SessionEnded,
+    SessionInfo,
+    TensorInfo,
+)
 from rnnstream.proto.tensor_codec import encode
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
@@ -99,23 +108,21 @@ async def test_infer_response_names_session_and_index(server: RunningServer) -> 
     )
 
 
-def _check_model_info(info: pb.ModelInfo, model: str) -> None:
+def _check_model_info(info: ModelInfo, model: str) -> None:
+    # Plain dataclasses, not protobuf messages: dtypes by numpy's name, shapes as tuples.
+    assert isinstance(info, ModelInfo)
     features, hidden = FEATURES[model], HIDDEN[model]
     assert info.name == model
     assert info.execution_provider == "CPUExecutionProvider"
     assert info.max_batch_size == 256
     (x,) = info.inputs
-    assert (x.name, x.dtype, list(x.shape)) == ("x", pb.FLOAT32, [-1, -1, features])
-    assert (x.batch_axis, x.time_axis) == (1, 0)
+    assert x == TensorInfo("x", "float32", (-1, -1, features), batch_axis=1, time_axis=0)
     (y,) = info.outputs
-    assert (y.name, y.dtype, list(y.shape)) == ("y", pb.FLOAT32, [-1, -1, hidden])
-    assert (y.batch_axis, y.time_axis) == (1, 0)
+    assert y == TensorInfo("y", "float32", (-1, -1, hidden), batch_axis=1, time_axis=0)
     pairs = [("initial_h", "Y_h")] + ([("initial_c", "Y_c")] if model == "lstm" else [])
     assert [(s.input_name, s.output_name) for s in info.states] == pairs
     for state in info.states:
-        assert state.dtype == pb.FLOAT32
-        assert list(state.shape) == [1, -1, hidden]
-        assert state.batch_axis == 1
+        assert (state.dtype, state.shape, state.batch_axis) == ("float32", (1, -1, hidden), 1)
 
 
 async def test_list_and_get_models(server: RunningServer) -> None:
@@ -138,16 +145,13 @@ async def test_get_and_end_session(server: RunningServer) -> None:
         session = await client.open("rnn_tanh")
         await session.step(sequence("rnn_tanh", 5, seed=64))
         info = await client.get_session(session.id)
+        assert isinstance(info, SessionInfo)
         assert info.session_id == session.id and info.model == "rnn_tanh"
         assert info.next_frame_index == 1 and info.pending_frames == 0
         assert info.idle_seconds >= 0
         assert info.expires_in_seconds == 0  # expiry is off on this server
         ended = await client.end_session(session.id)
-        assert (ended.session_id, ended.reason, ended.next_frame_index) == (
-            session.id,
-            "client",
-            1,
-        )
+        assert ended == SessionEnded(session.id, "client", 1)
         for call in (client.get_session, client.end_session):
             with pytest.raises(RnnstreamError) as exc:
                 await call(session.id)
@@ -168,3 +172,50 @@ async def test_session_ids(server: RunningServer) -> None:
         assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert "at most 128 printable characters" in exc.value.message
         await generated.end()
+
+
+def test_blocking_session_ends_with_its_block(server: RunningServer) -> None:
+    with Client(server.target) as client:
+        with client.open("gru") as session:
+            session.step(sequence("gru", 1, seed=66)[0])
+        assert session.ended
+        with pytest.raises(RnnstreamError) as exc:
+            client.get_session(session.id)
+        assert exc.value.code == grpc.StatusCode.NOT_FOUND
+        # An error inside the block still ends the session, and is not swallowed.
+        with pytest.raises(ZeroDivisionError), client.open("gru") as failing:
+            failing.step(sequence("gru", 1, seed=67)[0])
+            _ = 1 / 0
+        assert failing.ended
+        with pytest.raises(RnnstreamError):
+            client.get_session(failing.id)
+
+
+async def test_async_session_ends_with_its_block(server: RunningServer) -> None:
+    async with AsyncClient(server.target) as client:
+        async with await client.open("gru") as session:
+            await session.step(sequence("gru", 1, seed=68)[0])
+        assert session.ended
+        with pytest.raises(RnnstreamError):
+            await client.get_session(session.id)
+
+
+def test_blocking_client_forecasts_by_session_id(server: RunningServer) -> None:
+    weeks = np.linspace(370.0, 372.0, 12, dtype=np.float32)
+    with Client(server.target) as client, client.open("co2_forecaster") as session:
+        for value in weeks:
+            session.step(np.array([value], np.float32))
+        by_id = client.forecast("co2_forecaster", session.id, 4)
+        on_stream = session.forecast(4)
+        assert by_id["y"].shape == (4, 1)
+        np.testing.assert_array_equal(by_id["y"], on_stream["y"])
+
+
+def test_blocking_client_takes_the_async_clients_keywords() -> None:
+    blocking = inspect.signature(Client.__init__).parameters
+    asynchronous = inspect.signature(AsyncClient.__init__).parameters
+    assert [(p.name, p.kind, p.default) for p in blocking.values()] == [
+        (p.name, p.kind, p.default) for p in asynchronous.values()
+    ]
+    with pytest.raises(TypeError, match="stream_per_sesion"):
+        Client("127.0.0.1:1", stream_per_sesion=True)  # type: ignore[call-arg]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from rnnstream import Client
-from tests.conftest import RunningServer, test_settings
+from tests.conftest import RunningServer, require_torch, test_settings
 
-torch = pytest.importorskip("torch")
+torch = require_torch()
 
 from tests.torch_models import Recipe, Wrapped, build, export, run_full  # noqa: E402
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import onnx
@@ -10,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from rnnstream.server.__main__ import main
-from tests.conftest import MODELS
+from tests.conftest import HAS_TORCH, MODELS, NO_TORCH
 
 
 def check(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -124,7 +123,7 @@ def test_paths_that_are_not_model_folders(
     assert code == 1 and "ONNX Runtime cannot load" in err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch (dev extra)")
+@pytest.mark.skipif(not HAS_TORCH, reason=NO_TORCH)
 class TestPyTorchMistakes:
     """The export mistakes docs/bring-your-own-model.md warns about, caught before serving."""
 

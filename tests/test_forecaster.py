@@ -14,13 +14,13 @@ import numpy.typing as npt
 import pytest
 
 from rnnstream import Client
-from tests.conftest import MODELS, RunningServer
+from tests.conftest import MODELS, RunningServer, require_torch
 
 FOLDER = MODELS / "co2_forecaster"
 
 
 def _train_module() -> ModuleType:
-    pytest.importorskip("torch")
+    require_torch()
     name = "co2_forecaster_train"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, FOLDER / "train.py")
@@ -56,7 +56,7 @@ def _stream_all(target: str, series: npt.NDArray[np.float32]) -> npt.NDArray[np.
 
 
 def test_streamed_outputs_equal_pytorch(server: RunningServer) -> None:
-    torch = pytest.importorskip("torch")
+    torch = require_torch()
     train = _train_module()
     series = _co2_series()[:600]
     served = _stream_all(server.target, series)
@@ -106,7 +106,7 @@ def test_training_script_runs_and_exports_a_servable_model(
     tmp_path: Path, make_server: Any
 ) -> None:
     """A short run of the real script: it trains, exports, and the export serves as trained."""
-    torch = pytest.importorskip("torch")
+    torch = require_torch()
     train = _train_module()
     cfg = train.TrainConfig(iterations=20, eval_every=10, hidden=8, batch=8)
     series = _co2_series()

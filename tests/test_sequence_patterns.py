@@ -171,7 +171,7 @@ def test_resume_must_keep_the_emit_mode(server: RunningServer) -> None:
     # The unary EndSession of an emit-last session carries the last output as well.
     assert ended.last_frame_index == len(x) - 1
     want, _ = BatchFirst("seq_classifier").run(x)
-    np.testing.assert_allclose(decode(ended.last_outputs[0]), want[-1:], atol=ATOL)
+    np.testing.assert_allclose(ended.last_outputs["logits"], want[-1:], atol=ATOL)
 
 
 # -- vector to sequence ---------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Small PyTorch recurrent models exported to ONNX the way docs/bring-your-own-model.md says.
 
-Import only after pytest.importorskip("torch").
+Import only after tests.conftest.require_torch() (torch is the opt-in extra `torch`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C: the table shows what was measured, but it gate
 
 
 def command(args: argparse.Namespace) -> int:
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # an error is one line, however long
     try:
         options = from_args(args)
     except OptionsError as exc:

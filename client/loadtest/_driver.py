@@ -7,9 +7,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from rnnstream._aio import AsyncSession
 from rnnstream._errors import RnnstreamError
 from rnnstream._frames import Outputs
+from rnnstream._session import AsyncSession
 from rnnstream.loadtest._frames import SessionFrames
 from rnnstream.loadtest._stats import WorkerStats
 from rnnstream.loadtest._verify import SessionCheck

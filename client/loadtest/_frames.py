@@ -8,9 +8,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from rnnstream._info import ModelInfo, TensorInfo
 from rnnstream.loadtest._options import OptionsError
-from rnnstream.proto.tensor_codec import DTYPE_TO_NUMPY
-from rnnstream.proto.v1 import rnnstream_pb2 as pb
 
 __all__ = ["Frame", "FrameSource", "SessionFrames", "frame_shape"]
 
@@ -18,7 +17,7 @@ Frame = dict[str, npt.NDArray[Any]]
 _BLOCK = 64  # random frames drawn per call, so the generator's overhead is shared
 
 
-def frame_shape(info: pb.TensorInfo) -> list[int]:
+def frame_shape(info: TensorInfo) -> list[int]:
     """One frame's shape for a data input: no batch axis, one time step."""
     shape: list[int] = []
     for axis, dim in enumerate(info.shape):
@@ -36,10 +35,11 @@ def frame_shape(info: pb.TensorInfo) -> list[int]:
     return shape
 
 
-def _time_axis_of_frame(info: pb.TensorInfo) -> int:
-    if info.time_axis < 0:
-        return -1
-    return info.time_axis - (1 if 0 <= info.batch_axis < info.time_axis else 0)
+def _time_axis_of_frame(info: TensorInfo) -> int | None:
+    if info.time_axis is None:
+        return None
+    batch = info.batch_axis
+    return info.time_axis - (1 if batch is not None and batch < info.time_axis else 0)
 
 
 class SessionFrames:
@@ -65,7 +65,7 @@ class SessionFrames:
     def _draw(self) -> list[Frame]:
         arrays: dict[str, npt.NDArray[Any]] = {}
         for info in self._source.inputs:
-            dtype = DTYPE_TO_NUMPY.get(info.dtype, np.dtype(np.float32))
+            dtype = info.numpy_dtype()
             shape = [_BLOCK, *frame_shape(info)]
             if dtype.kind == "f":
                 arrays[info.name] = self._rng.standard_normal(shape).astype(dtype)
@@ -80,7 +80,7 @@ class SessionFrames:
 class FrameSource:
     """Makes each session's frames for a model."""
 
-    def __init__(self, model: pb.ModelInfo, seed: int, frames_file: Path | None = None) -> None:
+    def __init__(self, model: ModelInfo, seed: int, frames_file: Path | None = None) -> None:
         self.inputs = list(model.inputs)
         self.seed = seed
         self.rows: npt.NDArray[Any] | None = None
@@ -96,9 +96,9 @@ class FrameSource:
             raise OptionsError(f"--frames-file feeds a single input; the model has {names}")
         info = self.inputs[0]
         rows = np.load(path)
-        frame_rank = len(info.shape) - (1 if info.batch_axis >= 0 else 0)
+        frame_rank = len(info.shape) - (1 if info.batch_axis is not None else 0)
         time_axis = _time_axis_of_frame(info)
-        if rows.ndim == frame_rank and time_axis >= 0:
+        if rows.ndim == frame_rank and time_axis is not None:
             # Rows one rank short are single time steps: give them their time axis back.
             rows = np.expand_dims(rows, 1 + time_axis)
         if rows.ndim != frame_rank + 1 or len(rows) == 0:
@@ -106,8 +106,7 @@ class FrameSource:
                 f"--frames-file {path}: shape {list(rows.shape)} is not [n, ...frame] for input "
                 f"{info.name!r} of shape {list(info.shape)}"
             )
-        dtype = DTYPE_TO_NUMPY.get(info.dtype, np.dtype(np.float32))
-        return np.ascontiguousarray(rows, dtype=dtype.newbyteorder("="))
+        return np.ascontiguousarray(rows, dtype=info.numpy_dtype().newbyteorder("="))
 
     def session(self, index: int) -> SessionFrames:
         return SessionFrames(self, index)

@@ -9,6 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from rnnstream._connection import (
+    DEFAULT_TARGET,
+    Connection,
+    add_connection_arguments,
+    parse_metadata,
+)
+
 __all__ = ["DEFAULT_DURATION", "LoadtestOptions", "OptionsError", "add_arguments", "from_args"]
 
 DEFAULT_DURATION = 10.0
@@ -26,7 +33,7 @@ class LoadtestOptions:
     """Everything one load test run needs. Unset bounds default to a 10 s run."""
 
     model: str
-    target: str = "127.0.0.1:50051"
+    target: str = DEFAULT_TARGET
     sessions: int = 16
     duration: float | None = None
     frames_per_session: int | None = None
@@ -47,6 +54,26 @@ class LoadtestOptions:
     json_path: Path | None = None
     plot_path: Path | None = None
     progress: bool = True
+    # How to reach the server (see Connection): TLS files, a bearer token, request metadata.
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str | None = None
+    token: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def connection(self) -> Connection:
+        return Connection(
+            target=self.target,
+            tls=self.tls,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            tls_server_name=self.tls_server_name,
+            token=self.token,
+            metadata=self.metadata,
+        )
 
     @property
     def open_loop(self) -> bool:
@@ -112,13 +139,22 @@ class LoadtestOptions:
             )
         if self.verify and self.verify_model is None:
             raise OptionsError("--verify needs --verify-model PATH (the .onnx file served)")
-        for name, path in (("verify-model", self.verify_model), ("frames-file", self.frames_file)):
+        files = (
+            ("verify-model", self.verify_model),
+            ("frames-file", self.frames_file),
+            ("tls-ca", self.tls_ca),
+            ("tls-cert", self.tls_cert),
+            ("tls-key", self.tls_key),
+        )
+        for name, path in files:
             if path is not None and not path.is_file():
                 raise OptionsError(f"--{name}: {path} is not a file")
         if self.frames_file is not None and self.frames_file.suffix != ".npy":
             raise OptionsError(f"--frames-file: {self.frames_file} is not a .npy file")
         if not self.target or ":" not in self.target:
             raise OptionsError(f"--target must be HOST:PORT, got {self.target!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise OptionsError("--tls-cert and --tls-key go together")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,23 +162,33 @@ class LoadtestOptions:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = str(value) if isinstance(value, Path) else value
+        if self.token:
+            out["token"] = "(set)"  # a report is shared; the token is not
+        out["metadata"] = [list(pair) for pair in self.metadata]
         return out
 
 
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(LoadtestOptions)}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `rnnstream loadtest` flags."""
-    add = parser.add_argument
-    add("--target", default="127.0.0.1:50051", help="server HOST:PORT")
-    add("--model", required=True, help="model to open the sessions on")
-    add("--sessions", type=int, default=16, help="sessions open at once (default 16)")
-    bound = parser.add_argument_group("bounds (without either: --duration 10)")
+    """The `rnnstream loadtest` flags; their defaults are LoadtestOptions' own."""
+    add_connection_arguments(parser)
+    parser.add_argument("--model", required=True, help="model to open the sessions on")
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        default=_DEFAULTS["sessions"],
+        help="sessions open at once (default %(default)s)",
+    )
+    bound = parser.add_argument_group(f"bounds (without either: --duration {DEFAULT_DURATION:g})")
     bound.add_argument("--duration", type=float, help="seconds of measured sending")
     bound.add_argument("--frames-per-session", type=int, help="measured frames each session sends")
     bound.add_argument(
         "--warmup",
         type=float,
-        default=0.0,
-        help="seconds of sending first that are not measured (default 0)",
+        default=_DEFAULTS["warmup"],
+        help="seconds of sending first that are not measured (default %(default)s)",
     )
     bound.add_argument(
         "--timeout",
@@ -153,8 +199,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bound.add_argument(
         "--drain",
         type=float,
-        default=10.0,
-        help="seconds to wait for outstanding answers after sending stops",
+        default=_DEFAULTS["drain"],
+        help="seconds to wait for outstanding answers after sending stops (default %(default)s)",
     )
     load = parser.add_argument_group("load")
     load.add_argument(
@@ -171,30 +217,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument(
         "--arrivals",
         choices=("constant", "poisson"),
-        default="constant",
-        help="open-loop arrival process (default constant)",
+        default=_DEFAULTS["arrivals"],
+        help="open-loop arrival process (default %(default)s)",
     )
     load.add_argument(
         "--connections",
         type=int,
-        default=1,
-        help="TCP connections the sessions are spread over (default 1)",
+        default=_DEFAULTS["connections"],
+        help="TCP connections the sessions are spread over (default %(default)s)",
     )
     load.add_argument(
         "--processes",
         type=int,
-        default=1,
-        help="client processes, each driving its share of sessions (default 1)",
+        default=_DEFAULTS["processes"],
+        help="client processes, each driving its share of sessions (default %(default)s)",
     )
     load.add_argument(
         "--no-pack-outputs",
         action="store_false",
         dest="pack_outputs",
+        default=_DEFAULTS["pack_outputs"],
         help="ask for one message per answered frame (default: the server may pack the outputs "
         "that are ready together into one message)",
     )
     data = parser.add_argument_group("frames and checks")
-    data.add_argument("--seed", type=int, default=0, help="seed of the random frames (default 0)")
+    data.add_argument(
+        "--seed",
+        type=int,
+        default=_DEFAULTS["seed"],
+        help="seed of the random frames (default %(default)s)",
+    )
     data.add_argument(
         "--frames-file",
         type=Path,
@@ -207,8 +259,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--max-error-rate",
         type=float,
-        default=0.0,
-        help="exit 1 when failed requests / requests exceeds this (default 0)",
+        default=_DEFAULTS["max_error_rate"],
+        help="exit 1 when failed requests / requests exceeds this (default %(default)s)",
     )
     out = parser.add_argument_group("output")
     out.add_argument("--json", type=Path, dest="json_path", help="write the full report here")
@@ -219,10 +271,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="draw latency and throughput over time into this .png (extra: plot)",
     )
     out.add_argument(
-        "--no-progress", action="store_false", dest="progress", help="no live progress line"
+        "--no-progress",
+        action="store_false",
+        dest="progress",
+        default=_DEFAULTS["progress"],
+        help="no live progress line",
     )
 
 
 def from_args(args: argparse.Namespace) -> LoadtestOptions:
     names = {f.name for f in dataclasses.fields(LoadtestOptions)}
-    return LoadtestOptions(**{k: v for k, v in vars(args).items() if k in names}).checked()
+    given = {k: v for k, v in vars(args).items() if k in names}
+    try:
+        given["metadata"] = parse_metadata(given.get("metadata", ()))
+    except ValueError as exc:
+        raise OptionsError(str(exc)) from None
+    return LoadtestOptions(**given).checked()

@@ -13,10 +13,9 @@ import numpy as np
 import numpy.typing as npt
 
 from rnnstream._frames import Outputs
+from rnnstream._info import ModelInfo
 from rnnstream.loadtest._frames import Frame
 from rnnstream.loadtest._options import OptionsError
-from rnnstream.proto.tensor_codec import DTYPE_TO_NUMPY
-from rnnstream.proto.v1 import rnnstream_pb2 as pb
 
 __all__ = ["TOLERANCE", "Reference", "SessionCheck", "Verifier", "VerifyStats"]
 
@@ -24,11 +23,12 @@ TOLERANCE = 1e-4  # absolute, per element
 _CHUNK = 256  # frames per ORT call: bounds memory while keeping the calls few
 
 
-def _frame_axis(axis: int, batch_axis: int) -> int:
-    return axis - (1 if 0 <= batch_axis < axis else 0)
+def _frame_axis(axis: int | None, batch_axis: int | None) -> int:
+    assert axis is not None  # only called for tensors with a time axis
+    return axis - (1 if batch_axis is not None and batch_axis < axis else 0)
 
 
-def _initial_states(path: Path, model: pb.ModelInfo) -> dict[str, npt.NDArray[Any]]:
+def _initial_states(path: Path, model: ModelInfo) -> dict[str, npt.NDArray[Any]]:
     """Each state's initial value with a batch of one: zeros, or config.toml's `initial`."""
     config_path = path.parent / "config.toml"
     given: dict[str, str] = {}
@@ -41,7 +41,7 @@ def _initial_states(path: Path, model: pb.ModelInfo) -> dict[str, npt.NDArray[An
         }
     states: dict[str, npt.NDArray[Any]] = {}
     for s in model.states:
-        dtype = DTYPE_TO_NUMPY.get(s.dtype, np.dtype(np.float32))
+        dtype = s.numpy_dtype()
         if s.input_name in given:
             value = np.load(path.parent / given[s.input_name]).astype(dtype)
         elif any(d < 0 for i, d in enumerate(s.shape) if i != s.batch_axis):
@@ -51,14 +51,16 @@ def _initial_states(path: Path, model: pb.ModelInfo) -> dict[str, npt.NDArray[An
             )
         else:
             value = np.zeros([d for i, d in enumerate(s.shape) if i != s.batch_axis], dtype)
-        states[s.input_name] = np.expand_dims(value, s.batch_axis)
+        states[s.input_name] = (
+            value if s.batch_axis is None else np.expand_dims(value, s.batch_axis)
+        )
     return states
 
 
 class Reference:
     """The model file run locally, a batch of one, carrying one session's state between calls."""
 
-    def __init__(self, path: Path, model: pb.ModelInfo) -> None:
+    def __init__(self, path: Path, model: ModelInfo) -> None:
         import onnxruntime as ort  # only --verify needs it: keep the command quick to start
 
         options = ort.SessionOptions()
@@ -80,7 +82,9 @@ class Reference:
         self._fetch = [t.name for t in model.outputs] + [s.output_name for s in model.states]
         # Frames join into one sequence only when every data tensor has a time axis.
         tensors = [*model.inputs, *model.outputs]
-        self.whole_sequences = all(t.time_axis >= 0 and t.batch_axis >= 0 for t in tensors)
+        self.whole_sequences = all(
+            t.time_axis is not None and t.batch_axis is not None for t in tensors
+        )
 
     def run(
         self, frames: list[Frame], state: dict[str, npt.NDArray[Any]]
@@ -109,13 +113,14 @@ class Reference:
                 )
             else:
                 joined = frames[0][t.name]
-            feed[t.name] = np.expand_dims(joined, t.batch_axis) if t.batch_axis >= 0 else joined
+            batch = t.batch_axis
+            feed[t.name] = joined if batch is None else np.expand_dims(joined, batch)
         values = self._session.run(self._fetch, feed)
         n_out = len(self.model.outputs)
         new_state = {s.input_name: values[n_out + i] for i, s in enumerate(self.model.states)}
         per_frame: list[Outputs] = [{} for _ in frames]
         for t, value in zip(self.model.outputs, values[:n_out], strict=True):
-            if t.batch_axis >= 0:
+            if t.batch_axis is not None:
                 value = np.take(value, 0, axis=t.batch_axis)
             if self.whole_sequences:
                 cuts = np.cumsum(steps)[:-1]

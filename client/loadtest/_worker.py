@@ -8,8 +8,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from rnnstream._aio import DEFAULT_OPTIONS, AsyncClient, AsyncSession
+import grpc
+
+from rnnstream._aio import AsyncClient
+from rnnstream._connection import diagnose
 from rnnstream._errors import RnnstreamError
+from rnnstream._session import AsyncSession
 from rnnstream.loadtest._driver import RunClock, SessionDriver, clock
 from rnnstream.loadtest._frames import FrameSource
 from rnnstream.loadtest._options import LoadtestOptions
@@ -116,10 +120,11 @@ async def _bounded(awaitables: list[Awaitable[Any]], seconds: float) -> None:
 
 async def run_worker(options: LoadtestOptions, share: Share, link: Link) -> WorkerResult:
     """Open the share's sessions, wait for the common start, drive them, then tidy up."""
-    channel_options = [*DEFAULT_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    connection = options.connection().client_kwargs()
     # A channel of its own per connection: gRPC would otherwise share one TCP connection.
+    connection["options"] = [*connection["options"], ("grpc.use_local_subchannel_pool", 1)]
     clients = [
-        AsyncClient(options.target, options=channel_options, pack_outputs=options.pack_outputs)
+        AsyncClient(options.target, pack_outputs=options.pack_outputs, **connection)
         for _ in range(share.connections)
     ]
     try:
@@ -134,7 +139,12 @@ async def _run(
     try:
         info = await asyncio.wait_for(clients[0].get_model(options.model), 30)
     except RnnstreamError as exc:
-        raise WorkerFailed(f"model {options.model!r} on {options.target}: {exc}") from None
+        detail = str(exc)
+        if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            # Say what is wrong when it can be told: refused, or TLS on one side only.
+            found = await asyncio.to_thread(diagnose, options.connection(), detail)
+            detail = found or detail
+        raise WorkerFailed(f"model {options.model!r} on {options.target}: {detail}") from None
     except TimeoutError:
         raise WorkerFailed(f"{options.target} did not answer GetModel within 30 s") from None
     source = FrameSource(info, options.seed, options.frames_file)
