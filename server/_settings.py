@@ -73,6 +73,13 @@ class Settings:
         "Where session state lives: empty keeps it in this process; redis://HOST:PORT/DB keeps it "
         "in Redis so any replica can resume a session.",
     )
+    state_store_legacy_keys: str = _setting(
+        "refuse",
+        "Sessions a Redis store holds under the old key layout (rnnstream:session:*, "
+        "ambiguous across principals) are never read: refuse to start while any exist, ignore "
+        "them (they expire), or delete them at start.",
+        choices=("refuse", "ignore", "delete"),
+    )
     max_sessions_per_stream: int = _setting(1024, "Most sessions one stream may open.")
     max_pending_frames: int = _setting(
         64, "Frames queued per session before the server stops reading that stream (back-pressure)."

@@ -13,13 +13,17 @@ if TYPE_CHECKING:
 __all__ = ["RedisStore", "open_store"]
 
 
-async def open_store(url: str, ttl_seconds: float, ring_size: int) -> StateStore:
-    """The store at `url`; ValueError naming the extra when its client library is missing."""
+async def open_store(
+    url: str, ttl_seconds: float, ring_size: int, legacy_keys: str = "refuse"
+) -> StateStore:
+    """The store at `url`; ValueError naming the extra when its client library is missing.
+    `legacy_keys`: what to do with sessions stored under the old key layout (refuse to start,
+    ignore or delete them)."""
     if importlib.util.find_spec("redis") is None:
         raise ValueError(f"--state-store {url} needs redis: pip install 'rnnstream[redis]'")
     from rnnstream.server.stores._redis import open_store as open_redis
 
-    return await open_redis(url, ttl_seconds, ring_size)
+    return await open_redis(url, ttl_seconds, ring_size, legacy_keys)
 
 
 def __getattr__(name: str) -> Any:

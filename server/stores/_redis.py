@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from urllib.parse import quote
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -15,7 +16,12 @@ from rnnstream.server.stores._encoding import (
     encode_states,
 )
 
-__all__ = ["RedisStore", "open_store"]
+__all__ = ["LEGACY_KEYS", "RedisStore", "open_store"]
+
+# The first key layout joined principal and id unescaped (rnnstream:session:<owner>:<id>), so
+# ("team", "ml:job1") and ("team:ml", "job1") shared one key. They are never read.
+_LEGACY_PATTERN = "rnnstream:session:*"
+LEGACY_KEYS = ("refuse", "ignore", "delete")
 
 # One call per batch: for each session, its hash gets the new state, next index and the step's
 # output in ring slot index % K, and its idle TTL is renewed. Atomic: a script runs whole.
@@ -41,7 +47,8 @@ def _raw(value: bytes | str) -> bytes:
 
 
 class RedisStore:
-    """StateStore on a Redis server. Keys: rnnstream:session:<owner>:<session id>."""
+    """StateStore on a Redis server. Keys: rnnstream:v2:session:<owner>:<session id>, each part
+    percent-encoded (':' and '%' included), so no two (owner, id) pairs share a key."""
 
     def __init__(self, client: redis.Redis, ttl_seconds: float, ring_size: int) -> None:
         self._redis = client
@@ -51,7 +58,7 @@ class RedisStore:
 
     @staticmethod
     def key(owner: str, session_id: str) -> str:
-        return f"rnnstream:session:{owner}:{session_id}"
+        return f"rnnstream:v2:session:{quote(owner, safe='')}:{quote(session_id, safe='')}"
 
     async def save(self, spec: ModelSpec, steps: Sequence[StepRecord]) -> None:
         keys: list[str] = []
@@ -110,14 +117,48 @@ class RedisStore:
         await self._redis.aclose()
 
 
-async def open_store(url: str, ttl_seconds: float, ring_size: int) -> StateStore:
-    """Connect to redis://HOST:PORT/DB and check it answers, so a bad URL fails at start-up."""
+async def open_store(
+    url: str, ttl_seconds: float, ring_size: int, legacy_keys: str = "refuse"
+) -> StateStore:
+    """Connect to redis://HOST:PORT/DB and check it answers, so a bad URL fails at start-up;
+    sessions stored under the old key layout are refused, ignored or deleted (`legacy_keys`)."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"--state-store {url!r}: expected redis://HOST:PORT/DB")
+    if legacy_keys not in LEGACY_KEYS:
+        raise ValueError(
+            f"--state-store-legacy-keys {legacy_keys!r}: choose from {', '.join(LEGACY_KEYS)}"
+        )
     client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
     try:
         await client.ping()
+        if legacy_keys != "ignore":
+            await _legacy_keys(client, url, delete=legacy_keys == "delete")
     except RedisError as exc:
         await client.aclose()
         raise ValueError(f"--state-store {url}: cannot reach Redis: {exc}") from exc
+    except ValueError:
+        await client.aclose()
+        raise
     return RedisStore(client, ttl_seconds, ring_size)
+
+
+async def _legacy_keys(client: redis.Redis, url: str, *, delete: bool) -> None:
+    found = 0
+    batch: list[bytes] = []
+    async for key in client.scan_iter(match=_LEGACY_PATTERN, count=1000):
+        found += 1
+        if not delete:
+            break  # one is enough to refuse
+        batch.append(key)
+        if len(batch) == 1000:
+            await client.unlink(*batch)
+            batch.clear()
+    if batch:
+        await client.unlink(*batch)
+    if found and not delete:
+        raise ValueError(
+            f"--state-store {url} holds sessions under the old key layout {_LEGACY_PATTERN} "
+            "(principal and id unescaped, so two principals could share a key); they are never "
+            "read. Start with --state-store-legacy-keys delete to delete them, or ignore to "
+            "leave them to expire (they cannot be resumed here either way)"
+        )

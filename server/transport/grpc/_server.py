@@ -91,7 +91,10 @@ class GrpcServer:
         store = None
         if self.settings.state_store:
             store = await open_store(
-                self.settings.state_store, self.settings.session_ttl, self.settings.output_ring
+                self.settings.state_store,
+                self.settings.session_ttl,
+                self.settings.output_ring,
+                self.settings.state_store_legacy_keys,
             )
         await self.engine.start(store)
         open_methods = HEALTH_AND_REFLECTION
