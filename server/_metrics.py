@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from rnnstream.server._metrics_http import MetricsEndpoint
 
 __all__ = ["LoopCounter", "Metrics"]
 
@@ -105,16 +106,14 @@ class Metrics:
         self.bytes_received = LoopCounter("rnnstream_bytes_received", "Tensor bytes received")
         self.bytes_sent = LoopCounter("rnnstream_bytes_sent", "Tensor bytes sent")
         r.register(_LoopCounters([self.bytes_received, self.bytes_sent]))
-        self._http: Any = None
+        self._http: MetricsEndpoint | None = None
 
-    def serve(self, host: str, port: int) -> int:
-        """Expose /metrics over HTTP; returns the port bound."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._http = server
-        return int(server.server_port)
+    def serve(self, host: str, port: int, token: str = "") -> int:
+        """Expose /metrics over HTTP (behind `token` when given); returns the port bound."""
+        self._http = MetricsEndpoint(self.registry, host, port, token)
+        return self._http.port
 
     def close(self) -> None:
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.close()
             self._http = None

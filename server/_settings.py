@@ -95,7 +95,15 @@ class Settings:
     keepalive_time: float = _setting(30.0, "Seconds between keepalive pings on idle connections.")
     keepalive_timeout: float = _setting(10.0, "Seconds to wait for a ping ack before dropping.")
     grace: float = _setting(10.0, "Seconds a SIGTERM/SIGINT shutdown may take before closing.")
-    metrics_port: int = _setting(9400, "Prometheus metrics HTTP port on --host; 0 turns it off.")
+    metrics_port: int = _setting(
+        9400, "Prometheus metrics HTTP port on --metrics-host; 0 turns it off."
+    )
+    metrics_host: str = _setting("", "Address the metrics endpoint listens on; empty: --host.")
+    metrics_token: str = _setting(
+        "",
+        "Bearer token GET /metrics must send (prefer the variable: a flag shows in ps). Required "
+        "when the API needs credentials and metrics listen beyond loopback.",
+    )
     log_format: str = _setting("text", "Log line format.", choices=("text", "json"))
     log_level: str = _setting("INFO", "Logging level.")
     tls_cert: str = _setting("", "PEM server certificate chain; with --tls-key enables TLS.")

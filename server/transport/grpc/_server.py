@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rnnstream.server._metrics import Metrics
+from rnnstream.server._metrics_http import check_metrics_exposure, metrics_host
 from rnnstream.server._settings import Settings
 from rnnstream.server.core import Engine
 from rnnstream.server.stores import open_store
@@ -75,6 +76,7 @@ class GrpcServer:
         self.settings = settings
         # Credentials first: a bad token list fails before anything else is built.
         self.auth = Authenticator.from_settings(settings)
+        check_metrics_exposure(settings)
         self.metrics = Metrics()
         self.engine = Engine(settings, self.metrics)
         self.health = health.aio.HealthServicer()
@@ -120,7 +122,9 @@ class GrpcServer:
         for service in ("", *self._services):
             await self.health.set(service, SERVING)
         if self.settings.metrics_port:
-            self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+            self.metrics_port = self.metrics.serve(
+                metrics_host(self.settings), self.settings.metrics_port, self.settings.metrics_token
+            )
         log.info(
             "serving %s on %s:%d (%s; principals from %s)%s",
             self.engine.model_names(),
