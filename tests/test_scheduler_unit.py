@@ -19,7 +19,8 @@ from rnnstream.server.core._arrivals import ExpectedFrames
 from rnnstream.server.core._run_timing import RunTimes, single_step_key
 from rnnstream.server.core._runtime import load_model
 from rnnstream.server.core._scheduler import ModelScheduler
-from rnnstream.server.core._sessions import ControlWork, FrameWork, Session
+from rnnstream.server.core._session import Session
+from rnnstream.server.core._work import ControlWork, FrameWork
 from tests.conftest import MODELS
 
 Arrays = list[npt.NDArray[Any]]
@@ -79,8 +80,14 @@ class CountingExecutor(InlineExecutor):
 
 
 class Harness:
-    def __init__(self, spec: ModelSpec, max_batch_size: int, **options: float) -> None:
-        self.model = RecordingModel(spec)
+    def __init__(
+        self,
+        spec: ModelSpec,
+        max_batch_size: int,
+        model: type[RecordingModel] = RecordingModel,
+        **options: float,
+    ) -> None:
+        self.model = model(spec)
         self.executor = CountingExecutor()
         self.scheduler = ModelScheduler(
             self.model,  # type: ignore[arg-type]
@@ -305,9 +312,7 @@ class RefusesLargeBatches(RecordingModel):
 async def test_a_model_that_fails_a_timing_run_is_still_served(
     gru_spec: ModelSpec, caplog: pytest.LogCaptureFixture
 ) -> None:
-    h = Harness(gru_spec, max_batch_size=8, inline_run_seconds=10.0)
-    h.model = RefusesLargeBatches(gru_spec)
-    h.scheduler.model = h.model  # type: ignore[assignment]
+    h = Harness(gru_spec, max_batch_size=8, model=RefusesLargeBatches, inline_run_seconds=10.0)
     session = h.open()
     with caplog.at_level("WARNING", logger="rnnstream.scheduler"):
         timed = h.scheduler.calibrate()
@@ -440,7 +445,7 @@ def test_expected_frames_counts_answered_sessions_until_they_send_or_go_quiet() 
     expected.expire(11.4)  # a's first entry is stale, but a was answered again since
     assert expected.count == 1
     expected.expire(11.7)  # a has sent nothing for over the horizon: idle
-    assert expected.count == 0 and not a.expected_since
+    assert expected.count == 0 and not expected.expects(a)
 
 
 async def test_under_load_a_batch_waits_for_expected_frames(

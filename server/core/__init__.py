@@ -29,8 +29,8 @@ from rnnstream.server.core._results import (
     SessionInfo,
 )
 from rnnstream.server.core._runtime import DeviceError
-from rnnstream.server.core._sessions import FrameReply
 from rnnstream.server.core._store import SessionRecord, StateStore, StepRecord
+from rnnstream.server.core._work import FrameReply
 
 __all__ = [
     "EMIT_MODES",

@@ -8,7 +8,7 @@ import time
 from collections import deque
 from typing import Protocol
 
-from rnnstream.server.core._sessions import Session
+from rnnstream.server.core._session import Session
 
 __all__ = ["ExpectedFrames", "Pacer"]
 
@@ -28,30 +28,32 @@ class ExpectedFrames:
 
     def __init__(self, horizon: float = 0.1) -> None:
         self._horizon = horizon
+        self._since: dict[Session, float] = {}  # session -> when its next frame became expected
         self._answered: deque[tuple[float, Session]] = deque()
-        self.count = 0
+
+    @property
+    def count(self) -> int:
+        return len(self._since)
+
+    def expects(self, session: Session) -> bool:
+        return session in self._since
 
     def answered(self, session: Session, now: float) -> None:
         """The session's last queued frame was just answered: its next one is expected."""
-        if not session.expected_since:
-            self.count += 1
-        session.expected_since = now
+        self._since[session] = now
         self._answered.append((now, session))
 
     def arrived(self, session: Session) -> None:
         """The session sent something (or ended): nothing more is expected of it."""
-        if session.expected_since:
-            session.expected_since = 0.0
-            self.count -= 1
+        self._since.pop(session, None)
 
     def expire(self, now: float) -> None:
         limit = now - self._horizon
-        answered = self._answered
+        answered, since = self._answered, self._since
         while answered and answered[0][0] < limit:
-            since, session = answered.popleft()
-            if session.expected_since == since:  # not answered again since then
-                session.expected_since = 0.0
-                self.count -= 1
+            at, session = answered.popleft()
+            if since.get(session) == at:  # not answered again since then
+                del since[session]
 
 
 class Queue(Protocol):

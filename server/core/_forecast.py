@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,11 +13,14 @@ from rnnstream.server.core._errors import FailedPrecondition, InvalidArgument
 from rnnstream.server.core._models import ModelSpec, TensorSpec, step_shape
 from rnnstream.server.core._results import FrameOutput
 from rnnstream.server.core._runtime import OrtModel
+from rnnstream.server.core._validation import NamedArray, validate_frame
+from rnnstream.server.core._work import ForecastParams
 
 __all__ = [
     "Rollout",
     "first_from_frame",
     "first_from_last",
+    "forecast_params",
     "rollout",
 ]
 
@@ -81,6 +85,34 @@ def first_from_frame(model: ModelSpec, arrays: Arrays) -> Arrays:
             array = np.take(array, 0, axis=axis)
         first.append(array)
     return first
+
+
+def forecast_params(
+    spec: ModelSpec,
+    session_id: str,
+    steps: int,
+    commit: bool,
+    tensors: Sequence[NamedArray],
+    max_steps: int,
+) -> ForecastParams:
+    """A forecast request checked against the model: `tensors` are step 1's inputs (none: the
+    session's last output feeds step 1)."""
+    if not spec.feedback:
+        raise FailedPrecondition(spec.feedback_problem, session_id=session_id)
+    if not 1 <= steps <= max_steps:
+        raise InvalidArgument(
+            f"forecast steps must be between 1 and {max_steps} (--max-steps-per-frame), "
+            f"got {steps}",
+            session_id=session_id,
+        )
+    first = None
+    if tensors:
+        try:
+            first = first_from_frame(spec, validate_frame(spec, tensors, max_steps))
+        except InvalidArgument as exc:
+            exc.session_id = session_id
+            raise
+    return ForecastParams(steps, commit, first)
 
 
 def rollout(model: OrtModel, states: Arrays, first: Arrays, steps: int) -> Rollout:

@@ -1,4 +1,4 @@
-"""Sessions, the work queued on them, and the registry that opens, finds and expires them."""
+"""The registry of open sessions: opens, finds, ends, evicts and expires them."""
 
 from __future__ import annotations
 
@@ -6,13 +6,8 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
-
-import numpy as np
-import numpy.typing as npt
+from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from rnnstream.server.core._errors import (
     FailedPrecondition,
@@ -21,141 +16,21 @@ from rnnstream.server.core._errors import (
     ResourceExhausted,
     Unavailable,
 )
-from rnnstream.server.core._results import EMIT_MODES, Emit, Ended, FrameOutput
+from rnnstream.server.core._results import EMIT_MODES, Emit, Ended
+from rnnstream.server.core._scheduler import ModelScheduler
+from rnnstream.server.core._session import Session
+from rnnstream.server.core._store import SessionRecord
+from rnnstream.server.core._work import ControlWork
 
 if TYPE_CHECKING:
     from rnnstream.server._metrics import Metrics
-    from rnnstream.server.core._scheduler import ModelScheduler
-    from rnnstream.server.core._store import SessionRecord
 
-__all__ = [
-    "ControlWork",
-    "EndListener",
-    "ForecastParams",
-    "FrameReply",
-    "FrameWork",
-    "Session",
-    "SessionManager",
-]
+__all__ = ["SessionManager"]
 
 log = logging.getLogger("rnnstream.sessions")
 
-Arrays = list[npt.NDArray[Any]]
 _MAX_ID_LENGTH = 128
 _EXPIRED_MEMORY = 100_000
-EndListener = Callable[[Ended], None]
-
-
-class FrameReply(Protocol):
-    """Whoever waits for a frame's answer: an asyncio.Future, or a stream's direct callback,
-    which answers within the scheduler's turn instead of one loop turn later. The answer is
-    None when the frame was applied but its session emits only on flush and end (emit last)."""
-
-    def done(self) -> bool: ...
-
-    def set_result(self, result: FrameOutput | None, /) -> None: ...
-
-    def set_exception(self, exception: BaseException, /) -> None: ...
-
-
-@dataclass(slots=True)
-class FrameWork:
-    """One frame waiting to be applied: its inputs in the model's input order."""
-
-    index: int
-    inputs: Arrays
-    key: tuple[tuple[int, ...], ...]  # frames batch together only when their shapes agree
-    reply: FrameReply
-    emit: bool = True  # False: answered with None (the outputs wait for a flush or the end)
-    enqueued_at: float = field(default_factory=time.perf_counter)
-
-
-@dataclass(frozen=True, slots=True)
-class ForecastParams:
-    """A forecast's request: `first` holds step 1's inputs (None: the last output feeds it)."""
-
-    steps: int
-    commit: bool
-    first: Arrays | None = None
-
-
-@dataclass(slots=True)
-class ControlWork:
-    """A reset, end, flush or forecast, applied in order with the session's frames."""
-
-    action: Literal["reset", "end", "flush", "forecast"]
-    future: asyncio.Future[Any]
-    reason: str = "client"
-    at_index: int | None = None  # a reset applies only while this is the next frame index
-    reset_after: bool = False  # flush: back to the initial state once answered
-    forecast: ForecastParams | None = None
-    enqueued_at: float = field(default_factory=time.perf_counter)  # orders the ready sessions
-
-
-class Session:
-    """A client's stream of frames through one model, and where its state lives."""
-
-    __slots__ = (
-        "closed",
-        "emit",
-        "expected_since",
-        "frames_queued",
-        "id",
-        "in_flight",
-        "last",
-        "last_active",
-        "listener",
-        "model",
-        "next_index",
-        "owner",
-        "pending",
-        "queued",
-        "ring",
-        "ring_size",
-        "slot",
-        "space_waiter",
-    )
-
-    def __init__(
-        self, session_id: str, model: str, owner: str, ring_size: int, emit: Emit = "every"
-    ) -> None:
-        self.id = session_id
-        self.model = model
-        self.owner = owner
-        self.slot = -1
-        self.next_index = 0
-        self.pending: deque[FrameWork | ControlWork] = deque()
-        self.in_flight = False
-        self.queued = False
-        self.closed = False
-        self.ring: deque[FrameOutput] | None = None  # created on first output: idle ones stay small
-        self.ring_size = ring_size
-        self.last_active = time.monotonic()
-        self.expected_since = 0.0  # when its next frame became expected (0: not expected)
-        # Told when the server ends the session (expired, evicted, shutdown): the attached stream.
-        self.listener: EndListener | None = None
-        self.frames_queued = 0
-        # Set by a reader that stopped reading because this session's queue is full.
-        self.space_waiter: asyncio.Future[None] | None = None
-        self.emit: Emit = emit  # "last": frames are answered by flush and end only
-        self.last: FrameOutput | None = None  # the latest output since open or reset
-
-    def remember(self, result: FrameOutput) -> None:
-        self.last = result
-        if self.ring_size <= 0:
-            return
-        if self.ring is None:
-            self.ring = deque(maxlen=self.ring_size)
-        self.ring.append(result)
-
-    def replay(self, index: int) -> FrameOutput | None:
-        for result in reversed(self.ring or ()):
-            if result.index == index:
-                return FrameOutput(index, result.outputs, result.names, replayed=True)
-        return None
-
-    def pending_frames(self) -> int:
-        return self.frames_queued
 
 
 class SessionManager:
@@ -227,7 +102,7 @@ class SessionManager:
                         f"it with the same emit mode, not {emit!r}",
                         session_id=session_id,
                     )
-                existing.last_active = time.monotonic()
+                existing.touch()
                 log.info("session resumed", extra={"session_id": session_id, "model": model})
                 return existing, True
             if resume_only:
@@ -263,12 +138,8 @@ class SessionManager:
         scheduler = self.scheduler(record.model)
         session = Session(session_id, record.model, owner, self.ring_size, record.emit)
         scheduler.attach(session)
-        scheduler.pool.write(session.slot, record.states)
-        session.next_index = record.next_index
-        for result in record.ring:
-            session.remember(result)
-        if record.ring and record.ring[-1].index == record.next_index - 1:
-            session.last = record.ring[-1]
+        scheduler.write_state(session, record.states)
+        session.restore(record.next_index, record.ring)
         self._register(session)
         log.info(
             "session restored from the state store",
@@ -279,7 +150,7 @@ class SessionManager:
     def _evict_one(self) -> bool:
         if not self.evict_when_full:
             return False
-        idle = [s for s in self._sessions.values() if not s.pending and not s.in_flight]
+        idle = [s for s in self._sessions.values() if not s.has_work() and not s.in_flight]
         if not idle:
             return False
         victim = min(idle, key=lambda s: s.last_active)
@@ -336,7 +207,7 @@ class SessionManager:
         idle = [
             s
             for s in self._sessions.values()
-            if s.last_active < cutoff and not s.pending and not s.in_flight
+            if s.last_active < cutoff and not s.has_work() and not s.in_flight
         ]
         for session in idle:
             self._end(session, "expired")
@@ -349,7 +220,3 @@ class SessionManager:
         while True:
             await asyncio.sleep(interval)
             self.expire_idle()
-
-
-def as_index_array(slots: list[int]) -> npt.NDArray[np.intp]:
-    return np.fromiter(slots, dtype=np.intp, count=len(slots))

@@ -1,0 +1,233 @@
+"""A session: its queue of frames and controls, the rules its frame indices keep, and where its
+state lives. Only this module writes a session's fields; everyone else asks it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from rnnstream.server.core._errors import FailedPrecondition, RnnstreamError
+from rnnstream.server.core._results import Emit, FrameOutput
+from rnnstream.server.core._work import ControlWork, EndListener, FrameWork
+
+__all__ = ["CONTROL", "FRAME", "Answers", "Session"]
+
+# What a session has in flight (Session.in_flight): nothing else of it runs meanwhile.
+FRAME = 1  # a frame in a batch
+CONTROL = 2  # a forecast, or a control whose new state is being stored
+
+
+class Answers(Protocol):
+    """How the queue answers the frames it drops; every frame is counted once, by status."""
+
+    def count(self, status: str, frames: int = 1) -> None: ...
+
+    def reject(self, work: FrameWork, error: RnnstreamError) -> None: ...
+
+
+class Session:
+    """A client's stream of frames through one model, and where its state lives (its slot)."""
+
+    __slots__ = (
+        "_pending",
+        "_space_waiter",
+        "closed",
+        "emit",
+        "frames_queued",
+        "id",
+        "in_flight",
+        "last",
+        "last_active",
+        "listener",
+        "model",
+        "next_index",
+        "owner",
+        "ring",
+        "ring_size",
+        "slot",
+    )
+
+    def __init__(
+        self, session_id: str, model: str, owner: str, ring_size: int, emit: Emit = "every"
+    ) -> None:
+        self.id = session_id
+        self.model = model
+        self.owner = owner
+        self.emit: Emit = emit  # "last": frames are answered by flush and end only
+        self.slot = -1
+        self.next_index = 0
+        self._pending: deque[FrameWork | ControlWork] = deque()
+        self.frames_queued = 0
+        self.in_flight = 0  # 0, FRAME or CONTROL
+        self.closed = False
+        self.ring: deque[FrameOutput] | None = None  # made on first output: idle ones stay small
+        self.ring_size = ring_size
+        self.last: FrameOutput | None = None  # the latest output since open or reset
+        self.last_active = time.monotonic()
+        # Told when the server ends the session (expired, evicted, shutdown): its stream.
+        self.listener: EndListener | None = None
+        # Set by a reader that stopped reading because this session's queue is full.
+        self._space_waiter: asyncio.Future[None] | None = None
+
+    # -- where it lives and who hears of its end ----------------------------------------------
+    def place(self, slot: int) -> None:
+        """Its state is (now) in this slot of the model's pool."""
+        self.slot = slot
+
+    def listen(self, listener: EndListener | None) -> None:
+        self.listener = listener
+
+    def unlisten(self, listener: EndListener) -> None:
+        if self.listener == listener:
+            self.listener = None
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+    def restore(self, next_index: int, ring: list[FrameOutput]) -> None:
+        """Take up where a stored copy of the session left off."""
+        self.next_index = next_index
+        for result in ring:
+            self.remember(result)
+        if ring and ring[-1].index == next_index - 1:
+            self.last = ring[-1]
+
+    # -- the queue ---------------------------------------------------------------------------
+    def push(self, work: FrameWork | ControlWork) -> None:
+        if isinstance(work, FrameWork):
+            self.frames_queued += 1
+        self._pending.append(work)
+        self.last_active = time.monotonic()
+
+    def has_work(self) -> bool:
+        return bool(self._pending)
+
+    def runnable(self) -> bool:
+        """Work waits and nothing of the session is in flight: it belongs in the ready queue."""
+        return bool(self._pending) and not self.in_flight
+
+    def head_arrival(self) -> float:
+        """When the item at the head arrived: the oldest head runs first."""
+        return self._pending[0].enqueued_at
+
+    def auto_index(self) -> int:
+        """The index a frame sent without one takes: after every frame queued or running."""
+        return self.next_index + self.frames_queued + (self.in_flight == FRAME)
+
+    def next_frame(
+        self, apply_control: Callable[[Session, ControlWork], None], answers: Answers
+    ) -> FrameWork | None:
+        """Apply the controls and answer the stale, early and cancelled frames at the head;
+        return the frame that runs next (still queued: `start` takes it), or None."""
+        pending = self._pending
+        while pending:
+            work = pending[0]
+            if isinstance(work, ControlWork):
+                pending.popleft()
+                apply_control(self, work)
+                if self.closed or self.in_flight:  # in flight: a forecast or a store write
+                    return None
+                continue
+            if work.index == self.next_index and not work.reply.done():
+                return work
+            pending.popleft()
+            self._dequeued()
+            if work.reply.done():  # cancelled before it ran (deadline passed): its index stays free
+                answers.count("CANCELLED")
+            elif work.index < self.next_index:
+                replayed = self.replay(work.index)
+                if replayed is not None:
+                    work.reply.set_result(replayed if work.emit else None)
+                    answers.count("OK")
+                else:
+                    answers.reject(work, self._forgotten(work.index))
+            else:
+                answers.reject(
+                    work,
+                    FailedPrecondition(
+                        f"frame {work.index} is out of order: session {self.id!r} expects "
+                        f"frame {self.next_index}",
+                        session_id=self.id,
+                        frame_index=work.index,
+                    ),
+                )
+        return None
+
+    def _forgotten(self, index: int) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"frame {index} was already applied and its output is no longer kept (the ring "
+            f"holds the last {self.ring_size}); next expected frame is {self.next_index}",
+            session_id=self.id,
+            frame_index=index,
+        )
+
+    def start(self, frame: FrameWork) -> None:
+        """The head frame joins a batch."""
+        self._pending.popleft()
+        self._dequeued()
+        self.in_flight = FRAME
+
+    def applied(self, result: FrameOutput, now: float) -> None:
+        """The running frame is applied (and stored, with a store)."""
+        self.next_index += 1
+        self.remember(result)
+        self.in_flight = 0
+        self.last_active = now
+
+    def released(self) -> None:
+        """The running frame failed or was refused: nothing was applied."""
+        self.in_flight = 0
+
+    def start_control(self) -> None:
+        self.in_flight = CONTROL
+
+    def control_done(self) -> None:
+        self.in_flight = 0
+        self.last_active = time.monotonic()
+
+    def close(self) -> list[FrameWork | ControlWork]:
+        """Ended: returns what was still queued, for the caller to refuse."""
+        self.closed = True
+        dropped = list(self._pending)
+        self._pending.clear()
+        for work in dropped:
+            if isinstance(work, FrameWork):
+                self._dequeued()
+        return dropped
+
+    def _dequeued(self) -> None:
+        self.frames_queued -= 1
+        waiter = self._space_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait_for_space(self, limit: int) -> None:
+        """Return once fewer than `limit` frames wait, or the session is closed."""
+        while self.frames_queued >= limit and not self.closed:
+            self._space_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._space_waiter
+            finally:
+                self._space_waiter = None
+
+    # -- outputs -------------------------------------------------------------------------------
+    def remember(self, result: FrameOutput) -> None:
+        self.last = result
+        if self.ring_size <= 0:
+            return
+        if self.ring is None:
+            self.ring = deque(maxlen=self.ring_size)
+        self.ring.append(result)
+
+    def replay(self, index: int) -> FrameOutput | None:
+        for result in reversed(self.ring or ()):
+            if result.index == index:
+                return FrameOutput(index, result.outputs, result.names, replayed=True)
+        return None
+
+    def set_last(self, last: FrameOutput | None) -> None:
+        """Its latest output, as a reset (None), a committed forecast or an undo leaves it."""
+        self.last = last
