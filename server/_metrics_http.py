@@ -7,6 +7,7 @@ import ipaddress
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,11 +16,23 @@ from prometheus_client.exposition import choose_encoder
 
 from rnnstream.server._settings import Settings
 
-__all__ = ["MetricsEndpoint", "check_metrics_exposure", "metrics_host"]
+__all__ = ["MetricsEndpoint", "check_metrics_exposure", "metrics_host", "metrics_token"]
 
 
 def metrics_host(settings: Settings) -> str:
     return settings.metrics_host or settings.host
+
+
+def metrics_token(settings: Settings) -> str:
+    """The token scrapes must send ('' for none), from --metrics-token or --metrics-token-file."""
+    if not settings.metrics_token_file:
+        return settings.metrics_token
+    if settings.metrics_token:
+        raise ValueError("give the metrics token by --metrics-token or by its file, not both")
+    token = Path(settings.metrics_token_file).read_text().strip()
+    if not token:
+        raise ValueError(f"--metrics-token-file {settings.metrics_token_file}: the file is empty")
+    return token
 
 
 def _is_loopback(host: str) -> bool:
@@ -34,7 +47,7 @@ def _is_loopback(host: str) -> bool:
 def check_metrics_exposure(settings: Settings) -> None:
     """Refuse (ValueError) to serve metrics to the network without a token while the API itself
     requires credentials: they tell per-model session counts and traffic to anyone."""
-    if not settings.metrics_port or settings.metrics_token:
+    if not settings.metrics_port or metrics_token(settings):
         return
     secured = settings.auth_tokens or settings.auth_tokens_file or settings.tls_client_ca
     host = metrics_host(settings)

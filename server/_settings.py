@@ -104,6 +104,9 @@ class Settings:
         "Bearer token GET /metrics must send (prefer the variable: a flag shows in ps). Required "
         "when the API needs credentials and metrics listen beyond loopback.",
     )
+    metrics_token_file: str = _setting(
+        "", "File holding the metrics bearer token (instead of --metrics-token)."
+    )
     log_format: str = _setting("text", "Log line format.", choices=("text", "json"))
     log_level: str = _setting("INFO", "Logging level.")
     tls_cert: str = _setting("", "PEM server certificate chain; with --tls-key enables TLS.")

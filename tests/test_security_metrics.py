@@ -9,12 +9,13 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from rnnstream import AsyncClient
 from rnnstream.server import Settings
-from rnnstream.server._metrics_http import check_metrics_exposure
+from rnnstream.server._metrics_http import check_metrics_exposure, metrics_token
 from tests.conftest import MODELS, REPO, RunningServer, test_settings
 from tests.server_process import free_port
 
@@ -70,7 +71,10 @@ async def test_other_paths_are_not_found(make_server: Callable[..., RunningServe
     assert status == 501
 
 
-def test_metrics_beyond_loopback_need_a_token_when_the_api_does() -> None:
+def test_metrics_beyond_loopback_need_a_token_when_the_api_does(tmp_path: Path) -> None:
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text(METRICS_TOKEN + "\n")
+    assert metrics_token(test_settings(metrics_token_file=str(token_file))) == METRICS_TOKEN
     secured = test_settings(metrics_port=9400, auth_tokens=("alice=a-token",))
     check_metrics_exposure(secured)  # 127.0.0.1: fine
     for host in ("0.0.0.0", "10.1.2.3", "::", "metrics.internal"):
@@ -80,6 +84,12 @@ def test_metrics_beyond_loopback_need_a_token_when_the_api_does() -> None:
         check_metrics_exposure(replace(secured, metrics_host=host, metrics_port=0))
         # An API without credentials has nothing for the metrics to give away.
         check_metrics_exposure(replace(secured, metrics_host=host, auth_tokens=()))
+    check_metrics_exposure(replace(secured, metrics_host="::", metrics_token_file=str(token_file)))
+    with pytest.raises(ValueError, match="not both"):
+        metrics_token(replace(secured, metrics_token="t", metrics_token_file=str(token_file)))
+    token_file.write_text("\n")
+    with pytest.raises(ValueError, match="the file is empty"):
+        check_metrics_exposure(replace(secured, metrics_token_file=str(token_file)))
     with pytest.raises(ValueError, match=re.escape("anyone reaching 0.0.0.0:9400")):
         check_metrics_exposure(
             replace(secured, auth_tokens=(), tls_client_ca="ca.pem", host="0.0.0.0")

@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rnnstream.server._metrics import Metrics
-from rnnstream.server._metrics_http import check_metrics_exposure, metrics_host
+from rnnstream.server._metrics_http import check_metrics_exposure, metrics_host, metrics_token
 from rnnstream.server._settings import Settings
 from rnnstream.server.core import Engine
 from rnnstream.server.stores import open_store
@@ -122,8 +122,9 @@ class GrpcServer:
         for service in ("", *self._services):
             await self.health.set(service, SERVING)
         if self.settings.metrics_port:
+            settings = self.settings
             self.metrics_port = self.metrics.serve(
-                metrics_host(self.settings), self.settings.metrics_port, self.settings.metrics_token
+                metrics_host(settings), settings.metrics_port, metrics_token(settings)
             )
         log.info(
             "serving %s on %s:%d (%s; principals from %s)%s",
