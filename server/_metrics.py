@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -63,7 +64,7 @@ class Metrics:
         r = self.registry
         self.frames = Counter(
             "rnnstream_frames",
-            "Frames answered, by model and gRPC status",
+            "Frames answered, by model and status (gRPC status code names, OK, CANCELLED)",
             ["model", "status"],
             registry=r,
         )
@@ -107,6 +108,29 @@ class Metrics:
         self.bytes_sent = LoopCounter("rnnstream_bytes_sent", "Tensor bytes sent")
         r.register(_LoopCounters([self.bytes_received, self.bytes_sent]))
         self._http: MetricsEndpoint | None = None
+
+    # -- what the core reports (rnnstream.server.core's CoreMetrics) ---------------------------
+    def frame_counter(self, model: str, status: str) -> Any:
+        return self.frames.labels(model, status)
+
+    def batch_observers(self, model: str) -> tuple[Any, Any, Any]:
+        return (
+            self.ort_run.labels(model),
+            self.batch_size.labels(model),
+            self.frame_latency.labels(model),
+        )
+
+    def watch_queue_depth(self, model: str, read: Callable[[], float]) -> None:
+        self.queue_depth.labels(model).set_function(read)
+
+    def watch_sessions(self, model: str, read: Callable[[], float]) -> None:
+        self.active_sessions.labels(model).set_function(read)
+
+    def session_opened(self, model: str) -> None:
+        self.sessions_opened.labels(model).inc()
+
+    def session_ended(self, model: str, reason: str) -> None:
+        self.sessions_ended.labels(model, reason).inc()
 
     def serve(self, host: str, port: int, token: str = "") -> int:
         """Expose /metrics over HTTP (behind `token` when given); returns the port bound."""

@@ -8,7 +8,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rnnstream.server.core import EngineSettings
 
 __all__ = ["Settings"]
 
@@ -132,6 +135,28 @@ class Settings:
         "Let the Open Inference Protocol ServerLive and ServerReady answer callers without "
         "credentials (for probes that cannot send any); gRPC health always does.",
     )
+
+    def engine_settings(self) -> EngineSettings:
+        """What the core reads of these settings."""
+        from rnnstream.server.core import EngineSettings  # the core loads ONNX Runtime: lazily
+
+        return EngineSettings(
+            model_repository=self.model_repository,
+            models=self.models,
+            device=self.device,
+            ort_threads=self.ort_threads,
+            max_batch_size=self.max_batch_size,
+            inline_run_seconds=self.inline_run_us * 1e-6,
+            busy_poll_seconds=self.busy_poll_us * 1e-6,
+            gather_seconds=self.gather_us * 1e-6,
+            max_sessions=self.max_sessions,
+            session_ttl=self.session_ttl,
+            output_ring=self.output_ring,
+            max_steps_per_frame=self.max_steps_per_frame,
+            max_message_bytes=self.max_message_bytes,
+            max_pending_frames=self.max_pending_frames,
+            evict_idle_when_full=self.evict_idle_when_full,
+        )
 
     @classmethod
     def from_args(

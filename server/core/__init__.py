@@ -2,9 +2,11 @@
 session_id) and answer with the typed results below or raise the errors below."""
 
 from rnnstream.server.core._engine import Engine, NamedArray
+from rnnstream.server.core._engine_settings import EngineSettings
 from rnnstream.server.core._errors import (
     Aborted,
     AlreadyExists,
+    ErrorCode,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -14,6 +16,7 @@ from rnnstream.server.core._errors import (
     Unauthenticated,
     Unavailable,
 )
+from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._models import ModelConfigError, ModelSpec, StateSpec, TensorSpec
 from rnnstream.server.core._results import (
     EMIT_MODES,
@@ -36,10 +39,13 @@ __all__ = [
     "EMIT_MODES",
     "Aborted",
     "AlreadyExists",
+    "CoreMetrics",
     "DeviceError",
     "Emit",
     "Ended",
     "Engine",
+    "EngineSettings",
+    "ErrorCode",
     "FailedPrecondition",
     "Flushed",
     "Forecasted",

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rnnstream.server._metrics import Metrics
-from rnnstream.server._settings import Settings
+from rnnstream.server.core._engine_settings import EngineSettings
 from rnnstream.server.core._errors import (
     InvalidArgument,
     NotFound,
@@ -19,6 +18,7 @@ from rnnstream.server.core._errors import (
     Unavailable,
 )
 from rnnstream.server.core._forecast import forecast_params
+from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._loading import load_models, start_model
 from rnnstream.server.core._registry import SessionManager
 from rnnstream.server.core._results import (
@@ -57,7 +57,7 @@ class Engine:
     principal never reaches another's sessions, and answers with a typed result (_results.py) or
     raises an RnnstreamError; transports see neither ONNX Runtime nor sessions nor the pool."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: EngineSettings, metrics: CoreMetrics | None = None) -> None:
         self._settings = settings
         self._metrics = metrics
         self._models: dict[str, OrtModel] = {}
@@ -92,9 +92,7 @@ class Engine:
             self._schedulers[name] = scheduler
             self._validators[name] = validator
             if self._metrics is not None:
-                self._metrics.active_sessions.labels(name).set_function(
-                    functools.partial(self._sessions.count, name)
-                )
+                self._metrics.watch_sessions(name, functools.partial(self._sessions.count, name))
         if store is not None:
             specs = {name: m.spec for name, m in self._models.items()}
             self._stored = StoredSessions(store, self._sessions, specs)

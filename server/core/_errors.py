@@ -1,12 +1,13 @@
-"""Errors raised by the core, each carrying the gRPC status code it travels as."""
+"""Errors raised by the core, each with the core's own code; transports map codes onto the wire."""
 
 from __future__ import annotations
 
-import grpc
+import enum
 
 __all__ = [
     "Aborted",
     "AlreadyExists",
+    "ErrorCode",
     "FailedPrecondition",
     "Internal",
     "InvalidArgument",
@@ -18,10 +19,25 @@ __all__ = [
 ]
 
 
-class RnnstreamError(Exception):
-    """Base of every error a client can see; `code` is its gRPC status."""
+class ErrorCode(enum.Enum):
+    """Why a request was refused. The names match gRPC's status codes (transport/grpc/_status.py
+    maps them) and label the rnnstream_frames metric."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ABORTED = "ABORTED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    INTERNAL = "INTERNAL"
+
+
+class RnnstreamError(Exception):
+    """Base of every error a client can see; `code` says which kind."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
 
     def __init__(
         self, message: str, *, session_id: str = "", frame_index: int | None = None
@@ -33,36 +49,36 @@ class RnnstreamError(Exception):
 
 
 class InvalidArgument(RnnstreamError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = ErrorCode.INVALID_ARGUMENT
 
 
 class NotFound(RnnstreamError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = ErrorCode.NOT_FOUND
 
 
 class AlreadyExists(RnnstreamError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = ErrorCode.ALREADY_EXISTS
 
 
 class FailedPrecondition(RnnstreamError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = ErrorCode.FAILED_PRECONDITION
 
 
 class Aborted(RnnstreamError):
-    code = grpc.StatusCode.ABORTED
+    code = ErrorCode.ABORTED
 
 
 class ResourceExhausted(RnnstreamError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = ErrorCode.RESOURCE_EXHAUSTED
 
 
 class Unavailable(RnnstreamError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = ErrorCode.UNAVAILABLE
 
 
 class Unauthenticated(RnnstreamError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = ErrorCode.UNAUTHENTICATED
 
 
 class Internal(RnnstreamError):
-    code = grpc.StatusCode.INTERNAL
+    code = ErrorCode.INTERNAL

@@ -9,18 +9,15 @@ import math
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from rnnstream.server.core._engine_settings import EngineSettings
 from rnnstream.server.core._errors import InvalidArgument
+from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._models import ModelConfigError, ModelSpec
 from rnnstream.server.core._runtime import OrtModel, load_model
 from rnnstream.server.core._scheduler import ModelScheduler
 from rnnstream.server.core._store import StateStore
 from rnnstream.server.core._validation import FrameValidator
-
-if TYPE_CHECKING:
-    from rnnstream.server._metrics import Metrics
-    from rnnstream.server._settings import Settings
 
 __all__ = ["discover_models", "load_models", "output_bytes", "start_model"]
 
@@ -41,7 +38,7 @@ def discover_models(repository: Path, only: Sequence[str] = ()) -> dict[str, Pat
     return {name: found[name] for name in (only or found)}
 
 
-def load_models(settings: Settings) -> dict[str, OrtModel]:
+def load_models(settings: EngineSettings) -> dict[str, OrtModel]:
     folders = discover_models(settings.model_repository, settings.models)
     if not folders:
         raise ModelConfigError(f"no */model.onnx under {settings.model_repository}")
@@ -53,9 +50,9 @@ def load_models(settings: Settings) -> dict[str, OrtModel]:
 
 def start_model(
     model: OrtModel,
-    settings: Settings,
+    settings: EngineSettings,
     executor: Executor,
-    metrics: Metrics | None,
+    metrics: CoreMetrics | None,
     store: StateStore | None,
 ) -> tuple[ModelScheduler, FrameValidator]:
     """The model's scheduler, timed and running, and the validator of its frames."""
@@ -64,9 +61,9 @@ def start_model(
         max_batch_size=settings.max_batch_size,
         executor=executor,
         metrics=metrics,
-        inline_run_seconds=settings.inline_run_us * 1e-6,
-        busy_poll_seconds=settings.busy_poll_us * 1e-6,
-        gather_seconds=settings.gather_us * 1e-6,
+        inline_run_seconds=settings.inline_run_seconds,
+        busy_poll_seconds=settings.busy_poll_seconds,
+        gather_seconds=settings.gather_seconds,
         store=store,
     )
     timed = scheduler.calibrate()

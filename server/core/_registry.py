@@ -7,7 +7,6 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 from rnnstream.server.core._errors import (
     FailedPrecondition,
@@ -16,14 +15,12 @@ from rnnstream.server.core._errors import (
     ResourceExhausted,
     Unavailable,
 )
+from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._results import EMIT_MODES, Emit, Ended
 from rnnstream.server.core._scheduler import ModelScheduler
 from rnnstream.server.core._session import Session
 from rnnstream.server.core._store import SessionRecord
 from rnnstream.server.core._work import ControlWork
-
-if TYPE_CHECKING:
-    from rnnstream.server._metrics import Metrics
 
 __all__ = ["SessionManager"]
 
@@ -44,7 +41,7 @@ class SessionManager:
         ttl: float,
         ring_size: int,
         evict_when_full: bool = False,
-        metrics: Metrics | None = None,
+        metrics: CoreMetrics | None = None,
     ) -> None:
         self._schedulers = schedulers
         self._sessions: dict[tuple[str, str], Session] = {}
@@ -118,7 +115,7 @@ class SessionManager:
         scheduler.attach(session)
         self._register(session)
         if self.metrics is not None:
-            self.metrics.sessions_opened.labels(model).inc()
+            self.metrics.session_opened(model)
         log.info("session opened", extra={"session_id": session.id, "model": model})
         return session, False
 
@@ -188,7 +185,7 @@ class SessionManager:
             if session.listener is not None:
                 session.listener(Ended(session.id, reason, session.next_index))
         if self.metrics is not None:
-            self.metrics.sessions_ended.labels(session.model, reason).inc()
+            self.metrics.session_ended(session.model, reason)
         log.info(
             "session ended (%s)", reason, extra={"session_id": session.id, "model": session.model}
         )

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy.typing as npt
 
@@ -19,6 +19,7 @@ from rnnstream.server.core._arrivals import Pacer
 from rnnstream.server.core._batcher import ReadyQueue
 from rnnstream.server.core._controls import Controls
 from rnnstream.server.core._errors import Internal, InvalidArgument, NotFound, RnnstreamError
+from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._persistence import Persistence
 from rnnstream.server.core._results import FrameOutput
 from rnnstream.server.core._runner import BatchRunner
@@ -28,9 +29,6 @@ from rnnstream.server.core._state_pool import StatePool
 from rnnstream.server.core._stats import ModelCounters
 from rnnstream.server.core._store import StateStore
 from rnnstream.server.core._work import ControlWork, FrameWork, as_index_array
-
-if TYPE_CHECKING:
-    from rnnstream.server._metrics import Metrics
 
 __all__ = ["ModelScheduler"]
 
@@ -51,7 +49,7 @@ class ModelScheduler:
         *,
         max_batch_size: int,
         executor: Executor | None = None,
-        metrics: Metrics | None = None,
+        metrics: CoreMetrics | None = None,
         inline_run_seconds: float = 0.0,
         busy_poll_seconds: float = 0.0,
         gather_seconds: float = 0.0,
@@ -75,7 +73,7 @@ class ModelScheduler:
         self._task: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()  # forecasts and store writes
         if metrics is not None:
-            metrics.queue_depth.labels(self.spec.name).set_function(lambda: self.queued_frames)
+            metrics.watch_queue_depth(self.spec.name, lambda: self.queued_frames)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:

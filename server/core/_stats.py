@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from rnnstream.server.core._errors import RnnstreamError
+from rnnstream.server.core._instruments import CoreMetrics, Counter, Observer
 from rnnstream.server.core._results import ModelStats
 from rnnstream.server.core._work import FrameWork
-
-if TYPE_CHECKING:
-    from rnnstream.server._metrics import Metrics
 
 __all__ = ["BatchStats", "ModelCounters"]
 
@@ -34,20 +31,16 @@ class BatchStats:
 
 
 class ModelCounters:
-    """One model's BatchStats and its Prometheus series (None: no metrics)."""
+    """One model's BatchStats and its metric series (None: no metrics)."""
 
-    def __init__(self, model: str, metrics: Metrics | None) -> None:
+    def __init__(self, model: str, metrics: CoreMetrics | None) -> None:
         self.stats = BatchStats()
         self._model = model
         self._metrics = metrics
-        self._frame_counters: dict[str, Any] = {}
-        self._observe: tuple[Any, Any, Any] | None = None
+        self._frame_counters: dict[str, Counter] = {}
+        self._observe: tuple[Observer, Observer, Observer] | None = None
         if metrics is not None:
-            self._observe = (
-                metrics.ort_run.labels(model),
-                metrics.batch_size.labels(model),
-                metrics.frame_latency.labels(model),
-            )
+            self._observe = metrics.batch_observers(model)
 
     def count(self, status: str, frames: int = 1) -> None:
         """Frames answered with `status` (an error code name or OK): the rnnstream_frames metric."""
@@ -55,7 +48,7 @@ class ModelCounters:
             return
         counter = self._frame_counters.get(status)
         if counter is None:
-            counter = self._frame_counters[status] = self._metrics.frames.labels(
+            counter = self._frame_counters[status] = self._metrics.frame_counter(
                 self._model, status
             )
         counter.inc(frames)

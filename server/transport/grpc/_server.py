@@ -78,7 +78,7 @@ class GrpcServer:
         self.auth = Authenticator.from_settings(settings)
         check_metrics_exposure(settings)
         self.metrics = Metrics()
-        self.engine = Engine(settings, self.metrics)
+        self.engine = Engine(settings.engine_settings(), self.metrics)
         self.health = health.aio.HealthServicer()
         self.native = NativeServicer(self.engine, settings, self.metrics)
         self.oip = OipServicer(self.engine, settings)

@@ -11,9 +11,10 @@ import grpc
 
 from rnnstream.proto.tensor_codec import TensorDecodeError
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
-from rnnstream.server.core import Internal, InvalidArgument, RnnstreamError
+from rnnstream.server.core import ErrorCode, Internal, InvalidArgument, RnnstreamError
 
 __all__ = [
+    "GRPC_STATUS",
     "BadRequest",
     "abort",
     "as_rnnstream_error",
@@ -27,6 +28,20 @@ log = logging.getLogger("rnnstream.grpc")
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+# The core's error codes on the wire.
+GRPC_STATUS: dict[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.ABORTED: grpc.StatusCode.ABORTED,
+    ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+}
 
 
 class BadRequest:
@@ -75,7 +90,7 @@ def stream_error(
     error = as_rnnstream_error(exc)
     return pb.StreamResponse(
         error=pb.StreamError(
-            code=error.code.value[0],
+            code=GRPC_STATUS[error.code].value[0],
             message=error.message,
             session_id=error.session_id or session_id,
             frame_index=error.frame_index if error.frame_index is not None else frame_index,
@@ -85,7 +100,7 @@ def stream_error(
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
     error = as_rnnstream_error(exc)
-    await context.abort(error.code, error.message)
+    await context.abort(GRPC_STATUS[error.code], error.message)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 

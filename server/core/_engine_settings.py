@@ -1,0 +1,29 @@
+"""The knobs of the core, built by whoever starts an Engine (the server's settings, the CLI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["EngineSettings"]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Every value the core reads; the server's Settings documents and validates each one."""
+
+    model_repository: Path  # one folder per model, each holding model.onnx
+    models: tuple[str, ...]  # load only these; empty loads every model found
+    device: str  # auto, cpu or cuda
+    ort_threads: int  # ONNX Runtime intra-op threads per model; 0 lets ORT decide
+    max_batch_size: int  # most sessions stepped in one ORT call
+    inline_run_seconds: float  # batches faster than this run on the event loop
+    busy_poll_seconds: float  # the loop polls this long for the next frame after a small batch
+    gather_seconds: float  # the longest quiet spell a batch waits through under load
+    max_sessions: int  # across every model
+    session_ttl: float  # seconds an idle session lives; 0: forever
+    output_ring: int  # outputs kept per session to answer resent frames
+    max_steps_per_frame: int  # most time steps one frame may carry
+    max_message_bytes: int  # a frame whose outputs would not fit is refused before it runs
+    max_pending_frames: int  # frames queued per session before submit says it is full
+    evict_idle_when_full: bool  # at max_sessions, end the longest-idle session to open one

@@ -1,0 +1,39 @@
+"""What the core reports about its work, as a protocol: whoever builds the Engine gives it an
+implementation (the server's Prometheus metrics), or none."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+__all__ = ["CoreMetrics", "Counter", "Observer"]
+
+
+class Counter(Protocol):
+    def inc(self, amount: int = 1, /) -> None: ...
+
+
+class Observer(Protocol):
+    def observe(self, value: float, /) -> None: ...
+
+
+class CoreMetrics(Protocol):
+    """Per-model series. The core asks for a series once and keeps it (the frame path must not
+    look labels up per frame)."""
+
+    def frame_counter(self, model: str, status: str) -> Counter:
+        """Frames answered with `status` (an ErrorCode name, OK or CANCELLED)."""
+        ...
+
+    def batch_observers(self, model: str) -> tuple[Observer, Observer, Observer]:
+        """(ORT seconds per batch, frames per batch, seconds from a frame's arrival to its
+        answer)."""
+        ...
+
+    def watch_queue_depth(self, model: str, read: Callable[[], float]) -> None: ...
+
+    def watch_sessions(self, model: str, read: Callable[[], float]) -> None: ...
+
+    def session_opened(self, model: str) -> None: ...
+
+    def session_ended(self, model: str, reason: str) -> None: ...
