@@ -65,6 +65,12 @@ class Settings:
         1, "Server processes sharing the port (SO_REUSEPORT), each with its own sessions."
     )
     max_sessions: int = _setting(100_000, "Most sessions open at once across all models.")
+    max_sessions_per_principal: int = _setting(
+        0,
+        "Most sessions one principal may hold at once, over all its streams (0: no limit but "
+        "--max-sessions). At it, an open is refused, or with --evict-idle-when-full the "
+        "principal's own longest-idle session is evicted; never another principal's.",
+    )
     session_ttl: float = _setting(600.0, "Seconds an idle session lives; 0 turns expiry off.")
     output_ring: int = _setting(
         64, "Outputs kept per session to answer frames resent after a reconnect."
@@ -93,7 +99,10 @@ class Settings:
         "on streams that ask for it (metadata rnnstream-pack-outputs: 1); off: one message each.",
     )
     evict_idle_when_full: bool = _setting(
-        False, "At the session cap, evict the longest-idle session instead of refusing the open."
+        False,
+        "At the session cap, evict an idle session instead of refusing the open: the longest-idle "
+        "one of the principal holding the most sessions, never one of a principal holding fewer "
+        "than the one opening.",
     )
     keepalive_time: float = _setting(30.0, "Seconds between keepalive pings on idle connections.")
     keepalive_timeout: float = _setting(10.0, "Seconds to wait for a ping ack before dropping.")
@@ -156,6 +165,7 @@ class Settings:
             max_message_bytes=self.max_message_bytes,
             max_pending_frames=self.max_pending_frames,
             evict_idle_when_full=self.evict_idle_when_full,
+            max_sessions_per_principal=self.max_sessions_per_principal,
         )
 
     @classmethod

@@ -45,3 +45,8 @@ def block_ort(engine: Engine, release: threading.Event) -> None:
 def pool_capacity(engine: Engine, model: str) -> int:
     """Slots the model's state pool holds (grows and shrinks with the sessions)."""
     return int(engine._schedulers[model].pool.capacity)
+
+
+def held_by(engine: Engine, principal: str) -> int:
+    """Sessions the principal holds (what --max-sessions-per-principal counts)."""
+    return engine._sessions.held_by(principal)

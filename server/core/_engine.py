@@ -68,6 +68,7 @@ class Engine:
             ttl=settings.session_ttl,
             ring_size=settings.output_ring,
             evict_when_full=settings.evict_idle_when_full,
+            max_per_owner=settings.max_sessions_per_principal,
             metrics=metrics,
         )
         # One thread per model would let models overlap; ORT releases the GIL while it runs.

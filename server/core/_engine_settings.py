@@ -26,4 +26,5 @@ class EngineSettings:
     max_steps_per_frame: int  # most time steps one frame may carry
     max_message_bytes: int  # a frame whose outputs would not fit is refused before it runs
     max_pending_frames: int  # frames queued per session before submit says it is full
-    evict_idle_when_full: bool  # at max_sessions, end the longest-idle session to open one
+    evict_idle_when_full: bool  # at a session cap, end an idle session to open one
+    max_sessions_per_principal: int  # per principal, over all its streams; 0: no quota

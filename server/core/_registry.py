@@ -7,6 +7,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from rnnstream.server.core._errors import (
     FailedPrecondition,
@@ -41,13 +42,18 @@ class SessionManager:
         ttl: float,
         ring_size: int,
         evict_when_full: bool = False,
+        max_per_owner: int = 0,
         metrics: CoreMetrics | None = None,
     ) -> None:
         self._schedulers = schedulers
         self._sessions: dict[tuple[str, str], Session] = {}
         self._expired: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._per_model: dict[str, int] = {}
+        # Sessions per principal: the quota counts them whatever streams opened them. A
+        # principal's share of the server's memory budget would be charged beside this count.
+        self._per_owner: dict[str, int] = {}
         self.max_sessions = max_sessions
+        self.max_per_owner = max_per_owner
         self.ttl = ttl
         self.ring_size = ring_size
         self.evict_when_full = evict_when_full
@@ -59,6 +65,9 @@ class SessionManager:
 
     def count(self, model: str) -> int:
         return self._per_model.get(model, 0)
+
+    def held_by(self, owner: str) -> int:
+        return self._per_owner.get(owner, 0)
 
     def scheduler(self, model: str) -> ModelScheduler:
         try:
@@ -106,11 +115,7 @@ class SessionManager:
                 raise self._missing(session_id, owner)
         if not self.accepting:
             raise Unavailable("server is shutting down and opens no new sessions")
-        if len(self._sessions) >= self.max_sessions and not self._evict_one():
-            raise ResourceExhausted(
-                f"session limit reached ({self.max_sessions} open); end idle sessions or raise "
-                "--max-sessions"
-            )
+        self._make_room(owner)
         session = Session(session_id or secrets.token_hex(16), model, owner, self.ring_size, emit)
         scheduler.attach(session)
         self._register(session)
@@ -124,14 +129,14 @@ class SessionManager:
         self._sessions[key] = session
         self._expired.pop(key, None)
         self._per_model[session.model] = self._per_model.get(session.model, 0) + 1
+        self._per_owner[session.owner] = self._per_owner.get(session.owner, 0) + 1
 
     def holds(self, owner: str, session_id: str) -> bool:
         return (owner, session_id) in self._sessions
 
     def restore(self, session_id: str, owner: str, record: SessionRecord) -> Session:
         """Take over a session stored by another replica (or by this one before a restart)."""
-        if len(self._sessions) >= self.max_sessions and not self._evict_one():
-            raise ResourceExhausted(f"session limit reached ({self.max_sessions} open)")
+        self._make_room(owner)
         scheduler = self.scheduler(record.model)
         session = Session(session_id, record.model, owner, self.ring_size, record.emit)
         scheduler.attach(session)
@@ -144,13 +149,40 @@ class SessionManager:
         )
         return session
 
-    def _evict_one(self) -> bool:
+    def _make_room(self, owner: str) -> None:
+        """Room for one more session of `owner`, or ResourceExhausted. A principal at its quota
+        may only give up its own sessions; at the server's cap, a session is evicted only from a
+        principal holding more than `owner` (or from `owner` itself), the largest first, so no
+        one grows by pushing out a smaller tenant."""
+        held = self.held_by(owner)
+        if self.max_per_owner and held >= self.max_per_owner:
+            if self._evict_one(lambda o, _: o == owner):
+                return
+            raise ResourceExhausted(
+                f"principal {owner!r} holds {held} sessions, its limit "
+                f"(--max-sessions-per-principal {self.max_per_owner}); end idle sessions"
+            )
+        if len(self._sessions) >= self.max_sessions:
+            if self._evict_one(lambda o, count: o == owner or count > held):
+                return
+            raise ResourceExhausted(
+                f"session limit reached ({self.max_sessions} open); end idle sessions or raise "
+                "--max-sessions"
+            )
+
+    def _evict_one(self, may_evict: Callable[[str, int], bool]) -> bool:
+        """End the longest-idle idle session of the largest principal `may_evict` allows."""
         if not self.evict_when_full:
             return False
-        idle = [s for s in self._sessions.values() if not s.has_work() and not s.in_flight]
+        counts = self._per_owner
+        idle = [
+            s
+            for s in self._sessions.values()
+            if not s.has_work() and not s.in_flight and may_evict(s.owner, counts[s.owner])
+        ]
         if not idle:
             return False
-        victim = min(idle, key=lambda s: s.last_active)
+        victim = min(idle, key=lambda s: (-counts[s.owner], s.last_active))
         self._end(victim, "evicted")
         return True
 
@@ -177,6 +209,10 @@ class SessionManager:
     def _end(self, session: Session, reason: str) -> asyncio.Future[Ended]:
         del self._sessions[(session.owner, session.id)]
         self._per_model[session.model] -= 1
+        if self._per_owner[session.owner] == 1:
+            del self._per_owner[session.owner]  # principals come and go: no entry per past one
+        else:
+            self._per_owner[session.owner] -= 1
         if reason != "client":
             # Remembered so a later request hears why the session is gone, not just "unknown".
             self._expired[(session.owner, session.id)] = reason
