@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +125,22 @@ def test_checked_modules_match_the_extras_in_pyproject(feature: str) -> None:
     else:
         assert names(extras[extra.name]) == distributions
         assert extra.install == f"pip install 'rnnstream[{extra.name}]'"
+
+
+def test_both_onnx_runtimes_installed_is_warned_about(tmp_path: Path) -> None:
+    # A second ONNX Runtime distribution, as pip would record it, beside the installed one.
+    for name in ("onnxruntime", "onnxruntime_gpu"):
+        info = tmp_path / f"{name}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSTREAM_")}
+    result = subprocess.run(
+        [sys.executable, "-c", "from rnnstream._server_command import main; main()", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "PYTHONPATH": str(tmp_path)},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "warning: both onnxruntime and onnxruntime-gpu are installed" in result.stderr
