@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnx
 import pytest
@@ -20,6 +21,8 @@ from onnx import numpy_helper
 from rnnstream.loadtest import LoadtestOptions, run_loadtest
 from rnnstream.loadtest._plot import write_plot
 from rnnstream.loadtest._stats import Timeline, WorkerStats, decode_histogram, new_histogram
+from rnnstream.proto.inference import grpc_service_pb2 as oip
+from rnnstream.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from tests import probe
 from tests.conftest import MODELS, REPO, RunningServer
 
@@ -247,8 +250,17 @@ def test_refused_sessions_are_counted_by_status(
     assert rc == 0
 
 
+def _frames_answered(target: str, model: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        stats = oip_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            oip.ModelStatisticsRequest(name=model), timeout=10
+        )
+    return int(stats.model_stats[0].inference_count)
+
+
 def test_ctrl_c_stops_cleanly_and_prints_the_table(server: RunningServer, tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
+    before = _frames_answered(server.target, "gru")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -272,9 +284,15 @@ def test_ctrl_c_stops_cleanly_and_prints_the_table(server: RunningServer, tmp_pa
         text=True,
         cwd=REPO,
     )
-    time.sleep(3)
+    # Ctrl-C once frames flow (the server's OIP statistics count them), not after a fixed
+    # sleep: on a busy machine the command may still be starting after any fixed time.
+    deadline = time.monotonic() + 60
+    while _frames_answered(server.target, "gru") < before + 20:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the load test sent no frames within 60 s"
+        time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=30)
+    stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stdout and "frames answered" in stdout
     report = json.loads(report_path.read_text())
