@@ -40,6 +40,7 @@ from rnnstream.server.core._store import StateStore
 from rnnstream.server.core._stored_sessions import StoredSessions
 from rnnstream.server.core._validation import FrameValidator, NamedArray
 from rnnstream.server.core._work import (
+    AUTO_INDEX,
     ControlWork,
     EndListener,
     FrameAnswer,
@@ -206,7 +207,9 @@ class Engine:
         """Queue a frame whose answer goes to `reply` (see FrameReply): its outputs, or None
         for a session that emits only on flush and end. `index` None takes the next free one.
         Raises if the frame is refused. True when the session's queue is now full: call
-        wait_for_space before the next frame."""
+        wait_for_space before the next frame. A frame without an index is numbered when it
+        reaches the head of the session's queue: concurrent callers each get their own index,
+        and a frame refused before it never leaves a gap."""
         session = self._sessions.get(session_id, principal)
         self._queue(session, index, tensors, reply, session.emit != "last")
         return session.frames_queued >= self._settings.max_pending_frames
@@ -269,9 +272,7 @@ class Engine:
                     session_id=session.id,
                     frame_index=index,
                 )
-            if index is None:
-                index = session.auto_index()
-            elif index < 0:
+            if index is not None and index < 0:
                 raise InvalidArgument(f"frame index {index} is negative", session_id=session.id)
             try:
                 arrays, key = self._validators[session.model].validate(tensors)
@@ -281,7 +282,8 @@ class Engine:
         except RnnstreamError as exc:
             self._schedulers[session.model].count(exc.code.name)
             raise
-        self._schedulers[session.model].submit(session, FrameWork(index, arrays, key, reply, emit))
+        work = FrameWork(AUTO_INDEX if index is None else index, arrays, key, reply, emit)
+        self._schedulers[session.model].submit(session, work)
 
     async def wait_for_space(self, principal: str, session_id: str) -> None:
         """Return once the session has room for another queued frame (back-pressure)."""

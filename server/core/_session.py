@@ -11,7 +11,7 @@ from typing import Protocol
 
 from rnnstream.server.core._errors import FailedPrecondition, RnnstreamError
 from rnnstream.server.core._results import Emit, FrameOutput
-from rnnstream.server.core._work import ControlWork, EndListener, FrameWork
+from rnnstream.server.core._work import AUTO_INDEX, ControlWork, EndListener, FrameWork
 
 __all__ = ["CONTROL", "FRAME", "Answers", "Session"]
 
@@ -113,10 +113,6 @@ class Session:
         """When the item at the head arrived: the oldest head runs first."""
         return self._pending[0].enqueued_at
 
-    def auto_index(self) -> int:
-        """The index a frame sent without one takes: after every frame queued or running."""
-        return self.next_index + self.frames_queued + (self.in_flight == FRAME)
-
     def next_frame(
         self, apply_control: Callable[[Session, ControlWork], None], answers: Answers
     ) -> FrameWork | None:
@@ -131,6 +127,8 @@ class Session:
                 if self.closed or self.in_flight:  # in flight: a forecast or a store write
                     return None
                 continue
+            if work.index == AUTO_INDEX and not work.reply.done():
+                work.index = self.next_index  # numbered now: nothing before it can leave a gap
             if work.index == self.next_index and not work.reply.done():
                 return work
             pending.popleft()

@@ -14,6 +14,7 @@ import numpy.typing as npt
 from rnnstream.server.core._results import Ended, FrameOutput
 
 __all__ = [
+    "AUTO_INDEX",
     "Arrays",
     "BatchKey",
     "ControlWork",
@@ -28,6 +29,9 @@ __all__ = [
 Arrays = list[npt.NDArray[Any]]
 BatchKey = tuple[tuple[int, ...], ...]  # a frame's input shapes: frames batch when they agree
 EndListener = Callable[[Ended], None]
+# The index of a frame sent without one: it takes the session's next index when it reaches the
+# head of the queue, so a frame refused or cancelled before it leaves no gap for the next one.
+AUTO_INDEX = -1
 
 
 class FrameReply(Protocol):
@@ -65,7 +69,7 @@ class FrameAnswer:
 class FrameWork:
     """One frame waiting to be applied: its inputs in the model's input order."""
 
-    index: int
+    index: int  # AUTO_INDEX until it reaches the head of its session's queue
     inputs: Arrays
     key: BatchKey
     reply: FrameReply
