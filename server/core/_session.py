@@ -33,7 +33,7 @@ class Session:
 
     __slots__ = (
         "_pending",
-        "_space_waiter",
+        "_space_waiters",
         "closed",
         "emit",
         "frames_queued",
@@ -69,8 +69,9 @@ class Session:
         self.last_active = time.monotonic()
         # Told when the server ends the session (expired, evicted, shutdown): its stream.
         self.listener: EndListener | None = None
-        # Set by a reader that stopped reading because this session's queue is full.
-        self._space_waiter: asyncio.Future[None] | None = None
+        # Readers that stopped reading because this session's queue is full: one per stream
+        # feeding it, and every one is woken.
+        self._space_waiters: list[asyncio.Future[None]] = []
 
     # -- where it lives and who hears of its end ----------------------------------------------
     def place(self, slot: int) -> None:
@@ -193,23 +194,31 @@ class Session:
         self._pending.clear()
         for work in dropped:
             if isinstance(work, FrameWork):
-                self._dequeued()
+                self.frames_queued -= 1
+        self._wake_waiters()
         return dropped
 
     def _dequeued(self) -> None:
         self.frames_queued -= 1
-        waiter = self._space_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._space_waiters:
+            self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        waiters, self._space_waiters = self._space_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def wait_for_space(self, limit: int) -> None:
         """Return once fewer than `limit` frames wait, or the session is closed."""
         while self.frames_queued >= limit and not self.closed:
-            self._space_waiter = asyncio.get_running_loop().create_future()
+            waiter = asyncio.get_running_loop().create_future()
+            self._space_waiters.append(waiter)
             try:
-                await self._space_waiter
+                await waiter
             finally:
-                self._space_waiter = None
+                if waiter in self._space_waiters:  # cancelled: its stream is gone
+                    self._space_waiters.remove(waiter)
 
     # -- outputs -------------------------------------------------------------------------------
     def remember(self, result: FrameOutput) -> None:
