@@ -43,6 +43,19 @@ _NUMPY: dict[str, np.dtype[Any]] = {name: dtype for dtype, name in DATATYPES.ite
 CONFIG_TYPES: dict[np.dtype[Any], mc.DataType.ValueType] = {
     dtype: mc.DataType.Value("TYPE_" + name) for dtype, name in DATATYPES.items()
 }
+# The width each typed contents field holds on the wire: values are read at that width, then
+# checked against the input's own (narrower) range instead of wrapping around.
+_FIELD_DTYPE: dict[str, np.dtype[Any]] = {
+    "bool_contents": np.dtype("bool"),
+    "uint_contents": np.dtype("uint32"),
+    "uint64_contents": np.dtype("uint64"),
+    "int_contents": np.dtype("int32"),
+    "int64_contents": np.dtype("int64"),
+    "fp32_contents": np.dtype("float32"),
+    "fp64_contents": np.dtype("float64"),
+}
+# More dimensions than any model input has; numpy itself stops at 64.
+_MAX_DIMS = 32
 _TYPED_FIELD = {
     "BOOL": "bool_contents",
     "UINT8": "uint_contents",
@@ -108,6 +121,8 @@ def _one_input(
             f"{label} has datatype {tensor.datatype!r}; supported: {sorted(_NUMPY)}"
         )
     shape = tuple(tensor.shape)
+    if len(shape) > _MAX_DIMS:
+        raise InvalidArgument(f"{label} has {len(shape)} dimensions; at most {_MAX_DIMS}")
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{label} has a negative dimension in shape {list(shape)}")
     count = math.prod(shape)
@@ -118,7 +133,7 @@ def _one_input(
                 f"{list(shape)} need {count * dtype.itemsize}"
             )
         array = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
-        return tensor.name, array.reshape(shape)
+        return tensor.name, _reshaped(array, shape, label)
     field = _TYPED_FIELD.get(tensor.datatype)
     if field is None:
         raise InvalidArgument(f"{label}: {tensor.datatype} data must travel in raw_input_contents")
@@ -128,11 +143,24 @@ def _one_input(
             f"{label} has {len(values)} values in contents.{field} but shape {list(shape)} "
             f"needs {count}"
         )
+    wide = np.asarray(values, dtype=_FIELD_DTYPE[field])
+    if dtype.kind in "iu" and wide.size and dtype != wide.dtype:
+        limits = np.iinfo(dtype)
+        low, high = wide.min(), wide.max()
+        if low < limits.min or high > limits.max:
+            bad = low if low < limits.min else high
+            raise InvalidArgument(
+                f"{label} holds {bad} in contents.{field}, out of range for {tensor.datatype} "
+                f"({limits.min} to {limits.max})"
+            )
+    return tensor.name, _reshaped(wide.astype(dtype, copy=False), shape, label)
+
+
+def _reshaped(array: Array, shape: tuple[int, ...], label: str) -> Array:
     try:
-        array = np.asarray(values, dtype=dtype)
-    except OverflowError:
-        raise InvalidArgument(f"{label} has values out of range for {tensor.datatype}") from None
-    return tensor.name, array.reshape(shape)
+        return array.reshape(shape)
+    except ValueError as exc:  # e.g. a zero-size shape whose other dimensions overflow
+        raise InvalidArgument(f"{label} has an unusable shape {list(shape)}: {exc}") from None
 
 
 def decode_inputs(request: oip.ModelInferRequest) -> list[tuple[str, Array]]:
