@@ -15,6 +15,8 @@ from rnnstream.server.core._errors import (
     RnnstreamError,
     Unauthenticated,
     Unavailable,
+    quoted,
+    quoted_list,
 )
 from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._models import ModelConfigError, ModelSpec, StateSpec, TensorSpec
@@ -71,4 +73,6 @@ __all__ = [
     "TensorSpec",
     "Unauthenticated",
     "Unavailable",
+    "quoted",
+    "quoted_list",
 ]

@@ -16,6 +16,7 @@ from rnnstream.server.core._errors import (
     NotFound,
     RnnstreamError,
     Unavailable,
+    quoted,
 )
 from rnnstream.server.core._forecast import forecast_params
 from rnnstream.server.core._instruments import CoreMetrics
@@ -230,7 +231,7 @@ class Engine:
             session = self._sessions.get(session_id, principal)
             if model and session.model != model:
                 raise InvalidArgument(
-                    f"session {session_id!r} runs model {session.model!r}, not {model!r}",
+                    f"session {session_id!r} runs model {session.model!r}, not {quoted(model)}",
                     session_id=session_id,
                 )
             self._queue(session, index, tensors, FrameAnswer(future), True)

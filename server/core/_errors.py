@@ -16,7 +16,26 @@ __all__ = [
     "RnnstreamError",
     "Unauthenticated",
     "Unavailable",
+    "quoted",
+    "quoted_list",
 ]
+
+# How much of a client's string (an id, a name) an error message repeats: a status message
+# travels in trailing metadata, which gRPC caps at a few kilobytes.
+QUOTE_LIMIT = 64
+
+
+def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """`text` as an error message shows it: its repr, cut short when it is long."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def quoted_list(texts: list[str], limit: int = 8) -> str:
+    """A list of client strings as an error message shows it, each and the list cut short."""
+    shown = ", ".join(quoted(t) for t in texts[:limit])
+    return f"[{shown}, ... ({len(texts)} in all)]" if len(texts) > limit else f"[{shown}]"
 
 
 class ErrorCode(enum.Enum):

@@ -15,6 +15,7 @@ from rnnstream.server.core._errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    quoted,
 )
 from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._results import EMIT_MODES, Emit, Ended
@@ -74,7 +75,7 @@ class SessionManager:
             return self._schedulers[model]
         except KeyError:
             raise NotFound(
-                f"unknown model {model!r}; loaded models: {sorted(self._schedulers)}"
+                f"unknown model {quoted(model)}; loaded models: {sorted(self._schedulers)}"
             ) from None
 
     def open(
@@ -89,7 +90,7 @@ class SessionManager:
         """Open a session, or resume it when `session_id` names one this owner holds."""
         scheduler = self.scheduler(model)
         if emit not in EMIT_MODES:
-            raise InvalidArgument(f"emit must be one of {list(EMIT_MODES)}, not {emit!r}")
+            raise InvalidArgument(f"emit must be one of {list(EMIT_MODES)}, not {quoted(emit)}")
         if session_id:
             if len(session_id) > _MAX_ID_LENGTH or not session_id.isprintable():
                 raise InvalidArgument(
@@ -99,13 +100,14 @@ class SessionManager:
             if existing is not None:
                 if existing.model != model:
                     raise FailedPrecondition(
-                        f"session {session_id!r} runs model {existing.model!r}, not {model!r}",
+                        f"session {session_id!r} runs model {existing.model!r}, "
+                        f"not {quoted(model)}",
                         session_id=session_id,
                     )
                 if existing.emit != emit:
                     raise FailedPrecondition(
                         f"session {session_id!r} was opened with emit {existing.emit!r}; resume "
-                        f"it with the same emit mode, not {emit!r}",
+                        f"it with the same emit mode, not {quoted(emit)}",
                         session_id=session_id,
                     )
                 existing.touch()
@@ -190,11 +192,12 @@ class SessionManager:
         reason = self._expired.get((owner, session_id))
         if reason == "expired":
             return NotFound(
-                f"session {session_id!r} expired after {self.ttl:g} s idle", session_id=session_id
+                f"session {quoted(session_id)} expired after {self.ttl:g} s idle",
+                session_id=session_id,
             )
         if reason is not None:
-            return NotFound(f"session {session_id!r} was {reason}", session_id=session_id)
-        return NotFound(f"unknown session {session_id!r}", session_id=session_id)
+            return NotFound(f"session {quoted(session_id)} was {reason}", session_id=session_id)
+        return NotFound(f"unknown session {quoted(session_id)}", session_id=session_id)
 
     def get(self, session_id: str, owner: str) -> Session:
         session = self._sessions.get((owner, session_id))

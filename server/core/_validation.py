@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from rnnstream.server.core._errors import InvalidArgument
+from rnnstream.server.core._errors import InvalidArgument, quoted
 from rnnstream.server.core._models import ModelSpec, TensorSpec
 
 __all__ = ["FrameValidator", "describe_shape", "nonfinite_rows", "validate_frame"]
@@ -76,10 +76,10 @@ def _check_layout(
             name = spec.inputs[0].name  # a single unnamed tensor feeds a single-input model
         if name not in names:
             raise InvalidArgument(
-                f"model {spec.name!r} has no data input {name!r}; its data inputs are {names}"
+                f"model {spec.name!r} has no data input {quoted(name)}; its data inputs are {names}"
             )
         if name in by_name:
-            raise InvalidArgument(f"frame carries input {name!r} twice")
+            raise InvalidArgument(f"frame carries input {quoted(name)} twice")
         by_name[name] = array
     missing = [n for n in names if n not in by_name]
     if missing:

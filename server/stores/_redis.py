@@ -91,7 +91,7 @@ class RedisStore:
         spec = specs.get(model)
         if spec is None:
             raise Unavailable(
-                f"stored session {session_id!r} runs model {model!r}, not loaded here"
+                f"stored session {session_id[:128]!r} runs model {model!r}, not loaded here"
             )
         next_index = int(fields[b"next"])
         ring = sorted(

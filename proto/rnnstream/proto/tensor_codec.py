@@ -78,7 +78,10 @@ def decode(tensor: pb.Tensor) -> npt.NDArray[np.generic]:
 
 
 def _label(tensor: pb.Tensor) -> str:
-    return f"tensor {tensor.name!r}" if tensor.name else "tensor"
+    name = tensor.name
+    if len(name) > 64:  # an error repeats only the start of a long name
+        return f"tensor {name[:64]!r}... ({len(name)} characters)"
+    return f"tensor {name!r}" if name else "tensor"
 
 
 def encode(array: npt.NDArray[np.generic], name: str = "") -> pb.Tensor:

@@ -27,6 +27,8 @@ from rnnstream.server.core import (
     ModelSpec,
     NamedArray,
     NotFound,
+    quoted,
+    quoted_list,
 )
 from rnnstream.server.transport.grpc._interceptor import call_principal
 from rnnstream.server.transport.grpc._oip_codec import decode_inputs, encode_outputs, to_frame
@@ -140,7 +142,9 @@ class OipServicer:
     def _model(self, name: str, version: str) -> ModelInfo:
         model = self._engine.model(name)
         if version not in ("", VERSION):
-            raise NotFound(f"model {name!r} has no version {version!r}; it has version {VERSION}")
+            raise NotFound(
+                f"model {quoted(name)} has no version {quoted(version)}; it has version {VERSION}"
+            )
         return model
 
     async def _sequence(self, model: str, controls: _Controls, owner: str) -> None:
@@ -152,8 +156,8 @@ class OipServicer:
         except NotFound as exc:
             if not controls.start:
                 raise FailedPrecondition(
-                    f"sequence {sid.removeprefix('oip-')!r} is not active ({exc.message}): its "
-                    "first request must set sequence_start=true",
+                    f"sequence {quoted(sid.removeprefix('oip-'))} is not active ({exc.message}): "
+                    "its first request must set sequence_start=true",
                     session_id=sid,
                 ) from None
             opened = await engine.open(owner, sid, model)
@@ -162,7 +166,8 @@ class OipServicer:
             return
         if live.model != model:
             raise InvalidArgument(
-                f"sequence {sid.removeprefix('oip-')!r} runs model {live.model!r}, not {model!r}",
+                f"sequence {quoted(sid.removeprefix('oip-'))} runs model {live.model!r}, not "
+                f"{quoted(model)}",
                 session_id=sid,
             )
         if controls.start:
@@ -179,7 +184,7 @@ class OipServicer:
         unknown = [n for n in requested if n not in {t.name for t in spec.outputs}]
         if unknown:
             raise InvalidArgument(
-                f"model {spec.name!r} has no output(s) {unknown}; its outputs are "
+                f"model {spec.name!r} has no output(s) {quoted_list(unknown)}; its outputs are "
                 f"{[t.name for t in spec.outputs]}"
             )
         items, squeeze = _batch_items(spec, decode_inputs(request))

@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 from rnnstream.proto.inference import grpc_service_pb2 as oip
 from rnnstream.proto.inference import model_config_pb2 as mc
-from rnnstream.server.core import InvalidArgument, TensorSpec
+from rnnstream.server.core import InvalidArgument, TensorSpec, quoted, quoted_list
 
 __all__ = [
     "CONFIG_TYPES",
@@ -114,11 +114,11 @@ def to_frame(
 def _one_input(
     tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None
 ) -> tuple[str, Array]:
-    label = f"input {tensor.name!r}"
+    label = f"input {quoted(tensor.name)}"
     dtype = _NUMPY.get(tensor.datatype)
     if dtype is None:
         raise InvalidArgument(
-            f"{label} has datatype {tensor.datatype!r}; supported: {sorted(_NUMPY)}"
+            f"{label} has datatype {quoted(tensor.datatype)}; supported: {sorted(_NUMPY)}"
         )
     shape = tuple(tensor.shape)
     if len(shape) > _MAX_DIMS:
@@ -175,7 +175,7 @@ def decode_inputs(request: oip.ModelInferRequest) -> list[tuple[str, Array]]:
     for i, tensor in enumerate(request.inputs):
         if raw and tensor.HasField("contents"):
             raise InvalidArgument(
-                f"input {tensor.name!r} has typed contents while raw_input_contents is used"
+                f"input {quoted(tensor.name)} has typed contents while raw_input_contents is used"
             )
         arrays.append(_one_input(tensor, raw[i] if raw else None))
     return arrays
@@ -192,7 +192,9 @@ def encode_outputs(
     names = [s.name for s in specs]
     unknown = [n for n in requested if n not in names]
     if unknown:
-        raise InvalidArgument(f"model has no output(s) {unknown}; its outputs are {names}")
+        raise InvalidArgument(
+            f"model has no output(s) {quoted_list(unknown)}; its outputs are {names}"
+        )
     for i, spec in enumerate(specs):
         if requested and spec.name not in requested:
             continue

@@ -8,7 +8,7 @@ from typing import Any
 
 from rnnstream.proto.inference import grpc_service_pb2 as oip
 from rnnstream.server.transport.grpc._outbox import Outbox
-from rnnstream.server.transport.grpc._status import as_rnnstream_error
+from rnnstream.server.transport.grpc._status import as_rnnstream_error, clipped
 
 __all__ = ["READ_AHEAD", "Stream", "chain", "consume", "error_response"]
 
@@ -111,7 +111,7 @@ class Stream:
 def error_response(
     request: oip.ModelInferRequest | None, exc: BaseException
 ) -> oip.ModelStreamInferResponse:
-    response = oip.ModelStreamInferResponse(error_message=as_rnnstream_error(exc).message)
+    response = oip.ModelStreamInferResponse(error_message=clipped(as_rnnstream_error(exc).message))
     if request is not None:
         response.infer_response.model_name = request.model_name
         response.infer_response.model_version = request.model_version

@@ -18,6 +18,7 @@ __all__ = [
     "BadRequest",
     "abort",
     "as_rnnstream_error",
+    "clipped",
     "stream_error",
     "tolerant",
     "tolerant_unary",
@@ -84,6 +85,17 @@ def as_rnnstream_error(exc: BaseException) -> RnnstreamError:
     return Internal(f"internal error: {type(exc).__name__}: {exc}")
 
 
+# The longest message a status carries: gRPC sends it in trailing metadata (percent-encoded),
+# which a client refuses past a few kilobytes.
+MAX_MESSAGE_CHARS = 2000
+
+
+def clipped(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 40] + f"... ({len(message)} characters in all)"
+
+
 def stream_error(
     exc: BaseException, session_id: str = "", frame_index: int | None = None
 ) -> pb.StreamResponse:
@@ -91,7 +103,7 @@ def stream_error(
     return pb.StreamResponse(
         error=pb.StreamError(
             code=GRPC_STATUS[error.code].value[0],
-            message=error.message,
+            message=clipped(error.message),
             session_id=error.session_id or session_id,
             frame_index=error.frame_index if error.frame_index is not None else frame_index,
         )
@@ -100,7 +112,7 @@ def stream_error(
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
     error = as_rnnstream_error(exc)
-    await context.abort(GRPC_STATUS[error.code], error.message)
+    await context.abort(GRPC_STATUS[error.code], clipped(error.message))
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
