@@ -8,7 +8,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
-from rnnstream.server.core._errors import Internal, RnnstreamError
+from rnnstream.server.core._errors import FailedPrecondition, Internal, RnnstreamError
 from rnnstream.server.core._forecast import first_from_last, rollout
 from rnnstream.server.core._persistence import Persistence, Undo
 from rnnstream.server.core._results import Ended, Flushed, Forecasted, FrameOutput, Reset
@@ -67,10 +67,21 @@ class Controls:
 
     def _reset(self, session: Session, work: ControlWork) -> None:
         reset = Reset(session.id, session.next_index)
-        if work.at_index is None or work.at_index >= session.next_index:
+        at = work.at_index
+        if at is None or at == session.next_index:
             self._to_initial_state(session, work, reset)
-        else:
+        elif at < session.next_index:
             _answer(work, reset)  # a resent reset that was applied already
+        else:
+            # Sent after frames the session never applied: like a frame, it is out of order.
+            _fail(
+                session,
+                work,
+                FailedPrecondition(
+                    f"reset at frame {at} is out of order: session {session.id!r} expects frame "
+                    f"{session.next_index}"
+                ),
+            )
 
     def _flush(self, session: Session, work: ControlWork) -> None:
         result = Flushed(session.id, session.next_index, work.reset_after, session.last)

@@ -89,6 +89,8 @@ class SessionManager:
     ) -> tuple[Session, bool]:
         """Open a session, or resume it when `session_id` names one this owner holds."""
         scheduler = self.scheduler(model)
+        if resume_only and not session_id:
+            raise InvalidArgument("resume needs the session_id of the session to resume")
         if emit not in EMIT_MODES:
             raise InvalidArgument(f"emit must be one of {list(EMIT_MODES)}, not {quoted(emit)}")
         if session_id:

@@ -266,7 +266,9 @@ class OpenSession(_message.Message):
     session_id: _builtins.str
     """Optional. Empty: the server makes an unguessable 128-bit id."""
     resume: _builtins.bool
-    """Only resume: NOT_FOUND (saying whether it expired or was evicted) if the server lacks it."""
+    """Only resume: NOT_FOUND (saying whether it expired or was evicted) if the server lacks it;
+    INVALID_ARGUMENT without a session_id.
+    """
     emit: Global___Emit.ValueType
     """A resume must ask for the emit mode the session was opened with."""
     def __init__(
@@ -384,7 +386,9 @@ class ResetSession(_message.Message):
     session_id: _builtins.str
     frame_index: _builtins.int
     """The index of the next frame when the reset was sent. When set, a resent reset that the
-    server already applied (it has since applied that frame) is not applied again.
+    server already applied (it has since applied that frame) is not applied again, and one
+    ahead of the session (frames sent before it were not applied) is refused with
+    FAILED_PRECONDITION.
     """
     def __init__(
         self,
