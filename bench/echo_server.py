@@ -28,7 +28,7 @@ from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 from rnnstream.server._loop import run_event_loop
 from rnnstream.server.core import ModelInfo, ModelSpec
-from rnnstream.server.core._engine import discover_models
+from rnnstream.server.core._loading import discover_models
 from rnnstream.server.core._runtime import load_model
 from rnnstream.server.transport.grpc._native import model_info
 
