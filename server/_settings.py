@@ -1,25 +1,30 @@
-"""The server's one settings object, filled from flags and RNNSTREAM_* environment variables."""
+"""The server's one settings object, filled from flags and RNNSTREAM_* environment variables;
+each setting declares what it accepts (server/_flags.py parses, checks and refuses)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rnnstream.server._flags import Rule, check_value, read_settings, refusal, settings_parser
+
 if TYPE_CHECKING:
+    import argparse
+
     from rnnstream.server.core import EngineSettings
 
 __all__ = ["Settings"]
 
-_ENV_PREFIX = "RNNSTREAM_"
+_PORT = {"minimum": 0, "maximum": 65535}
+_FILE = {"path": "file"}
 
 
-def _setting(default: Any, doc: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"doc": doc, **extra})
+def _setting(default: Any, doc: str, **rule: Any) -> Any:
+    return field(default=default, metadata={"doc": doc, "rule": Rule(**rule)})
 
 
 @dataclass(frozen=True)
@@ -27,10 +32,13 @@ class Settings:
     """Every knob of rnnstream-server. Flag --foo-bar maps to env RNNSTREAM_FOO_BAR."""
 
     host: str = _setting("127.0.0.1", "Address to listen on (0.0.0.0 inside containers).")
-    port: int = _setting(50051, "gRPC port; 0 picks a free one.")
+    port: int = _setting(50051, "gRPC port; 0 picks a free one.", **_PORT)
     model_repository: Path = field(
         default=Path("models"),
-        metadata={"doc": "Folder with one sub-folder per model holding model.onnx."},
+        metadata={
+            "doc": "Folder with one sub-folder per model holding model.onnx.",
+            "rule": Rule(path="dir"),
+        },
     )
     models: tuple[str, ...] = _setting(
         (), "Load only these models (comma-separated); empty loads every model found."
@@ -40,47 +48,69 @@ class Settings:
         "Execution provider: auto (CUDA if it really works, else CPU), cpu or cuda.",
         choices=("auto", "cpu", "cuda"),
     )
-    ort_threads: int = _setting(1, "ONNX Runtime intra-op threads per model; 0 lets ORT decide.")
+    ort_threads: int = _setting(
+        1, "ONNX Runtime intra-op threads per model; 0 lets ORT decide.", minimum=0, maximum=1024
+    )
     max_batch_size: int = _setting(
-        256, "Most sessions stepped in one ONNX Runtime call; 1 disables batching."
+        256, "Most sessions stepped in one ONNX Runtime call; 1 disables batching.", minimum=1
     )
     inline_run_us: float = _setting(
         250.0,
         "Batches whose ONNX Runtime run takes less than this many microseconds (timed at startup "
         "and while serving) run on the event loop instead of the executor thread; 0 sends every "
         "batch to the thread.",
+        minimum=0,
+        maximum=1_000_000,
     )
     busy_poll_us: float = _setting(
         500.0,
         "After a batch, keep the event loop polling (not sleeping) this many microseconds for the "
         "next frame: lower latency at low load for CPU while frames flow; 0 turns it off.",
+        minimum=0,
+        maximum=1_000_000,
     )
     gather_us: float = _setting(
         200.0,
         "Under load, the longest quiet spell a batch waits through for more frames: 1 µs per "
         "session whose next frame is expected (answered in the last 100 ms, nothing sent since), "
         "up to this; a lone stream never waits; 0: a batch starts after two idle loop turns.",
+        minimum=0,
+        maximum=1_000_000,
     )
     workers: int = _setting(
-        1, "Server processes sharing the port (SO_REUSEPORT), each with its own sessions."
+        1,
+        "Server processes sharing the port (SO_REUSEPORT), each with its own sessions.",
+        minimum=1,
+        maximum=256,
     )
-    max_sessions: int = _setting(100_000, "Most sessions open at once across all models.")
+    max_sessions: int = _setting(
+        100_000, "Most sessions open at once across all models.", minimum=1
+    )
+    session_ttl: float = _setting(
+        600.0, "Seconds an idle session lives; 0 turns expiry off.", minimum=0
+    )
     max_sessions_per_principal: int = _setting(
         0,
         "Most sessions one principal may hold at once, over all its streams (0: no limit but "
         "--max-sessions). At it, an open is refused, or with --evict-idle-when-full the "
         "principal's own longest-idle session is evicted; never another principal's.",
+        minimum=0,
     )
-    session_ttl: float = _setting(600.0, "Seconds an idle session lives; 0 turns expiry off.")
     output_ring: int = _setting(
-        64, "Outputs kept per session to answer frames resent after a reconnect."
+        64,
+        "Outputs kept per session to answer frames resent after a reconnect.",
+        minimum=0,
+        maximum=1_000_000,
     )
-    max_steps_per_frame: int = _setting(4096, "Most time steps (T) one frame may carry.")
-    max_message_bytes: int = _setting(16 * 1024 * 1024, "Largest gRPC message accepted or sent.")
+    max_steps_per_frame: int = _setting(4096, "Most time steps (T) one frame may carry.", minimum=1)
+    max_message_bytes: int = _setting(
+        16 * 1024 * 1024, "Largest gRPC message accepted or sent.", minimum=4096, maximum=2**31 - 1
+    )
     state_store: str = _setting(
         "",
         "Where session state lives: empty keeps it in this process; redis://HOST:PORT/DB keeps it "
         "in Redis so any replica can resume a session.",
+        prefixes=("redis://", "rediss://", "unix://"),
     )
     state_store_legacy_keys: str = _setting(
         "refuse",
@@ -89,9 +119,11 @@ class Settings:
         "them (they expire), or delete them at start.",
         choices=("refuse", "ignore", "delete"),
     )
-    max_sessions_per_stream: int = _setting(1024, "Most sessions one stream may open.")
+    max_sessions_per_stream: int = _setting(1024, "Most sessions one stream may open.", minimum=1)
     max_pending_frames: int = _setting(
-        64, "Frames queued per session before the server stops reading that stream (back-pressure)."
+        64,
+        "Frames queued per session before the server stops reading that stream (back-pressure).",
+        minimum=1,
     )
     pack_outputs: bool = _setting(
         True,
@@ -104,11 +136,17 @@ class Settings:
         "one of the principal holding the most sessions, never one of a principal holding fewer "
         "than the one opening.",
     )
-    keepalive_time: float = _setting(30.0, "Seconds between keepalive pings on idle connections.")
-    keepalive_timeout: float = _setting(10.0, "Seconds to wait for a ping ack before dropping.")
-    grace: float = _setting(10.0, "Seconds a SIGTERM/SIGINT shutdown may take before closing.")
+    keepalive_time: float = _setting(
+        30.0, "Seconds between keepalive pings on idle connections.", above=0
+    )
+    keepalive_timeout: float = _setting(
+        10.0, "Seconds to wait for a ping ack before dropping.", above=0
+    )
+    grace: float = _setting(
+        10.0, "Seconds a SIGTERM/SIGINT shutdown may take before closing.", minimum=0
+    )
     metrics_port: int = _setting(
-        9400, "Prometheus metrics HTTP port on --metrics-host; 0 turns it off."
+        9400, "Prometheus metrics HTTP port on --metrics-host; 0 turns it off.", **_PORT
     )
     metrics_host: str = _setting("", "Address the metrics endpoint listens on; empty: --host.")
     metrics_token: str = _setting(
@@ -117,14 +155,21 @@ class Settings:
         "when the API needs credentials and metrics listen beyond loopback.",
     )
     metrics_token_file: str = _setting(
-        "", "File holding the metrics bearer token (instead of --metrics-token)."
+        "", "File holding the metrics bearer token (instead of --metrics-token).", **_FILE
     )
     log_format: str = _setting("text", "Log line format.", choices=("text", "json"))
-    log_level: str = _setting("INFO", "Logging level.")
-    tls_cert: str = _setting("", "PEM server certificate chain; with --tls-key enables TLS.")
-    tls_key: str = _setting("", "PEM private key of --tls-cert.")
+    log_level: str = _setting(
+        "INFO",
+        "Logging level.",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        upper=True,
+    )
+    tls_cert: str = _setting(
+        "", "PEM server certificate chain; with --tls-key enables TLS.", **_FILE
+    )
+    tls_key: str = _setting("", "PEM private key of --tls-cert.", **_FILE)
     tls_client_ca: str = _setting(
-        "", "PEM CA bundle; when set, clients must present a certificate."
+        "", "PEM CA bundle; when set, clients must present a certificate.", **_FILE
     )
     tls_client_principal: str = _setting(
         "cn",
@@ -137,7 +182,7 @@ class Settings:
         (), "Bearer tokens, comma-separated, each 'principal=token' or a bare token."
     )
     auth_tokens_file: str = _setting(
-        "", "File of bearer tokens, one per line: 'principal=token' or a bare token."
+        "", "File of bearer tokens, one per line: 'principal=token' or a bare token.", **_FILE
     )
     readiness_without_auth: bool = _setting(
         False,
@@ -168,72 +213,58 @@ class Settings:
             max_sessions_per_principal=self.max_sessions_per_principal,
         )
 
+    def __post_init__(self) -> None:
+        """Settings made in code keep the same rules (files and folders are checked where
+        they are given, by from_args)."""
+        for f in dataclasses.fields(self):
+            try:
+                check_value(f, getattr(self, f.name), paths=False)
+            except ValueError as exc:
+                raise refusal(f, "", str(exc)) from None
+        if self.metrics_port and self.metrics_port + self.workers - 1 > 65535:
+            raise refusal(
+                _field("metrics_port"),
+                "",
+                f"{self.metrics_port} + {self.workers} workers runs past port 65535 (worker i "
+                "serves metrics on --metrics-port + i)",
+            )
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        return settings_parser(
+            cls,
+            "rnnstream-server",
+            "Serve recurrent ONNX models over gRPC with per-session state.",
+        )
+
     @classmethod
     def from_args(
-        cls, argv: Sequence[str] | None = None, env: dict[str, str] | None = None
+        cls,
+        argv: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        *,
+        paths: bool = True,
     ) -> Settings:
-        """Parse flags; each flag's default comes from its RNNSTREAM_* variable when set."""
-        env = dict(os.environ) if env is None else env
-        parser = argparse.ArgumentParser(
-            prog="rnnstream-server",
-            description="Serve recurrent ONNX models over gRPC with per-session state.",
-        )
-        for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            env_name = _ENV_PREFIX + f.name.upper()
-            default = cls._env_default(parser, f, env_name, env)
-            kwargs: dict[str, Any] = {
-                "default": default,
-                "help": f"{f.metadata['doc']} [env {env_name}; default {f.default!r}]",
-                "dest": f.name,
-            }
-            if "choices" in f.metadata:
-                kwargs["choices"] = f.metadata["choices"]
-            if f.type == "bool":
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-
-                def parse(text: str, f: dataclasses.Field[Any] = f) -> Any:
-                    return cls._parse(f, text)
-
-                # argparse names the type in its error message: "invalid int value: 'abc'".
-                parse.__name__ = str(f.type)
-                kwargs["type"] = parse
-            parser.add_argument(flag, **kwargs)
-        return cls(**vars(parser.parse_args(argv)))
+        """Parse flags; a setting without its flag comes from its RNNSTREAM_* variable, else
+        its default. A refused value exits with status 2 and one line naming the setting;
+        `paths`: the files and folders named must exist."""
+        parser = cls.parser()
+        return cls.from_namespace(parser, parser.parse_args(argv), env, paths=paths)
 
     @classmethod
-    def _env_default(
+    def from_namespace(
         cls,
         parser: argparse.ArgumentParser,
-        f: dataclasses.Field[Any],
-        env_name: str,
-        env: dict[str, str],
-    ) -> Any:
-        """The flag's default from its variable, checked as strictly as the flag itself."""
-        if env_name not in env:
-            return f.default
-        text = env[env_name]
+        namespace: argparse.Namespace,
+        env: Mapping[str, str] | None = None,
+        *,
+        paths: bool = True,
+    ) -> Settings:
         try:
-            value = cls._parse(f, text)
-        except ValueError:
-            parser.error(f"{env_name}={text!r} is not a valid {f.type}")
-        choices = f.metadata.get("choices")
-        if choices is not None and value not in choices:
-            parser.error(f"{env_name}={text!r}: choose from {', '.join(choices)}")
-        return value
+            return read_settings(cls, namespace, os.environ if env is None else env, paths=paths)
+        except ValueError as exc:
+            parser.exit(2, f"{parser.prog}: {exc}\n")
 
-    @staticmethod
-    def _parse(f: dataclasses.Field[Any], text: str) -> Any:
-        kind = f.type
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-        if kind == "Path":
-            return Path(text)
-        if kind == "bool":
-            return text.lower() in ("1", "true", "yes", "on")
-        if kind.startswith("tuple"):
-            return tuple(part.strip() for part in text.split(",") if part.strip())
-        return text
+
+def _field(name: str) -> dataclasses.Field[Any]:
+    return next(f for f in dataclasses.fields(Settings) if f.name == name)

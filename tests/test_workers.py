@@ -128,4 +128,4 @@ def test_workers_must_be_positive() -> None:
         timeout=60,
     )
     assert done.returncode == 2
-    assert "--workers must be at least 1" in done.stderr
+    assert done.stderr == "rnnstream-server: --workers (RNNSTREAM_WORKERS): 0 must be at least 1\n"
