@@ -43,6 +43,12 @@ class Settings:
     models: tuple[str, ...] = _setting(
         (), "Load only these models (comma-separated); empty loads every model found."
     )
+    bad_models: str = _setting(
+        "refuse",
+        "A model that cannot be loaded (a corrupt model.onnx, a graph rnnstream cannot serve): "
+        "refuse to start, naming it; or skip it with an error logged and serve the others.",
+        choices=("refuse", "skip"),
+    )
     device: str = _setting(
         "auto",
         "Execution provider: auto (CUDA if it really works, else CPU), cpu or cuda.",
@@ -76,6 +82,11 @@ class Settings:
         "up to this; a lone stream never waits; 0: a batch starts after two idle loop turns.",
         minimum=0,
         maximum=1_000_000,
+    )
+    port_file: str = _setting(
+        "",
+        "Once serving, write the gRPC port bound to this file (one line): with --port 0, how a "
+        "script that started the server learns its port.",
     )
     workers: int = _setting(
         1,
@@ -211,6 +222,7 @@ class Settings:
             max_pending_frames=self.max_pending_frames,
             evict_idle_when_full=self.evict_idle_when_full,
             max_sessions_per_principal=self.max_sessions_per_principal,
+            skip_bad_models=self.bad_models == "skip",
         )
 
     def __post_init__(self) -> None:

@@ -76,6 +76,7 @@ class Engine:
         # One thread per model would let models overlap; ORT releases the GIL while it runs.
         self._executor: ThreadPoolExecutor | None = None
         self._accepting_frames = True
+        self._store: StateStore | None = None  # closed by stop(), even after a failed start
         self._stored: StoredSessions | None = None
         self._validators: dict[str, FrameValidator] = {}
         self._expiry: asyncio.Task[None] | None = None
@@ -84,6 +85,7 @@ class Engine:
     async def start(self, store: StateStore | None = None) -> None:
         """Load the models and start serving; with `store`, session state is persisted there
         (the engine closes it on stop)."""
+        self._store = store
         self._models = load_models(self._settings)
         self._executor = ThreadPoolExecutor(
             max_workers=max(1, len(self._models)), thread_name_prefix="ort"
@@ -126,7 +128,10 @@ class Engine:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         if self._stored is not None:
-            await self._stored.close()
+            await self._stored.drain()
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
 
     # -- models ----------------------------------------------------------------------------
     def model_names(self) -> list[str]:

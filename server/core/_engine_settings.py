@@ -28,3 +28,4 @@ class EngineSettings:
     max_pending_frames: int  # frames queued per session before submit says it is full
     evict_idle_when_full: bool  # at a session cap, end an idle session to open one
     max_sessions_per_principal: int  # per principal, over all its streams; 0: no quota
+    skip_bad_models: bool  # a model that cannot be loaded is left out (else the start fails)

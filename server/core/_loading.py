@@ -39,13 +39,24 @@ def discover_models(repository: Path, only: Sequence[str] = ()) -> dict[str, Pat
 
 
 def load_models(settings: EngineSettings) -> dict[str, OrtModel]:
+    """Every model of the repository (or those named). One that cannot be loaded stops the
+    start, unless settings.skip_bad_models: then it is left out, with an error logged."""
     folders = discover_models(settings.model_repository, settings.models)
     if not folders:
         raise ModelConfigError(f"no */model.onnx under {settings.model_repository}")
-    return {
-        name: load_model(name, folder, settings.device, settings.ort_threads)
-        for name, folder in folders.items()
-    }
+    models: dict[str, OrtModel] = {}
+    for name, folder in folders.items():
+        try:
+            models[name] = load_model(name, folder, settings.device, settings.ort_threads)
+        except ModelConfigError as exc:
+            if not settings.skip_bad_models:
+                raise ModelConfigError(
+                    f"{exc} (to serve the other models without it: --bad-models skip)"
+                ) from exc
+            log.error("skipping model %s: %s", name, exc)
+    if not models:
+        raise ModelConfigError(f"no model under {settings.model_repository} could be loaded")
+    return models
 
 
 def start_model(

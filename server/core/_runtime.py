@@ -63,6 +63,11 @@ def _create(path: Path, providers: list[str], threads: int) -> ort.InferenceSess
     )
 
 
+def _model_problem(exc: Exception) -> bool:
+    """ORT refused the file itself (not the device): corrupt, not a model, an unsupported graph."""
+    return type(exc).__name__ in ("InvalidProtobuf", "InvalidGraph", "NoSuchFile", "NoModel")
+
+
 def _open_session(path: Path, device: str, threads: int) -> ort.InferenceSession:
     available = ort.get_available_providers()
     if device == "cpu":
@@ -80,6 +85,8 @@ def _open_session(path: Path, device: str, threads: int) -> ort.InferenceSession
     try:
         session = _create(path, [CUDA, CPU], threads)
     except Exception as exc:  # ORT raises plain exceptions when CUDA libraries are missing
+        if _model_problem(exc):
+            raise
         if device == "cuda":
             raise DeviceError(f"--device cuda: could not create a CUDA session: {exc}") from exc
         log.warning("CUDA provider is listed but unusable (%s); using the CPU", exc)
@@ -103,7 +110,15 @@ def load_model(name: str, folder: Path, device: str, threads: int) -> OrtModel:
     path = folder / "model.onnx"
     if not path.exists():
         raise ModelConfigError(f"model {name!r}: {path} does not exist")
-    session = _open_session(path, device, threads)
+    try:
+        session = _open_session(path, device, threads)
+    except DeviceError:
+        raise
+    except Exception as exc:  # ORT's own errors: the file is not a model it can run
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise ModelConfigError(
+            f"model {name!r}: ONNX Runtime cannot load {path}: {reason}"
+        ) from exc
     spec = build_spec(
         name,
         path,

@@ -68,6 +68,6 @@ class StoredSessions:
         except Exception as exc:  # its keys still expire with the idle TTL
             log.warning("could not delete stored session %s: %s", session_id, exc)
 
-    async def close(self) -> None:
+    async def drain(self) -> None:
+        """Wait for the deletes still under way."""
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._store.close()

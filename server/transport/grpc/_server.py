@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,42 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "the port is in use (another server?)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "the address is not one of this machine's"
+    return exc.strerror or str(exc)
+
+
+def _bind(server: grpc.aio.Server, settings: Settings, credentials: Any) -> int:
+    """The port bound; a refusal names the address and why (gRPC itself only says it failed)."""
+    address = f"{settings.host}:{settings.port}"
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:
+        reason = "gRPC could not bind it"
+        try:  # ask the kernel why
+            family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((settings.host, settings.port))
+        except OSError as exc:
+            reason = _why(exc)
+        raise OSError(
+            f"cannot listen for gRPC on {address}: {reason}; choose another port with --port "
+            "(RNNSTREAM_PORT), or 0 for a free one"
+        ) from None
+
+
+def _write_port_file(path: Path, port: int) -> None:
+    """Written whole or not at all: a reader polling for the file never sees half a number."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # workers write it too
+    partial.write_text(f"{port}\n")
+    partial.replace(path)
+
+
 def _transport(settings: Settings, tls: bool) -> str:
     if not tls:
         return "plaintext"
@@ -90,15 +129,60 @@ class GrpcServer:
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
+        """Load the models, then listen: metrics first, then gRPC. Whatever fails is named in
+        one line (OSError, ValueError, ModelConfigError) after what started is stopped again."""
+        settings = self.settings
+        credentials = _credentials(settings)
         store = None
-        if self.settings.state_store:
+        if settings.state_store:
             store = await open_store(
-                self.settings.state_store,
-                self.settings.session_ttl,
-                self.settings.output_ring,
-                self.settings.state_store_legacy_keys,
+                settings.state_store,
+                settings.session_ttl,
+                settings.output_ring,
+                settings.state_store_legacy_keys,
             )
-        await self.engine.start(store)
+        try:
+            await self.engine.start(store)
+        except BaseException:
+            await self.engine.stop()  # closes the store
+            raise
+        try:
+            if settings.metrics_port:
+                self.metrics_port = self._serve_metrics()
+            self._server = self._build()
+            self.port = _bind(self._server, settings, credentials)
+            await self._server.start()
+        except BaseException:
+            await self._abandon()
+            raise
+        for service in ("", *self._services):
+            await self.health.set(service, SERVING)
+        log.info(
+            "serving %s on %s:%d (%s; principals from %s)%s",
+            self.engine.model_names(),
+            settings.host,
+            self.port,
+            _transport(settings, credentials is not None),
+            self.auth.mode,
+            f", metrics on :{self.metrics_port}" if self.metrics_port else "",
+        )
+        if settings.port_file:
+            _write_port_file(Path(settings.port_file), self.port)
+        return self.port
+
+    def _serve_metrics(self) -> int:
+        settings = self.settings
+        host = metrics_host(settings)
+        try:
+            return self.metrics.serve(host, settings.metrics_port, metrics_token(settings))
+        except OSError as exc:
+            raise OSError(
+                f"cannot serve metrics on {host}:{settings.metrics_port}: {_why(exc)}; choose "
+                "another port with --metrics-port (RNNSTREAM_METRICS_PORT), or 0 to turn "
+                "metrics off"
+            ) from None
+
+    def _build(self) -> grpc.aio.Server:
         open_methods = HEALTH_AND_REFLECTION
         if self.settings.readiness_without_auth:
             open_methods |= READINESS
@@ -111,31 +195,15 @@ class GrpcServer:
         reflection.enable_server_reflection(
             [*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        address = f"{self.settings.host}:{self.settings.port}"
-        credentials = _credentials(self.settings)
-        if credentials is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, credentials)
-        await server.start()
-        self._server = server
-        for service in ("", *self._services):
-            await self.health.set(service, SERVING)
-        if self.settings.metrics_port:
-            settings = self.settings
-            self.metrics_port = self.metrics.serve(
-                metrics_host(settings), settings.metrics_port, metrics_token(settings)
-            )
-        log.info(
-            "serving %s on %s:%d (%s; principals from %s)%s",
-            self.engine.model_names(),
-            self.settings.host,
-            self.port,
-            _transport(self.settings, credentials is not None),
-            self.auth.mode,
-            f", metrics on :{self.metrics_port}" if self.metrics_port else "",
-        )
-        return self.port
+        return server
+
+    async def _abandon(self) -> None:
+        """Start failed after the engine started: stop what did start, quietly."""
+        if self._server is not None:
+            await self._server.stop(None)
+            self._server = None
+        self.metrics.close()
+        await self.engine.stop()
 
     def stop(self, grace: float | None = None) -> asyncio.Task[None]:
         """Start a graceful shutdown (idempotent); await the returned task to wait for it."""
