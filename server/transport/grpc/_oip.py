@@ -24,14 +24,12 @@ from rnnstream.server.core import (
     FrameOutput,
     InvalidArgument,
     ModelInfo,
-    ModelSpec,
-    NamedArray,
     NotFound,
     quoted,
     quoted_list,
 )
 from rnnstream.server.transport.grpc._interceptor import call_principal
-from rnnstream.server.transport.grpc._oip_codec import decode_inputs, encode_outputs, to_frame
+from rnnstream.server.transport.grpc._oip_codec import batch_items, decode_inputs, encode_outputs
 from rnnstream.server.transport.grpc._oip_config import (
     VERSION,
     model_config,
@@ -187,7 +185,7 @@ class OipServicer:
                 f"model {spec.name!r} has no output(s) {quoted_list(unknown)}; its outputs are "
                 f"{[t.name for t in spec.outputs]}"
             )
-        items, squeeze = _batch_items(spec, decode_inputs(request))
+        items, squeeze = batch_items(spec, decode_inputs(request))
 
         def respond(results: Sequence[FrameOutput]) -> oip.ModelInferResponse:
             response = oip.ModelInferResponse(
@@ -321,35 +319,3 @@ class OipServicer:
         return oip.ModelStatisticsResponse(
             model_stats=[model_statistics(n, engine.model_stats(n)) for n in names]
         )
-
-
-def _batch_items(
-    spec: ModelSpec, inputs: list[tuple[str, Any]]
-) -> tuple[list[list[NamedArray]], bool]:
-    """Split the request's batch into session frames; True when items left out the time axis."""
-    if not inputs:
-        expected = [t.name for t in spec.inputs]
-        raise InvalidArgument(f"request carries no inputs; model {spec.name!r} expects {expected}")
-    by_name = {t.name: t for t in spec.inputs}
-    sizes = {array.shape[0] if array.ndim else 0 for _, array in inputs}
-    if len(sizes) != 1 or 0 in sizes:
-        raise InvalidArgument(
-            "every input must have the same batch size as its first dimension, at least 1; got "
-            f"shapes {[list(a.shape) for _, a in inputs]}"
-        )
-    size = sizes.pop()
-    items: list[list[NamedArray]] = []
-    squeezed: set[bool] = set()
-    for i in range(size):
-        item: list[NamedArray] = []
-        for name, array in inputs:
-            if name in by_name:
-                frame, squeeze = to_frame(by_name[name], array[i], spec.name, array.shape)
-                squeezed.add(squeeze)
-            else:
-                frame = array[i]  # the engine names the unknown input in its error
-            item.append((name, frame))
-        items.append(item)
-    if len(squeezed) > 1:
-        raise InvalidArgument("inputs disagree: some carry a time axis and some leave it out")
-    return items, squeezed == {True}

@@ -11,11 +11,19 @@ import numpy.typing as npt
 
 from rnnstream.proto.inference import grpc_service_pb2 as oip
 from rnnstream.proto.inference import model_config_pb2 as mc
-from rnnstream.server.core import InvalidArgument, TensorSpec, quoted, quoted_list
+from rnnstream.server.core import (
+    InvalidArgument,
+    ModelSpec,
+    NamedArray,
+    TensorSpec,
+    quoted,
+    quoted_list,
+)
 
 __all__ = [
     "CONFIG_TYPES",
     "DATATYPES",
+    "batch_items",
     "decode_inputs",
     "encode_outputs",
     "oip_dims",
@@ -205,3 +213,35 @@ def encode_outputs(
         array = np.ascontiguousarray(np.stack(per_item), dtype=spec.dtype.newbyteorder("<"))
         response.outputs.add(name=spec.name, datatype=DATATYPES[spec.dtype], shape=array.shape)
         response.raw_output_contents.append(array.tobytes())
+
+
+def batch_items(
+    spec: ModelSpec, inputs: list[tuple[str, Any]]
+) -> tuple[list[list[NamedArray]], bool]:
+    """Split the request's batch into session frames; True when items left out the time axis."""
+    if not inputs:
+        expected = [t.name for t in spec.inputs]
+        raise InvalidArgument(f"request carries no inputs; model {spec.name!r} expects {expected}")
+    by_name = {t.name: t for t in spec.inputs}
+    sizes = {array.shape[0] if array.ndim else 0 for _, array in inputs}
+    if len(sizes) != 1 or 0 in sizes:
+        raise InvalidArgument(
+            "every input must have the same batch size as its first dimension, at least 1; got "
+            f"shapes {[list(a.shape) for _, a in inputs]}"
+        )
+    size = sizes.pop()
+    items: list[list[NamedArray]] = []
+    squeezed: set[bool] = set()
+    for i in range(size):
+        item: list[NamedArray] = []
+        for name, array in inputs:
+            if name in by_name:
+                frame, squeeze = to_frame(by_name[name], array[i], spec.name, array.shape)
+                squeezed.add(squeeze)
+            else:
+                frame = array[i]  # the engine names the unknown input in its error
+            item.append((name, frame))
+        items.append(item)
+    if len(squeezed) > 1:
+        raise InvalidArgument("inputs disagree: some carry a time axis and some leave it out")
+    return items, squeezed == {True}
