@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from rnnstream.server._metrics_http import MetricsEndpoint
@@ -56,10 +56,54 @@ class _LoopCounters(Collector):
             yield CounterMetricFamily(counter.name, counter.documentation, value=counter.value)
 
 
+class _PrincipalSeries(Collector):
+    """Series labelled by principal (--metrics-per-principal): one per principal seen."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._frames = Counter(
+            "rnnstream_principal_frames",
+            "Frames a principal sent (its unary calls refused for rate included)",
+            ["principal"],
+            registry=registry,
+        )
+        self._refused = Counter(
+            "rnnstream_principal_refused_frames",
+            "Frames of a principal's unary calls refused over its rate limit",
+            ["principal"],
+            registry=registry,
+        )
+        self._throttled = Counter(
+            "rnnstream_principal_throttled_seconds",
+            "Seconds a principal's streams waited, unread, to keep to its rate limit",
+            ["principal"],
+            registry=registry,
+        )
+        self._read_sessions: Callable[[], Mapping[str, int]] = dict
+        registry.register(self)
+
+    def frames(self, principal: str, frames: int, waited: float, refused: bool) -> None:
+        self._frames.labels(principal).inc(frames)
+        if refused:
+            self._refused.labels(principal).inc(frames)
+        if waited > 0:
+            self._throttled.labels(principal).inc(waited)
+
+    def watch_sessions(self, read: Callable[[], Mapping[str, int]]) -> None:
+        self._read_sessions = read
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "rnnstream_principal_sessions", "Sessions a principal holds open", labels=["principal"]
+        )
+        for principal, count in sorted(self._read_sessions().items()):
+            family.add_metric([principal], count)
+        yield family
+
+
 class Metrics:
     """Every metric rnnstream exports; names are part of the public interface (dashboards)."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_principal: bool = False) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.frames = Counter(
@@ -107,6 +151,7 @@ class Metrics:
         self.bytes_received = LoopCounter("rnnstream_bytes_received", "Tensor bytes received")
         self.bytes_sent = LoopCounter("rnnstream_bytes_sent", "Tensor bytes sent")
         r.register(_LoopCounters([self.bytes_received, self.bytes_sent]))
+        self._principals = _PrincipalSeries(r) if per_principal else None
         self._http: MetricsEndpoint | None = None
 
     # -- what the core reports (rnnstream.server.core's CoreMetrics) ---------------------------
@@ -131,6 +176,14 @@ class Metrics:
 
     def session_ended(self, model: str, reason: str) -> None:
         self.sessions_ended.labels(model, reason).inc()
+
+    def principal_frames(self, principal: str, frames: int, waited: float, refused: bool) -> None:
+        if self._principals is not None:
+            self._principals.frames(principal, frames, waited, refused)
+
+    def watch_principal_sessions(self, read: Callable[[], Mapping[str, int]]) -> None:
+        if self._principals is not None:
+            self._principals.watch_sessions(read)
 
     def serve(self, host: str, port: int, token: str = "") -> int:
         """Expose /metrics over HTTP (behind `token` when given); returns the port bound."""

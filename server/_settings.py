@@ -130,6 +130,18 @@ class Settings:
         "them (they expire), or delete them at start.",
         choices=("refuse", "ignore", "delete"),
     )
+    rate_limit_frames: float = _setting(
+        0.0,
+        "Frames a second each principal may send, over all its calls (0: no limit): streams "
+        "beyond it are read more slowly, unary calls refused with RESOURCE_EXHAUSTED and a retry "
+        "hint (trailing metadata grpc-retry-pushback-ms). A forecast of k steps counts k frames.",
+        minimum=0,
+    )
+    rate_limit_burst: float = _setting(
+        0.0,
+        "Frames a principal may send at once above its rate (0: one second's worth).",
+        minimum=0,
+    )
     max_sessions_per_stream: int = _setting(1024, "Most sessions one stream may open.", minimum=1)
     max_pending_frames: int = _setting(
         64,
@@ -164,6 +176,11 @@ class Settings:
         "",
         "Bearer token GET /metrics must send (prefer the variable: a flag shows in ps). Required "
         "when the API needs credentials and metrics listen beyond loopback.",
+    )
+    metrics_per_principal: bool = _setting(
+        False,
+        "Also export per-principal series (frames, refused frames, throttled seconds, open "
+        "sessions), labelled by principal: one series per principal, so off by default.",
     )
     metrics_token_file: str = _setting(
         "", "File holding the metrics bearer token (instead of --metrics-token).", **_FILE
@@ -222,6 +239,8 @@ class Settings:
             max_pending_frames=self.max_pending_frames,
             evict_idle_when_full=self.evict_idle_when_full,
             max_sessions_per_principal=self.max_sessions_per_principal,
+            rate_limit_frames=self.rate_limit_frames,
+            rate_limit_burst=self.rate_limit_burst,
             skip_bad_models=self.bad_models == "skip",
         )
 

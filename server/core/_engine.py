@@ -21,6 +21,7 @@ from rnnstream.server.core._errors import (
 from rnnstream.server.core._forecast import forecast_params
 from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._loading import load_models, start_model
+from rnnstream.server.core._principals import PrincipalLimits
 from rnnstream.server.core._registry import SessionManager
 from rnnstream.server.core._results import (
     Emit,
@@ -64,15 +65,9 @@ class Engine:
         self._metrics = metrics
         self._models: dict[str, OrtModel] = {}
         self._schedulers: dict[str, ModelScheduler] = {}
-        self._sessions = SessionManager(
-            self._schedulers,
-            max_sessions=settings.max_sessions,
-            ttl=settings.session_ttl,
-            ring_size=settings.output_ring,
-            evict_when_full=settings.evict_idle_when_full,
-            max_per_owner=settings.max_sessions_per_principal,
-            metrics=metrics,
-        )
+        self._sessions = SessionManager.from_settings(self._schedulers, settings, metrics)
+        # What each principal may send (pace a stream, admit a unary call): one bucket each.
+        self.limits = PrincipalLimits.from_settings(settings, metrics)
         # One thread per model would let models overlap; ORT releases the GIL while it runs.
         self._executor: ThreadPoolExecutor | None = None
         self._accepting_frames = True

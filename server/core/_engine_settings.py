@@ -29,3 +29,5 @@ class EngineSettings:
     evict_idle_when_full: bool  # at a session cap, end an idle session to open one
     max_sessions_per_principal: int  # per principal, over all its streams; 0: no quota
     skip_bad_models: bool  # a model that cannot be loaded is left out (else the start fails)
+    rate_limit_frames: float  # frames a second per principal; 0: no limit
+    rate_limit_burst: float  # frames at once above the rate; 0: one second's worth

@@ -59,12 +59,18 @@ class RnnstreamError(Exception):
     code: ErrorCode = ErrorCode.INTERNAL
 
     def __init__(
-        self, message: str, *, session_id: str = "", frame_index: int | None = None
+        self,
+        message: str,
+        *,
+        session_id: str = "",
+        frame_index: int | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.session_id = session_id
         self.frame_index = frame_index
+        self.retry_after = retry_after  # seconds after which the same request may succeed
 
 
 class InvalidArgument(RnnstreamError):

@@ -3,7 +3,7 @@ implementation (the server's Prometheus metrics), or none."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 __all__ = ["CoreMetrics", "Counter", "Observer"]
@@ -37,3 +37,12 @@ class CoreMetrics(Protocol):
     def session_opened(self, model: str) -> None: ...
 
     def session_ended(self, model: str, reason: str) -> None: ...
+
+    def principal_frames(self, principal: str, frames: int, waited: float, refused: bool) -> None:
+        """A principal brought `frames`: a stream then waited `waited` s, or a call was refused
+        (per-principal series are opt-in: an implementation may ignore this)."""
+        ...
+
+    def watch_principal_sessions(self, read: Callable[[], Mapping[str, int]]) -> None:
+        """Open sessions by principal, read when metrics are collected."""
+        ...

@@ -9,6 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from rnnstream.server.core._engine_settings import EngineSettings
 from rnnstream.server.core._errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -60,6 +61,25 @@ class SessionManager:
         self.evict_when_full = evict_when_full
         self.metrics = metrics
         self.accepting = True
+        if metrics is not None:
+            metrics.watch_principal_sessions(self.holders)
+
+    @classmethod
+    def from_settings(
+        cls,
+        schedulers: dict[str, ModelScheduler],
+        settings: EngineSettings,
+        metrics: CoreMetrics | None = None,
+    ) -> SessionManager:
+        return cls(
+            schedulers,
+            max_sessions=settings.max_sessions,
+            ttl=settings.session_ttl,
+            ring_size=settings.output_ring,
+            evict_when_full=settings.evict_idle_when_full,
+            max_per_owner=settings.max_sessions_per_principal,
+            metrics=metrics,
+        )
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -69,6 +89,10 @@ class SessionManager:
 
     def held_by(self, owner: str) -> int:
         return self._per_owner.get(owner, 0)
+
+    def holders(self) -> dict[str, int]:
+        """Open sessions by principal (a copy)."""
+        return dict(self._per_owner)
 
     def scheduler(self, model: str) -> ModelScheduler:
         try:

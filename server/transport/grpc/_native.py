@@ -18,6 +18,7 @@ from rnnstream.server.core import Engine, ModelInfo, TensorSpec, Unavailable
 from rnnstream.server.transport.grpc._interceptor import call_principal
 from rnnstream.server.transport.grpc._native_messages import encode_outputs, ended, forecasted
 from rnnstream.server.transport.grpc._native_stream import SHUTDOWN, StreamCall, named_arrays
+from rnnstream.server.transport.grpc._rate import forecast_frames
 from rnnstream.server.transport.grpc._status import (
     BadRequest,
     abort,
@@ -153,6 +154,7 @@ class NativeServicer:
     @unary
     async def Infer(self, request: pb.InferRequest, context: Context) -> pb.InferResponse:
         owner = call_principal()
+        self._engine.limits.admit(owner, 1)
         index = request.frame_index if request.HasField("frame_index") else None
         metrics = self._metrics
         metrics.bytes_received.inc(sum(len(t.data) for t in request.inputs))
@@ -199,6 +201,9 @@ class NativeServicer:
     @unary
     async def Forecast(self, request: pb.ForecastRequest, context: Context) -> pb.ForecastResponse:
         owner = call_principal()
+        self._engine.limits.admit(
+            owner, forecast_frames(request.steps, self._settings.max_steps_per_frame)
+        )
         future = self._engine.forecast(
             owner, request.session_id, request.steps, request.commit, named_arrays(request.inputs)
         )

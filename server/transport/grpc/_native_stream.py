@@ -28,6 +28,7 @@ from rnnstream.server.transport.grpc._native_messages import (
     opened,
 )
 from rnnstream.server.transport.grpc._outbox import Outbox
+from rnnstream.server.transport.grpc._rate import keep_pace, stream_frames
 from rnnstream.server.transport.grpc._status import BadRequest, as_rnnstream_error, stream_error
 
 __all__ = ["SHUTDOWN", "StreamCall", "named_arrays"]
@@ -60,6 +61,7 @@ class StreamCall:
         self.opened: set[str] = set()
         self._pending_limit = settings.max_pending_frames
         self._max_sessions = settings.max_sessions_per_stream
+        self._max_steps = settings.max_steps_per_frame
         self._bytes_in = metrics.bytes_received
         self._bytes_out = metrics.bytes_sent
 
@@ -120,6 +122,7 @@ class StreamCall:
                     # and the frames behind it need the session in place.
                     await self._open(request.open)
                     continue
+                await keep_pace(self.engine, self.owner, stream_frames(request, self._max_steps))
                 waiting_on = self.dispatch(request)
                 if waiting_on:
                     # Stop reading while this session's queue is full: flow control pushes back.

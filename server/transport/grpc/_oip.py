@@ -37,12 +37,8 @@ from rnnstream.server.transport.grpc._oip_config import (
     model_statistics,
 )
 from rnnstream.server.transport.grpc._oip_stream import Stream, chain, consume, error_response
-from rnnstream.server.transport.grpc._status import (
-    BadRequest,
-    tolerant,
-    tolerant_unary,
-    unary,
-)
+from rnnstream.server.transport.grpc._rate import keep_pace, oip_frames
+from rnnstream.server.transport.grpc._status import BadRequest, tolerant, tolerant_unary, unary
 
 __all__ = ["EXTENSIONS", "SERVICE", "OipServicer", "session_id_for"]
 
@@ -219,6 +215,7 @@ class OipServicer:
         self, request: oip.ModelInferRequest, context: Context
     ) -> oip.ModelInferResponse:
         owner = call_principal()
+        self._engine.limits.admit(owner, oip_frames(request))
         _, future = await self._submit(request, owner)
         return await future
 
@@ -250,6 +247,7 @@ class OipServicer:
                 if isinstance(request, BadRequest):
                     stream.answer("", error_response(None, InvalidArgument(request.message)))
                     continue
+                await keep_pace(self._engine, owner, oip_frames(request))
                 try:
                     session_id, future = await self._submit(request, owner)
                 except Exception as exc:

@@ -116,7 +116,7 @@ class GrpcServer:
         # Credentials first: a bad token list fails before anything else is built.
         self.auth = Authenticator.from_settings(settings)
         check_metrics_exposure(settings)
-        self.metrics = Metrics()
+        self.metrics = Metrics(per_principal=settings.metrics_per_principal)
         self.engine = Engine(settings.engine_settings(), self.metrics)
         self.health = health.aio.HealthServicer()
         self.native = NativeServicer(self.engine, settings, self.metrics)

@@ -15,6 +15,7 @@ from rnnstream.server.core import ErrorCode, Internal, InvalidArgument, Rnnstrea
 
 __all__ = [
     "GRPC_STATUS",
+    "RETRY_PUSHBACK_KEY",
     "BadRequest",
     "abort",
     "as_rnnstream_error",
@@ -110,9 +111,16 @@ def stream_error(
     )
 
 
+# gRPC's own retry pushback (gRFC A6): a client's retry policy waits this long before retrying.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
 async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
     error = as_rnnstream_error(exc)
-    await context.abort(GRPC_STATUS[error.code], clipped(error.message))
+    trailing: tuple[tuple[str, str], ...] = ()
+    if error.retry_after is not None:
+        trailing = ((RETRY_PUSHBACK_KEY, str(max(1, round(error.retry_after * 1000)))),)
+    await context.abort(GRPC_STATUS[error.code], clipped(error.message), trailing_metadata=trailing)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
