@@ -4,8 +4,15 @@ the first principal's sessions and OIP sequences."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -13,7 +20,7 @@ import pytest
 
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from tests.hardened import HardenedServer
-from tests.streaming import ort_full, sequence, x_tensor
+from tests.streaming import RawStream, frame_request, ort_full, sequence, x_tensor
 from tests.tenants import Tenant, end_request, oip_output, oip_request
 
 MODEL = "gru"
@@ -117,17 +124,136 @@ async def test_credentials_are_not_enough_alone(hardened: HardenedServer) -> Non
         await anonymous.close()
 
 
-def _scrape(port: int, token: str | None) -> int:
+async def test_second_principal_cannot_evict(hardened: HardenedServer) -> None:
+    env = hardened.env
+    quota = int(env["RNNSTREAM_MAX_SESSIONS_PER_PRINCIPAL"])
+    per_stream = int(env["RNNSTREAM_MAX_SESSIONS_PER_STREAM"])
+    alice, bob = hardened.raw("alice"), hardened.raw("bob")
+    try:
+        async with alice.stream() as mine, AsyncExitStack() as bobs:
+            for i in range(3):
+                await mine.open(MODEL, f"idle-{i}")
+                await mine.frame(f"idle-{i}", 0, X[0:1])
+            seq = [oip_output(await alice.oip_infer(oip_request(MODEL, X[0], 9, start=True)))]
+            # Bob opens past his quota over as many streams as it takes: each open beyond it
+            # evicts one of his own idle sessions, told on the stream that holds it.
+            streams = [
+                await bobs.enter_async_context(bob.stream()) for _ in range(quota // per_stream + 1)
+            ]
+            evicted: list[str] = []
+            for n in range(quota + 20):
+                stream = streams[n // per_stream]
+                opened = await stream.request(
+                    pb.StreamRequest(open=pb.OpenSession(model=MODEL, session_id=f"b{n}"))
+                )
+                assert opened.opened.session_id == f"b{n}", opened
+            while len(evicted) < 20:
+                reply = await asyncio.wait_for(streams[0].call.read(), 10)
+                assert reply.ended.reason == "evicted", reply
+                evicted.append(reply.ended.session_id)
+            assert evicted == [f"b{n}" for n in range(20)]  # his own longest-idle, in order
+            for i in range(3):
+                y = await mine.frame(f"idle-{i}", 1, X[1:2])
+                np.testing.assert_allclose(y, _reference(slice(0, 2))[1:], rtol=0, atol=ATOL)
+            seq.append(oip_output(await alice.oip_infer(end_request(MODEL, X[1], 9))))
+            np.testing.assert_allclose(np.stack(seq), _reference(slice(0, 2)), rtol=0, atol=ATOL)
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+async def test_second_principal_cannot_starve(hardened: HardenedServer) -> None:
+    rate = float(hardened.env["RNNSTREAM_RATE_LIMIT_FRAMES"])
+    burst = float(hardened.env["RNNSTREAM_RATE_LIMIT_BURST"])
+    flood = sequence(MODEL, int(burst), seed=88)  # on each of bob's 3 streams
+    alice, bob = hardened.raw("alice"), hardened.raw("bob")
+    try:
+        async with alice.stream() as mine, AsyncExitStack() as bobs:
+            streams = [await bobs.enter_async_context(bob.stream()) for _ in range(3)]
+            for i, stream in enumerate(streams):
+                await stream.open(MODEL, f"flood-{i}")
+            await mine.open(MODEL, "steady")
+            started = time.monotonic()
+
+            async def floods(stream: RawStream, sid: str) -> np.ndarray:  # type: ignore[type-arg]
+                # Written back to back, read at the end: the fastest a client can push.
+                for k in range(len(flood)):
+                    await stream.call.write(frame_request(sid, k, x_tensor(flood[k : k + 1])))
+                return np.concatenate([_y(await stream.call.read()) for _ in range(len(flood))])
+
+            flooding = [
+                asyncio.ensure_future(floods(s, f"flood-{i}")) for i, s in enumerate(streams)
+            ]
+            ys = [await mine.frame("steady", k, X[k : k + 1]) for k in range(len(X))]
+            seq = [oip_output(await alice.oip_infer(oip_request(MODEL, X[0], 11, start=True)))]
+            for k in range(1, len(X)):
+                request = end_request if k == len(X) - 1 else oip_request
+                seq.append(oip_output(await alice.oip_infer(request(MODEL, X[k], 11))))
+            # Bob's unary calls meanwhile meet the same bucket: refused, with a retry hint.
+            request = pb.InferRequest(model=MODEL, inputs=[x_tensor(X[0:1])])
+            refused = None
+            for _ in range(int(burst)):  # his streams keep his bucket empty: one is enough
+                try:
+                    await bob.native.Infer(request, metadata=bob.metadata, timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    refused = exc
+                    break
+            outputs = await asyncio.gather(*flooding)
+            elapsed = time.monotonic() - started
+        np.testing.assert_allclose(np.concatenate(ys), _reference(slice(None)), rtol=0, atol=ATOL)
+        np.testing.assert_allclose(np.stack(seq), _reference(slice(None)), rtol=0, atol=ATOL)
+        for flooded in outputs:
+            np.testing.assert_allclose(flooded, ort_full(MODEL, flood), rtol=0, atol=ATOL)
+        assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert int(dict(refused.trailing_metadata() or ())["grpc-retry-pushback-ms"]) > 0
+        # 3 x burst frames at `rate` after one burst: the bucket's hard lower bound.
+        assert elapsed >= (3 * burst - burst) / rate
+        text = _scrape_text(hardened)
+        assert 'rnnstream_principal_throttled_seconds_total{principal="bob"}' in text
+        assert 'rnnstream_principal_throttled_seconds_total{principal="alice"}' not in text
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+def _y(reply: pb.StreamResponse) -> np.ndarray:  # type: ignore[type-arg]
+    (tensor,) = reply.output.outputs
+    return np.frombuffer(tensor.data, np.float32).reshape(1, -1)
+
+
+def _scrape(port: int, token: str | None) -> tuple[int, str]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         connection.request("GET", "/metrics", headers=headers)
-        return connection.getresponse().status
+        reply = connection.getresponse()
+        return reply.status, reply.read().decode()
     finally:
         connection.close()
 
 
+def _scrape_text(hardened: HardenedServer) -> str:
+    status, text = _scrape(hardened.metrics_port, hardened.metrics_token)
+    assert status == 200
+    return text
+
+
+def test_documented_probe_command(hardened: HardenedServer, tmp_path: Path) -> None:
+    cert, key = hardened.pki.client("probe").write(tmp_path, "probe")
+    command = [sys.executable, "-m", "rnnstream", "health", "--target", hardened.target]
+    command += ["--tls-ca", str(hardened.pki.ca_path), "--tls-cert", str(cert)]
+    command += ["--tls-key", str(key)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSTREAM_")}
+    probe = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    assert "SERVING" in probe.stdout
+    # Without a client certificate the probe cannot even connect.
+    command = command[: command.index("--tls-cert")]
+    probe = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert probe.returncode != 0
+
+
 def test_metrics_need_their_token(hardened: HardenedServer) -> None:
-    assert _scrape(hardened.metrics_port, None) == 401
-    assert _scrape(hardened.metrics_port, hardened.tenants["alice"].token) == 401
-    assert _scrape(hardened.metrics_port, hardened.metrics_token) == 200
+    assert _scrape(hardened.metrics_port, None)[0] == 401
+    assert _scrape(hardened.metrics_port, hardened.tenants["alice"].token)[0] == 401
+    assert "rnnstream_active_sessions" in _scrape_text(hardened)
