@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ __all__ = [
 T = TypeVar("T")
 
 ENV_PREFIX = "RNNSTREAM_"
+# Variables of the `rnnstream` command that share the prefix (client/_connection.py): the
+# server's container sets them for its health check.
+CLIENT_VARIABLES = frozenset({"RNNSTREAM_TOKEN", "RNNSTREAM_TLS_CA", "RNNSTREAM_TLS_SERVER_NAME"})
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
@@ -198,11 +202,23 @@ def settings_parser(cls: type[Any], prog: str, description: str) -> argparse.Arg
     return parser
 
 
+def _refuse_unknown_variables(cls: type[Any], env: Mapping[str, str]) -> None:
+    """A misspelt variable would be ignored: RNNSTREAM_AUTH_TOKEN for RNNSTREAM_AUTH_TOKENS
+    would start a server that lets everyone in. Every RNNSTREAM_* variable must be a setting."""
+    known = {env_name(f.name) for f in dataclasses.fields(cls)}
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and name not in known and name not in CLIENT_VARIABLES:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+            hint = f"did you mean {close[0]}?" if close else "see rnnstream-server --help"
+            raise SettingError(f"{name} is not a setting of rnnstream-server ({hint})")
+
+
 def read_settings(
     cls: type[T], namespace: argparse.Namespace, env: Mapping[str, str], *, paths: bool = True
 ) -> T:
     """The settings: each from its flag, else its variable, else its default; every value
     checked against its rule (`paths`: that the files and folders named exist, defaults too)."""
+    _refuse_unknown_variables(cls, env)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]

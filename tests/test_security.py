@@ -247,6 +247,48 @@ def test_server_with_an_empty_token_does_not_start() -> None:
     assert "Traceback" not in stderr
 
 
+@pytest.mark.parametrize(
+    ("variables", "refusal"),
+    [
+        (
+            {"RNNSTREAM_AUTH_TOKEN": "alice=alice-secret-token"},
+            "RNNSTREAM_AUTH_TOKEN is not a setting of rnnstream-server (did you mean "
+            "RNNSTREAM_AUTH_TOKENS?)",
+        ),
+        (
+            {"RNNSTREAM_TLS_CLIENT_CERT_CA": "ca.pem"},
+            "RNNSTREAM_TLS_CLIENT_CERT_CA is not a setting of rnnstream-server (did you mean "
+            "RNNSTREAM_TLS_CLIENT_CA?)",
+        ),
+    ],
+)
+def test_misspelt_variable_does_not_start_an_open_server(
+    variables: dict[str, str], refusal: str
+) -> None:
+    # Before: an unknown RNNSTREAM_* variable was ignored, so a typo in the tokens' variable
+    # started a server that let everyone in as one anonymous principal.
+    command = [sys.executable, "-m", "rnnstream.server", "--port", str(free_port())]
+    command += ["--model-repository", str(MODELS), "--models", "gru", "--metrics-port", "0"]
+    # The command's own variables (the server's container sets them) are not refused.
+    env = {"PATH": "/usr/bin:/bin", "RNNSTREAM_TOKEN": "t", "RNNSTREAM_TLS_SERVER_NAME": "x"}
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**env, **variables},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail(f"rnnstream-server started with {variables}, ignoring it")
+    assert process.returncode == 2, stderr
+    assert stderr.strip() == f"rnnstream-server: {refusal}"
+
+
 def test_empty_bearer_never_matches() -> None:
     with pytest.raises(ValueError, match="empty auth token"):
         Authenticator({"": "alice"})
