@@ -261,11 +261,20 @@ def _frames_answered(target: str, model: str) -> int:
 def test_ctrl_c_stops_cleanly_and_prints_the_table(server: RunningServer, tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
     before = _frames_answered(server.target, "gru")
+    # As a terminal's foreground job: Ctrl-C raises KeyboardInterrupt even when this test runs
+    # in a background job, whose children inherit an ignored SIGINT (Python then installs no
+    # handler, and the signal would do nothing).
+    foreground = (
+        "import runpy, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "sys.argv[0] = 'rnnstream'\n"
+        "runpy.run_module('rnnstream', run_name='__main__', alter_sys=True)\n"
+    )
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "rnnstream",
+            "-c",
+            foreground,
             "loadtest",
             "--no-progress",
             "--target",
