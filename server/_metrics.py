@@ -148,6 +148,19 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.model_loads = Counter(
+            "rnnstream_model_loads",
+            "Loads of a model version, by result (ok, failed); version 0: the model folder",
+            ["model", "version", "result"],
+            registry=r,
+        )
+        self.model_versions = Gauge(
+            "rnnstream_model_version_state",
+            "1 for the state a loaded model version is in (READY, UNLOADING: draining its "
+            "sessions, UNAVAILABLE: freed), 0 for the others",
+            ["model", "version", "state"],
+            registry=r,
+        )
         self.bytes_received = LoopCounter("rnnstream_bytes_received", "Tensor bytes received")
         self.bytes_sent = LoopCounter("rnnstream_bytes_sent", "Tensor bytes sent")
         r.register(_LoopCounters([self.bytes_received, self.bytes_sent]))
@@ -184,6 +197,13 @@ class Metrics:
     def watch_principal_sessions(self, read: Callable[[], Mapping[str, int]]) -> None:
         if self._principals is not None:
             self._principals.watch_sessions(read)
+
+    def model_loaded(self, model: str, version: int, ok: bool) -> None:
+        self.model_loads.labels(model, str(version), "ok" if ok else "failed").inc()
+
+    def model_state(self, model: str, version: int, state: str) -> None:
+        for known in ("READY", "UNLOADING", "UNAVAILABLE"):
+            self.model_versions.labels(model, str(version), known).set(int(known == state))
 
     def serve(self, host: str, port: int, token: str = "") -> int:
         """Expose /metrics over HTTP (behind `token` when given); returns the port bound."""

@@ -43,6 +43,29 @@ class Settings:
     models: tuple[str, ...] = _setting(
         (), "Load only these models (comma-separated); empty loads every model found."
     )
+    model_control_mode: str = _setting(
+        "none",
+        "How served models follow the repository (Triton's names): none loads every model at "
+        "start; poll also rescans it every --repository-poll-secs (new, changed and removed "
+        "models); explicit loads only --load-model at start, then what clients load and unload. "
+        "SIGHUP rescans in every mode.",
+        choices=("none", "poll", "explicit"),
+    )
+    repository_poll_secs: float = _setting(
+        15.0,
+        "With --model-control-mode poll, seconds between rescans of the repository; a model is "
+        "loaded once its files held still for one period.",
+        above=0,
+    )
+    load_model: tuple[str, ...] = _setting(
+        (), "With --model-control-mode explicit, models to load at start (comma-separated; *: all)."
+    )
+    drain_timeout: float = _setting(
+        600.0,
+        "Seconds a retired model version (unloaded, or replaced by a newer one) keeps serving "
+        "the sessions opened on it; then they are ended, each told why. 0: until they end.",
+        minimum=0,
+    )
     bad_models: str = _setting(
         "refuse",
         "A model that cannot be loaded (a corrupt model.onnx, a graph rnnstream cannot serve): "
@@ -242,6 +265,10 @@ class Settings:
             rate_limit_frames=self.rate_limit_frames,
             rate_limit_burst=self.rate_limit_burst,
             skip_bad_models=self.bad_models == "skip",
+            model_control_mode=self.model_control_mode,
+            load_model=self.load_model,
+            repository_poll_seconds=self.repository_poll_secs,
+            drain_timeout=self.drain_timeout,
         )
 
     def __post_init__(self) -> None:

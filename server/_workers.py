@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -94,7 +95,13 @@ def supervise(settings: Settings) -> int:
             if worker.is_alive():
                 worker.terminate()  # SIGTERM: the worker shuts down gracefully
 
+    def rescan(signum: int, frame: FrameType | None) -> None:
+        for worker in workers:  # SIGHUP: each worker rescans the model repository
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signal.SIGHUP)
+
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, rescan)
     try:
         for worker in workers:
             worker.start()

@@ -88,10 +88,7 @@ def main() -> None:
         response = stub.ModelInfer(request)
         raw = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
         outputs[step["id"]] = raw.reshape(list(response.outputs[0].shape))
-    try:
-        client.get_model_repository_index()
-    except triton.InferenceServerException as exc:
-        report["repository_index"] = exc.status()
+    report["repository_index"] = client.get_model_repository_index(as_json=True)
 
     report["server_metadata"] = client.get_server_metadata(as_json=True)
     report["server_live"] = client.is_server_live()

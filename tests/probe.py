@@ -28,23 +28,27 @@ def max_frames_queued(engine: Engine) -> int:
 
 
 def live_slots(engine: Engine) -> int:
-    """State slots in use over every model's pool."""
-    return sum(s.pool.live for s in engine._schedulers.values())
+    """State slots in use over every loaded model version's pool."""
+    return sum(s.scheduler.pool.live for s in engine._models.all_served())
 
 
 def queued_frames(engine: Engine) -> int:
-    return sum(s.queued_frames for s in engine._schedulers.values())
+    return sum(s.scheduler.queued_frames for s in engine._models.all_served())
 
 
-def block_ort(engine: Engine, release: threading.Event) -> None:
-    """Keep the (one) ORT executor thread busy until `release` is set."""
-    assert engine._executor is not None
-    engine._executor.submit(release.wait)
+def block_ort(engine: Engine, release: threading.Event, model: str = "gru") -> None:
+    """Keep the ORT executor thread of the model's newest version busy until `release` is set."""
+    engine._models.pick(model).executor.submit(release.wait)
 
 
 def pool_capacity(engine: Engine, model: str) -> int:
-    """Slots the model's state pool holds (grows and shrinks with the sessions)."""
-    return int(engine._schedulers[model].pool.capacity)
+    """Slots the newest version's state pool holds (grows and shrinks with the sessions)."""
+    return int(engine._models.pick(model).scheduler.pool.capacity)
+
+
+def loaded_versions(engine: Engine, model: str) -> list[int]:
+    """Versions of the model still loaded, retired (draining) ones included, oldest first."""
+    return sorted(s.version for s in engine._models.all_served() if s.name == model)
 
 
 def held_by(engine: Engine, principal: str) -> int:

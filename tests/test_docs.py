@@ -131,23 +131,18 @@ def test_snippet_runs(snippet: Snippet, server: RunningServer, tmp_path: Path) -
 
 
 def _oip_rpcs() -> tuple[set[str], set[str]]:
-    """The OIP RPCs docs/triton.md says are served, and those it says answer UNIMPLEMENTED."""
+    """The OIP RPCs docs/triton.md's table says are served, and those it says answer
+    UNIMPLEMENTED."""
     text = (REPO / "docs" / "triton.md").read_text()
-    table = text.split("| RPC | what rnnstream answers |")[1].split("\n\n")[0]
-    served = {
-        name.strip()
-        for row in table.splitlines()[2:]
-        for name in row.split("|")[1].split(",")
-        if name.strip()
-    }
-    paragraph = text.split("answered `UNIMPLEMENTED`:")[1].split("(")[0]
-    unimplemented = {name.strip(" .\n") for name in re.split(r",|\band\b", paragraph)}
-    return served, unimplemented - {""}
+    table = text.split("| RPC | what rnnstream does |")[1].split("\n\n")[0]
+    rows = [row.split("|")[1:3] for row in table.splitlines()[2:]]
+    unimplemented = {name.strip() for name, does in rows if does.strip() == "`UNIMPLEMENTED`"}
+    return {name.strip() for name, _ in rows} - unimplemented, unimplemented
 
 
 def test_triton_doc_names_exactly_the_rpcs_served(server: RunningServer) -> None:
     served, unimplemented = _oip_rpcs()
-    assert len(served) == 9 and len(unimplemented) == 11
+    assert len(served) == 12 and len(unimplemented) == 8
     with grpc.insecure_channel(server.target) as channel:
         for name in sorted(served | unimplemented):
             if name == "ModelStreamInfer":

@@ -22,6 +22,7 @@ PUBLIC_HOMES = {
     f"{CORE}._errors",
     f"{CORE}._models",
     f"{CORE}._results",
+    f"{CORE}._serving",
     f"{CORE}._runtime",  # DeviceError only, checked below
     f"{CORE}._work",  # FrameReply only, checked below
     f"{CORE}._store",

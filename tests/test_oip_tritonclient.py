@@ -109,13 +109,27 @@ def test_unary_typed_contents_time_axis_and_descriptions(
     np.testing.assert_allclose(got, _reference("lstm", x), atol=ATOL)
     status, message = report["unary_errors"]["never-started"]
     assert "FAILED_PRECONDITION" in status and "sequence_start" in message
-    assert "UNIMPLEMENTED" in report["repository_index"]
+    listed = report["repository_index"]["models"]
+    index = {(m["name"], m.get("version")): m["state"] for m in listed}
+    assert index[("lstm", "1")] == "READY" and index[("gru", "1")] == "READY"
     assert report["server_live"] and report["model_ready"]
     assert "sequence" in report["server_metadata"]["extensions"]
     metadata = report["model_metadata"]
     assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "64"]}]
     config = report["model_config"]["config"]
     assert int(config["max_batch_size"]) > 0 and config["input"][0]["dims"] == ["64"]
+    # The values the server runs with (the fixture's defaults), not fixed ones.
+    settings = server.settings
+    assert config["version_policy"] == {"latest": {"num_versions": 1}}
+    assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
+    assert int(config["max_batch_size"]) == settings.max_batch_size
+    parameters = {k: v["string_value"] for k, v in config["parameters"].items()}
+    assert parameters == {
+        "intra_op_thread_count": str(settings.ort_threads),
+        "inter_op_thread_count": "1",
+    }
+    oldest = config["sequence_batching"]["oldest"]
+    assert int(oldest["max_queue_delay_microseconds"]) == int(settings.gather_us)
     states = config["sequence_batching"]["state"]
     assert {(s["input_name"], s["output_name"]) for s in states} == {
         ("initial_h", "Y_h"),

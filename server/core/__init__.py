@@ -32,13 +32,16 @@ from rnnstream.server.core._results import (
     Opened,
     Reset,
     SessionInfo,
+    VersionState,
 )
 from rnnstream.server.core._runtime import DeviceError
-from rnnstream.server.core._store import SessionRecord, StateStore, StepRecord
+from rnnstream.server.core._serving import GRAPH_LEVELS, ServingConfig, VersionPolicy
+from rnnstream.server.core._store import SessionRecord, SpecOf, StateStore, StepRecord
 from rnnstream.server.core._work import FrameReply
 
 __all__ = [
     "EMIT_MODES",
+    "GRAPH_LEVELS",
     "Aborted",
     "AlreadyExists",
     "CoreMetrics",
@@ -65,14 +68,18 @@ __all__ = [
     "Reset",
     "ResourceExhausted",
     "RnnstreamError",
+    "ServingConfig",
     "SessionInfo",
     "SessionRecord",
+    "SpecOf",
     "StateSpec",
     "StateStore",
     "StepRecord",
     "TensorSpec",
     "Unauthenticated",
     "Unavailable",
+    "VersionPolicy",
+    "VersionState",
     "quoted",
     "quoted_list",
 ]

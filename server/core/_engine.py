@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 from rnnstream.server.core._engine_settings import EngineSettings
 from rnnstream.server.core._errors import (
@@ -20,7 +17,8 @@ from rnnstream.server.core._errors import (
 )
 from rnnstream.server.core._forecast import forecast_params
 from rnnstream.server.core._instruments import CoreMetrics
-from rnnstream.server.core._loading import load_models, start_model
+from rnnstream.server.core._model_loader import ModelLoader
+from rnnstream.server.core._model_registry import ModelRegistry
 from rnnstream.server.core._principals import PrincipalLimits
 from rnnstream.server.core._registry import SessionManager
 from rnnstream.server.core._results import (
@@ -34,13 +32,12 @@ from rnnstream.server.core._results import (
     Opened,
     Reset,
     SessionInfo,
+    VersionState,
 )
-from rnnstream.server.core._runtime import OrtModel
-from rnnstream.server.core._scheduler import ModelScheduler
 from rnnstream.server.core._session import Session
 from rnnstream.server.core._store import StateStore
 from rnnstream.server.core._stored_sessions import StoredSessions
-from rnnstream.server.core._validation import FrameValidator, NamedArray
+from rnnstream.server.core._validation import NamedArray
 from rnnstream.server.core._work import (
     AUTO_INDEX,
     ControlWork,
@@ -52,7 +49,7 @@ from rnnstream.server.core._work import (
 
 __all__ = ["Engine", "NamedArray"]
 
-log = logging.getLogger("rnnstream.engine")
+Action = Literal["reset", "flush"]
 
 
 class Engine:
@@ -62,41 +59,34 @@ class Engine:
 
     def __init__(self, settings: EngineSettings, metrics: CoreMetrics | None = None) -> None:
         self._settings = settings
-        self._metrics = metrics
-        self._models: dict[str, OrtModel] = {}
-        self._schedulers: dict[str, ModelScheduler] = {}
-        self._sessions = SessionManager.from_settings(self._schedulers, settings, metrics)
+        self._models = ModelRegistry(
+            settings,
+            metrics,
+            end_sessions=lambda key, why: self._sessions.end_instance(key, why),
+            session_count=lambda name: self._sessions.count(name),
+        )
+        self._loader = ModelLoader(self._models, settings, metrics)
+        self._sessions = SessionManager.from_settings(self._models, settings, metrics)
         # What each principal may send (pace a stream, admit a unary call): one bucket each.
         self.limits = PrincipalLimits.from_settings(settings, metrics)
-        # One thread per model would let models overlap; ORT releases the GIL while it runs.
-        self._executor: ThreadPoolExecutor | None = None
         self._accepting_frames = True
         self._store: StateStore | None = None  # closed by stop(), even after a failed start
         self._stored: StoredSessions | None = None
-        self._validators: dict[str, FrameValidator] = {}
-        self._expiry: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []  # expiry, and the repository poll
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self, store: StateStore | None = None) -> None:
         """Load the models and start serving; with `store`, session state is persisted there
         (the engine closes it on stop)."""
         self._store = store
-        self._models = load_models(self._settings)
-        self._executor = ThreadPoolExecutor(
-            max_workers=max(1, len(self._models)), thread_name_prefix="ort"
-        )
-        for name, model in self._models.items():
-            scheduler, validator = start_model(
-                model, self._settings, self._executor, self._metrics, store
-            )
-            self._schedulers[name] = scheduler
-            self._validators[name] = validator
-            if self._metrics is not None:
-                self._metrics.watch_sessions(name, functools.partial(self._sessions.count, name))
+        self._models.store = store
+        await self._loader.start()
         if store is not None:
-            specs = {name: m.spec for name, m in self._models.items()}
-            self._stored = StoredSessions(store, self._sessions, specs)
-        self._expiry = asyncio.get_running_loop().create_task(self._sessions.run_expiry())
+            self._stored = StoredSessions(store, self._sessions, self._models)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._sessions.run_expiry()))
+        if self._settings.model_control_mode == "poll":
+            self._tasks.append(loop.create_task(self._loader.poll()))
 
     def stop_accepting(self) -> None:
         """Shutting down: refuse new sessions and frames; what is queued is still answered."""
@@ -105,23 +95,20 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        """Models loaded and sessions accepted."""
-        return bool(self._schedulers) and self._sessions.accepting
+        """Sessions accepted, and models loaded (explicit control: ready with none loaded)."""
+        return self._models.ready() and self._sessions.accepting
 
     async def drain(self, timeout: float) -> None:
         """Wait until every queued frame has been answered, or `timeout` passes."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not all(s.idle() for s in self._schedulers.values()):
+        while time.monotonic() < deadline and not self._models.idle():
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            await asyncio.gather(self._expiry, return_exceptions=True)
-        for scheduler in self._schedulers.values():
-            await scheduler.stop()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._models.stop()
         if self._stored is not None:
             await self._stored.drain()
         if self._store is not None:
@@ -130,14 +117,31 @@ class Engine:
 
     # -- models ----------------------------------------------------------------------------
     def model_names(self) -> list[str]:
-        return sorted(self._models)
+        """Models with a version that takes new sessions."""
+        return self._models.names()
 
-    def model(self, name: str) -> ModelInfo:
-        model = self._sessions.scheduler(name).model  # the one lookup that names the loaded ones
-        return ModelInfo(model.spec, model.provider, self._settings.max_batch_size)
+    def model(self, name: str, version: int | None = None) -> ModelInfo:
+        """The newest ready version of the model, or `version` (retired ones too)."""
+        return self._models.info(name, version)
 
-    def model_stats(self, name: str) -> ModelStats:
-        return self._sessions.scheduler(name).counters.snapshot()
+    def model_stats(self, name: str, version: int | None = None) -> ModelStats:
+        return self._models.scheduler_for(name, version).counters.snapshot()
+
+    def repository_index(self, ready_only: bool = False) -> list[VersionState]:
+        """Every model version of the repository this server knows of, with its state."""
+        return self._models.index(ready_only)
+
+    async def load_model(self, name: str) -> list[VersionState]:
+        """Load or reload a model (explicit control mode); its live sessions stay on theirs."""
+        return await self._loader.load(name, requested=True)
+
+    async def unload_model(self, name: str) -> list[VersionState]:
+        """Retire every version of a model (explicit control mode); live sessions drain."""
+        return await self._loader.unload(name, requested=True)
+
+    async def rescan(self) -> None:
+        """Follow the repository now (SIGHUP): new, changed and removed models."""
+        await self._loader.rescan()
 
     # -- sessions --------------------------------------------------------------------------
     async def open(
@@ -149,6 +153,7 @@ class Engine:
         *,
         resume_only: bool = False,
         on_end: EndListener | None = None,
+        version: int | None = None,
     ) -> Opened:
         """Open a session, or resume the one `session_id` names. `on_end` hears when the server
         ends it on its own (expired, evicted). With a state store, a session this server does
@@ -156,9 +161,9 @@ class Engine:
         before it is announced, so a client never holds an id that no replica could resume."""
         stored = self._stored
         if stored is None or self._sessions.holds(principal, session_id):
-            return self._open(principal, session_id, model, emit, resume_only, on_end)
+            return self._open(principal, session_id, model, emit, resume_only, on_end, version)
         found = await stored.load(principal, session_id)
-        opened = self._open(principal, session_id, model, emit, resume_only, on_end)
+        opened = self._open(principal, session_id, model, emit, resume_only, on_end, version)
         if not found and not opened.resumed:
             await stored.save_new(principal, opened.session_id)
         return opened
@@ -171,13 +176,14 @@ class Engine:
         emit: Emit,
         resume_only: bool,
         on_end: EndListener | None,
+        version: int | None,
     ) -> Opened:
         session, resumed = self._sessions.open(
-            model, session_id, principal, emit, resume_only=resume_only
+            model, session_id, principal, emit, resume_only=resume_only, version=version
         )
         if on_end is not None:
             session.listen(on_end)
-        return Opened(session.id, session.model, session.next_index, resumed)
+        return Opened(session.id, session.model, session.next_index, resumed, session.version)
 
     def detach(self, principal: str, session_id: str, on_end: EndListener) -> None:
         """Stop telling `on_end` about the session (its stream is gone); NotFound if it is."""
@@ -185,16 +191,12 @@ class Engine:
 
     def session(self, principal: str, session_id: str) -> SessionInfo:
         session = self._sessions.get(session_id, principal)
-        idle = time.monotonic() - session.last_active
-        ttl = self._sessions.ttl
+        idle, ttl = time.monotonic() - session.last_active, session.ttl
+        expires_in = max(0.0, ttl - idle) if ttl > 0 else 0.0
         return SessionInfo(
-            session.id,
-            session.model,
-            session.next_index,
-            session.frames_queued,
-            idle,
-            max(0.0, ttl - idle) if ttl > 0 else 0.0,
-        )
+            session.id, session.model, session.next_index, session.frames_queued, idle,
+            expires_in, session.version,
+        )  # fmt: skip
 
     # -- frames ----------------------------------------------------------------------------
     def submit(
@@ -222,10 +224,11 @@ class Engine:
         model: str,
         index: int | None,
         tensors: Sequence[NamedArray],
+        version: int | None = None,
     ) -> asyncio.Future[FrameOutput]:
         """One frame whose outputs are always answered: on the session `session_id` names
-        (`model`, when given, must be its model), or, with no session, on a fresh state that is
-        dropped after it (stateless)."""
+        (`model` and `version`, when given, must be its own), or, with no session, on a fresh
+        state that is dropped after it (stateless), on the newest ready version or `version`."""
         future: asyncio.Future[FrameOutput] = asyncio.get_running_loop().create_future()
         if session_id:
             session = self._sessions.get(session_id, principal)
@@ -234,16 +237,14 @@ class Engine:
                     f"session {session_id!r} runs model {session.model!r}, not {quoted(model)}",
                     session_id=session_id,
                 )
+            if version and session.version != version:
+                raise InvalidArgument(
+                    f"session {session_id!r} runs version {session.version}, not {version}",
+                    session_id=session_id,
+                )
             self._queue(session, index, tensors, FrameAnswer(future), True)
             return future
-        scheduler = self._sessions.scheduler(model)
-        scratch = Session("", model, principal, ring_size=0)
-        scheduler.attach(scratch)
-
-        def drop(_: object = None) -> None:
-            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            scheduler.submit(scratch, ControlWork("end", done, "stateless"))
-
+        scratch, drop = self._sessions.scratch(principal, model, version)
         try:
             self._queue(scratch, 0, tensors, FrameAnswer(future), True)
         except BaseException:
@@ -255,7 +256,7 @@ class Engine:
     def refuse(self, principal: str, session_id: str, error: RnnstreamError) -> None:
         """Count a frame the transport refused before it could submit it (undecodable)."""
         session = self._sessions.get(session_id, principal)
-        self._schedulers[session.model].count(error.code.name)
+        self._models.scheduler_of(session).count(error.code.name)
 
     def _queue(
         self,
@@ -266,6 +267,7 @@ class Engine:
         emit: bool,
     ) -> None:
         # Every frame is counted once: here if refused, else by the scheduler that answers it.
+        copy = self._models.served(session.instance)
         try:
             if not self._accepting_frames:
                 raise Unavailable(
@@ -276,15 +278,15 @@ class Engine:
             if index is not None and index < 0:
                 raise InvalidArgument(f"frame index {index} is negative", session_id=session.id)
             try:
-                arrays, key = self._validators[session.model].validate(tensors)
+                arrays, key = copy.validator.validate(tensors)
             except InvalidArgument as exc:
                 exc.session_id, exc.frame_index = session.id, index
                 raise
         except RnnstreamError as exc:
-            self._schedulers[session.model].count(exc.code.name)
+            copy.scheduler.count(exc.code.name)
             raise
         work = FrameWork(AUTO_INDEX if index is None else index, arrays, key, reply, emit)
-        self._schedulers[session.model].submit(session, work)
+        copy.scheduler.submit(session, work)
 
     async def wait_for_space(self, principal: str, session_id: str) -> None:
         """Return once the session has room for another queued frame (back-pressure)."""
@@ -300,12 +302,7 @@ class Engine:
     ) -> asyncio.Future[Reset]:
         """Back to the initial state. With `at_index` it applies only while that is the next
         frame index, so a reset resent after a reconnect is not applied twice."""
-        session = self._sessions.get(session_id, principal)
-        future: asyncio.Future[Reset] = asyncio.get_running_loop().create_future()
-        self._schedulers[session.model].submit(
-            session, ControlWork("reset", future, at_index=at_index)
-        )
-        return future
+        return self._control(principal, session_id, "reset", at_index=at_index)
 
     def end(self, principal: str, session_id: str) -> asyncio.Future[Ended]:
         """Remove the session now; its queued frames still run, then it ends. An emit-last
@@ -319,10 +316,14 @@ class Engine:
         self, principal: str, session_id: str, reset: bool = False
     ) -> asyncio.Future[Flushed]:
         """Resolves, after every frame queued before it, with the session's last output."""
+        return self._control(principal, session_id, "flush", reset_after=reset)
+
+    def _control(
+        self, principal: str, session_id: str, action: Action, **fields: Any
+    ) -> asyncio.Future[Any]:
         session = self._sessions.get(session_id, principal)
-        future: asyncio.Future[Flushed] = asyncio.get_running_loop().create_future()
-        work = ControlWork("flush", future, reset_after=reset)
-        self._schedulers[session.model].submit(session, work)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._models.scheduler_of(session).submit(session, ControlWork(action, future, **fields))
         return future
 
     def forecast(
@@ -336,7 +337,7 @@ class Engine:
         """Roll the session `steps` steps forward, feeding outputs back as inputs, in order with
         its frames; `tensors` are step 1's inputs (none: the last output feeds step 1)."""
         session = self._sessions.get(session_id, principal)
-        scheduler = self._schedulers[session.model]
+        scheduler = self._models.scheduler_of(session)
         limit = self._settings.max_steps_per_frame
         params = forecast_params(scheduler.spec, session.id, steps, commit, tensors, limit)
         future: asyncio.Future[Forecasted] = asyncio.get_running_loop().create_future()

@@ -31,3 +31,10 @@ class EngineSettings:
     skip_bad_models: bool  # a model that cannot be loaded is left out (else the start fails)
     rate_limit_frames: float  # frames a second per principal; 0: no limit
     rate_limit_burst: float  # frames at once above the rate; 0: one second's worth
+    # How the served models follow the repository (Triton's names): none loads every model at
+    # start; poll also rescans every repository_poll_seconds; explicit loads load_model at start
+    # and what clients load. A rescan (SIGHUP) reloads changed models in every mode.
+    model_control_mode: str = "none"
+    load_model: tuple[str, ...] = ()  # explicit mode: loaded at start ("*": every model)
+    repository_poll_seconds: float = 15.0
+    drain_timeout: float = 600.0  # a retired version's sessions end after this long; 0: never

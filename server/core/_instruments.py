@@ -46,3 +46,11 @@ class CoreMetrics(Protocol):
     def watch_principal_sessions(self, read: Callable[[], Mapping[str, int]]) -> None:
         """Open sessions by principal, read when metrics are collected."""
         ...
+
+    def model_loaded(self, model: str, version: int, ok: bool) -> None:
+        """A load of a model version finished (version 0: the model folder itself failed)."""
+        ...
+
+    def model_state(self, model: str, version: int, state: str) -> None:
+        """A loaded version's state changed: READY, UNLOADING (draining) or UNAVAILABLE."""
+        ...

@@ -1,30 +1,59 @@
-"""Loading the served models: finding them, a started scheduler per model, and the checks each
-model's frames get before they are queued."""
+"""Loading one model version: its ONNX Runtime session, timing and warm-up run in threads, so the
+event loop, and every other model's batches, never wait for a load; the scheduler is made and
+started on the loop."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import itertools
 import logging
 import math
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rnnstream.server.core._engine_settings import EngineSettings
 from rnnstream.server.core._errors import InvalidArgument
 from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._models import ModelConfigError, ModelSpec
-from rnnstream.server.core._runtime import OrtModel, load_model
+from rnnstream.server.core._repository import ModelSource, Stamp, version_stamp
+from rnnstream.server.core._run_timing import single_step_feeds, single_step_key
+from rnnstream.server.core._runtime import OrtModel, open_model
 from rnnstream.server.core._scheduler import ModelScheduler
+from rnnstream.server.core._serving import ServingConfig
 from rnnstream.server.core._store import StateStore
 from rnnstream.server.core._validation import FrameValidator
 
-__all__ = ["discover_models", "load_models", "output_bytes", "start_model"]
+__all__ = ["Served", "discover_models", "load_version", "output_bytes"]
 
-log = logging.getLogger("rnnstream.engine")
+log = logging.getLogger("rnnstream.models")
 
 # Room for everything in an output message besides the tensor bytes (ids, names, shapes).
 _MESSAGE_OVERHEAD = 1024
+_keys = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Served:
+    """One loaded copy of a model version: it serves the sessions opened on it until it is
+    freed. A retired copy takes no new sessions; `retired` says why."""
+
+    key: int  # sessions name their copy by it
+    name: str
+    version: int
+    model: OrtModel
+    scheduler: ModelScheduler
+    validator: FrameValidator
+    serving: ServingConfig
+    stamp: tuple[Stamp | None, ...]  # the files it was loaded from, as they were
+    executor: ThreadPoolExecutor
+    retired: str = ""
+    drain: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def sessions(self) -> int:
+        return self.scheduler.session_count()
 
 
 def discover_models(repository: Path, only: Sequence[str] = ()) -> dict[str, Path]:
@@ -38,38 +67,37 @@ def discover_models(repository: Path, only: Sequence[str] = ()) -> dict[str, Pat
     return {name: found[name] for name in (only or found)}
 
 
-def load_models(settings: EngineSettings) -> dict[str, OrtModel]:
-    """Every model of the repository (or those named). One that cannot be loaded stops the
-    start, unless settings.skip_bad_models: then it is left out, with an error logged."""
-    folders = discover_models(settings.model_repository, settings.models)
-    if not folders:
-        raise ModelConfigError(f"no */model.onnx under {settings.model_repository}")
-    models: dict[str, OrtModel] = {}
-    for name, folder in folders.items():
-        try:
-            models[name] = load_model(name, folder, settings.device, settings.ort_threads)
-        except ModelConfigError as exc:
-            if not settings.skip_bad_models:
-                raise ModelConfigError(
-                    f"{exc} (to serve the other models without it: --bad-models skip)"
-                ) from exc
-            log.error("skipping model %s: %s", name, exc)
-    if not models:
-        raise ModelConfigError(f"no model under {settings.model_repository} could be loaded")
-    return models
+def _warm_up(model: OrtModel, sizes: Sequence[int]) -> None:
+    """Run single-step batches of zeros at each size before the version takes sessions."""
+    key = single_step_key(model.spec)
+    if key is None:
+        raise ModelConfigError(
+            f"model {model.spec.name!r}: [serving] warmup needs inputs whose only dynamic axes "
+            "are batch and time"
+        )
+    for size in sizes:
+        model.run(single_step_feeds(model.spec, key, size))
 
 
-def start_model(
-    model: OrtModel,
+async def load_version(
+    source: ModelSource,
+    version: int,
     settings: EngineSettings,
-    executor: Executor,
     metrics: CoreMetrics | None,
     store: StateStore | None,
-) -> tuple[ModelScheduler, FrameValidator]:
-    """The model's scheduler, timed and running, and the validator of its frames."""
+) -> Served:
+    """Load, time and warm up `version` of `source` off the loop; its scheduler runs once this
+    returns. Raises what the load raised (ModelConfigError, DeviceError, ORT's own errors)."""
+    name, serving = source.name, source.serving
+    stamp = version_stamp(source, version)
+    config, files = source.graph(version)
+    path = source.versions[version]
+    model = await asyncio.to_thread(open_model, name, path, config, files, serving)
+    # One thread per loaded version: versions and models overlap (ORT releases the GIL).
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}-{version}")
     scheduler = ModelScheduler(
         model,
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=serving.max_batch_size,
         executor=executor,
         metrics=metrics,
         inline_run_seconds=settings.inline_run_seconds,
@@ -77,17 +105,24 @@ def start_model(
         gather_seconds=settings.gather_seconds,
         store=store,
     )
-    timed = scheduler.calibrate()
+    loop = asyncio.get_running_loop()
+    try:
+        timed = await loop.run_in_executor(executor, scheduler.calibrate)
+        if serving.warmup:
+            await loop.run_in_executor(executor, _warm_up, model, serving.warmup)
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
     if timed:
         runs = ", ".join(f"{size}: {seconds * 1e6:.0f}" for size, seconds in timed)
-        log.info("model %s: ORT µs per single-step batch, by size: %s", model.spec.name, runs)
-    scheduler.start()
+        log.info("model %s version %d: ORT µs per single-step batch: %s", name, version, runs)
     validator = FrameValidator(
         model.spec,
         settings.max_steps_per_frame,
         functools.partial(_check_output_size, model.spec, settings.max_message_bytes),
     )
-    return scheduler, validator
+    scheduler.start()
+    return Served(next(_keys), name, version, model, scheduler, validator, serving, stamp, executor)
 
 
 def output_bytes(spec: ModelSpec, shapes: Sequence[tuple[int, ...]]) -> int | None:

@@ -202,8 +202,10 @@ def build_spec(
     inputs: Sequence[GraphTensor],
     outputs: Sequence[GraphTensor],
     config: Mapping[str, Any] | None = None,
+    files: Path | None = None,
 ) -> ModelSpec:
-    """Work out a model's data tensors and state pairs from its graph and optional config."""
+    """Work out a model's data tensors and state pairs from its graph and optional config (whose
+    file names are relative to `files`, by default the graph's folder)."""
     config = dict(config or {})
     in_by_name = {t.name: t for t in inputs}
     out_by_name = {t.name: t for t in outputs}
@@ -243,7 +245,7 @@ def build_spec(
                 dtype=ort_dtype(t.type_name),
                 shape=_concrete(t.shape),
                 batch_axis=batch,
-                initial=_initial_state(path.parent, name, t, batch, sc),
+                initial=_initial_state(files or path.parent, name, t, batch, sc),
             )
         )
     state_ins = {s.input_name for s in states}

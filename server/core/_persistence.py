@@ -56,7 +56,14 @@ class Persistence:
         ]
         steps = [
             StepRecord(
-                s.owner, s.id, s.model, s.emit, f.index + 1, [a[i] for a in per_state], result
+                s.owner,
+                s.id,
+                s.model,
+                s.emit,
+                f.index + 1,
+                [a[i] for a in per_state],
+                result,
+                s.version,
             )
             for i, (s, f, result) in enumerate(zip(sessions, frames, results, strict=True))
         ]
@@ -86,6 +93,7 @@ class Persistence:
             session.next_index,
             self._pool.read(session.slot),
             None,
+            session.version,
         )
         try:
             await self.store.save(self._spec, [step])

@@ -8,6 +8,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 from rnnstream.server.core._engine_settings import EngineSettings
 from rnnstream.server.core._errors import (
@@ -19,8 +20,8 @@ from rnnstream.server.core._errors import (
     quoted,
 )
 from rnnstream.server.core._instruments import CoreMetrics
+from rnnstream.server.core._model_registry import ModelRegistry
 from rnnstream.server.core._results import EMIT_MODES, Emit, Ended
-from rnnstream.server.core._scheduler import ModelScheduler
 from rnnstream.server.core._session import Session
 from rnnstream.server.core._store import SessionRecord
 from rnnstream.server.core._work import ControlWork
@@ -38,7 +39,7 @@ class SessionManager:
 
     def __init__(
         self,
-        schedulers: dict[str, ModelScheduler],
+        models: ModelRegistry,
         *,
         max_sessions: int,
         ttl: float,
@@ -47,7 +48,7 @@ class SessionManager:
         max_per_owner: int = 0,
         metrics: CoreMetrics | None = None,
     ) -> None:
-        self._schedulers = schedulers
+        self._models = models
         self._sessions: dict[tuple[str, str], Session] = {}
         self._expired: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._per_model: dict[str, int] = {}
@@ -67,12 +68,12 @@ class SessionManager:
     @classmethod
     def from_settings(
         cls,
-        schedulers: dict[str, ModelScheduler],
+        models: ModelRegistry,
         settings: EngineSettings,
         metrics: CoreMetrics | None = None,
     ) -> SessionManager:
         return cls(
-            schedulers,
+            models,
             max_sessions=settings.max_sessions,
             ttl=settings.session_ttl,
             ring_size=settings.output_ring,
@@ -94,14 +95,6 @@ class SessionManager:
         """Open sessions by principal (a copy)."""
         return dict(self._per_owner)
 
-    def scheduler(self, model: str) -> ModelScheduler:
-        try:
-            return self._schedulers[model]
-        except KeyError:
-            raise NotFound(
-                f"unknown model {quoted(model)}; loaded models: {sorted(self._schedulers)}"
-            ) from None
-
     def open(
         self,
         model: str,
@@ -110,9 +103,11 @@ class SessionManager:
         emit: Emit = "every",
         *,
         resume_only: bool = False,
+        version: int | None = None,
     ) -> tuple[Session, bool]:
-        """Open a session, or resume it when `session_id` names one this owner holds."""
-        scheduler = self.scheduler(model)
+        """Open a session on the newest ready version of `model` (or on `version`), or resume
+        it when `session_id` names one this owner holds: it stays on the version it opened on."""
+        self._models.check_known(model)
         if resume_only and not session_id:
             raise InvalidArgument("resume needs the session_id of the session to resume")
         if emit not in EMIT_MODES:
@@ -130,6 +125,12 @@ class SessionManager:
                         f"not {quoted(model)}",
                         session_id=session_id,
                     )
+                if version is not None and existing.version != version:
+                    raise FailedPrecondition(
+                        f"session {quoted(session_id)} runs version {existing.version} of model "
+                        f"{quoted(model)}, not version {version}",
+                        session_id=session_id,
+                    )
                 if existing.emit != emit:
                     raise FailedPrecondition(
                         f"session {session_id!r} was opened with emit {existing.emit!r}; resume "
@@ -140,12 +141,23 @@ class SessionManager:
                 log.info("session resumed", extra={"session_id": session_id, "model": model})
                 return existing, True
             if resume_only:
+                self._models.pick(model, version)  # an unknown model is named first
                 raise self._missing(session_id, owner)
+        copy = self._models.pick(model, version)
         if not self.accepting:
             raise Unavailable("server is shutting down and opens no new sessions")
         self._make_room(owner)
-        session = Session(session_id or secrets.token_hex(16), model, owner, self.ring_size, emit)
-        scheduler.attach(session)
+        session = Session(
+            session_id or secrets.token_hex(16),
+            model,
+            owner,
+            self.ring_size,
+            emit,
+            version=copy.version,
+            instance=copy.key,
+            ttl=copy.serving.session_ttl,
+        )
+        copy.scheduler.attach(session)
         self._register(session)
         if self.metrics is not None:
             self.metrics.session_opened(model)
@@ -159,16 +171,39 @@ class SessionManager:
         self._per_model[session.model] = self._per_model.get(session.model, 0) + 1
         self._per_owner[session.owner] = self._per_owner.get(session.owner, 0) + 1
 
+    def scratch(
+        self, owner: str, model: str, version: int | None
+    ) -> tuple[Session, Callable[..., None]]:
+        """A session for one stateless frame, and what drops it once the frame is answered."""
+        copy = self._models.pick(model, version)
+        scratch = Session("", model, owner, 0, version=copy.version, instance=copy.key)
+        copy.scheduler.attach(scratch)
+
+        def drop(_: object = None) -> None:
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            copy.scheduler.submit(scratch, ControlWork("end", done, "stateless"))
+
+        return scratch, drop
+
     def holds(self, owner: str, session_id: str) -> bool:
         return (owner, session_id) in self._sessions
 
     def restore(self, session_id: str, owner: str, record: SessionRecord) -> Session:
         """Take over a session stored by another replica (or by this one before a restart)."""
+        copy = self._models.for_restore(record.model, record.version)
         self._make_room(owner)
-        scheduler = self.scheduler(record.model)
-        session = Session(session_id, record.model, owner, self.ring_size, record.emit)
-        scheduler.attach(session)
-        scheduler.write_state(session, record.states)
+        session = Session(
+            session_id,
+            record.model,
+            owner,
+            self.ring_size,
+            record.emit,
+            version=copy.version,
+            instance=copy.key,
+            ttl=copy.serving.session_ttl,
+        )
+        copy.scheduler.attach(session)
+        copy.scheduler.write_state(session, record.states)
         session.restore(record.next_index, record.ring)
         self._register(session)
         log.info(
@@ -215,14 +250,9 @@ class SessionManager:
         return True
 
     def _missing(self, session_id: str, owner: str) -> NotFound:
-        reason = self._expired.get((owner, session_id))
-        if reason == "expired":
-            return NotFound(
-                f"session {quoted(session_id)} expired after {self.ttl:g} s idle",
-                session_id=session_id,
-            )
-        if reason is not None:
-            return NotFound(f"session {quoted(session_id)} was {reason}", session_id=session_id)
+        why = self._expired.get((owner, session_id))
+        if why is not None:
+            return NotFound(f"session {quoted(session_id)} {why}", session_id=session_id)
         return NotFound(f"unknown session {quoted(session_id)}", session_id=session_id)
 
     def get(self, session_id: str, owner: str) -> Session:
@@ -235,7 +265,13 @@ class SessionManager:
         """Remove the session now; its queued frames still run, then its slot is freed."""
         return self._end(self.get(session_id, owner), reason)
 
-    def _end(self, session: Session, reason: str) -> asyncio.Future[Ended]:
+    def end_instance(self, instance: int, message: str) -> None:
+        """End every session on one loaded copy of a model version (it was retired and its
+        drain timeout passed); each one's stream is told why."""
+        for session in [s for s in self._sessions.values() if s.instance == instance]:
+            self._end(session, "unloaded", message)
+
+    def _end(self, session: Session, reason: str, message: str = "") -> asyncio.Future[Ended]:
         del self._sessions[(session.owner, session.id)]
         self._per_model[session.model] -= 1
         if self._per_owner[session.owner] == 1:
@@ -244,41 +280,42 @@ class SessionManager:
             self._per_owner[session.owner] -= 1
         if reason != "client":
             # Remembered so a later request hears why the session is gone, not just "unknown".
-            self._expired[(session.owner, session.id)] = reason
+            why = f"was {reason}" + (f": {message}" if message else "")
+            if reason == "expired":
+                why = f"expired after {session.ttl:g} s idle"
+            self._expired[(session.owner, session.id)] = why
             while len(self._expired) > _EXPIRED_MEMORY:
                 self._expired.popitem(last=False)
             if session.listener is not None:
-                session.listener(Ended(session.id, reason, session.next_index))
+                session.listener(Ended(session.id, reason, session.next_index, message=message))
         if self.metrics is not None:
             self.metrics.session_ended(session.model, reason)
         log.info(
             "session ended (%s)", reason, extra={"session_id": session.id, "model": session.model}
         )
         future: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
-        self._schedulers[session.model].submit(session, ControlWork("end", future, reason))
+        self._models.scheduler_of(session).submit(session, ControlWork("end", future, reason))
         return future
 
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
 
     def expire_idle(self) -> list[Session]:
-        """End every idle session older than the TTL; returns the ones expired."""
-        if self.ttl <= 0:
-            return []
-        cutoff = time.monotonic() - self.ttl
+        """End every idle session older than its model's TTL; returns the ones expired."""
+        now = time.monotonic()
         idle = [
             s
             for s in self._sessions.values()
-            if s.last_active < cutoff and not s.has_work() and not s.in_flight
+            if 0 < s.ttl < now - s.last_active and not s.has_work() and not s.in_flight
         ]
         for session in idle:
             self._end(session, "expired")
         return idle
 
     async def run_expiry(self) -> None:
-        if self.ttl <= 0:
-            return
-        interval = min(max(self.ttl / 4, 0.05), 5.0)
+        """Check for idle sessions a quarter of the shortest TTL in force (models load and
+        unload: it is read afresh each time)."""
         while True:
-            await asyncio.sleep(interval)
+            ttls = [t for t in (self.ttl, self._models.shortest_ttl()) if t > 0]
+            await asyncio.sleep(min(max(min(ttls) / 4, 0.05), 5.0) if ttls else 1.0)
             self.expire_idle()

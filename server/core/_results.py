@@ -8,6 +8,7 @@ from typing import Any, Literal
 import numpy.typing as npt
 
 from rnnstream.server.core._models import ModelSpec
+from rnnstream.server.core._serving import ServingConfig, VersionPolicy
 
 __all__ = [
     "EMIT_MODES",
@@ -21,6 +22,7 @@ __all__ = [
     "Opened",
     "Reset",
     "SessionInfo",
+    "VersionState",
 ]
 
 Arrays = list[npt.NDArray[Any]]
@@ -44,6 +46,7 @@ class Opened:
     model: str
     next_index: int
     resumed: bool  # the id named a session this principal holds (here or in the state store)
+    version: int = 1  # the model version it runs on, until it ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,7 @@ class Ended:
     reason: str
     next_index: int
     last: FrameOutput | None = None  # an emit-last session's final answer (client ends only)
+    message: str = ""  # why, in words, when the server ended it
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +95,19 @@ class SessionInfo:
     pending_frames: int
     idle_seconds: float
     expires_in: float  # 0 when sessions do not expire
+    version: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class VersionState:
+    """A model version as the repository index tells it: READY (takes new sessions), LOADING,
+    UNLOADING (retired: serves only the sessions pinned to it until they end) or UNAVAILABLE."""
+
+    model: str
+    version: int  # 0 when the model folder itself cannot be read
+    state: str
+    reason: str = ""
+    sessions: int = 0  # open sessions pinned to it
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +115,10 @@ class ModelInfo:
     spec: ModelSpec  # inputs, outputs and states, with their axes
     provider: str  # the ONNX Runtime execution provider that runs it
     max_batch_size: int
+    version: int = 1
+    serving: ServingConfig | None = None  # the values in force for this version
+    policy: VersionPolicy | None = None
+    versions: tuple[VersionState, ...] = ()  # every version of the model and its state
 
     @property
     def name(self) -> str:

@@ -17,8 +17,9 @@ from rnnstream.server.core._models import (
     build_spec,
     load_config,
 )
+from rnnstream.server.core._serving import ServingConfig, parse_device
 
-__all__ = ["DeviceError", "OrtModel", "load_model"]
+__all__ = ["DeviceError", "OrtModel", "load_model", "open_model"]
 
 log = logging.getLogger("rnnstream.runtime")
 
@@ -49,17 +50,26 @@ class OrtModel:
         return results[:n], results[n:]
 
 
-def _session_options(threads: int) -> ort.SessionOptions:
+_GRAPH_LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def _session_options(serving: ServingConfig) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options.intra_op_num_threads = serving.intra_op_threads
+    options.inter_op_num_threads = serving.inter_op_threads
+    options.graph_optimization_level = _GRAPH_LEVELS[serving.graph_optimization]
     options.log_severity_level = 3
     return options
 
 
-def _create(path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
+def _create(path: Path, providers: list[Any], serving: ServingConfig) -> ort.InferenceSession:
     return ort.InferenceSession(
-        str(path), sess_options=_session_options(threads), providers=providers
+        str(path), sess_options=_session_options(serving), providers=providers
     )
 
 
@@ -68,33 +78,36 @@ def _model_problem(exc: Exception) -> bool:
     return type(exc).__name__ in ("InvalidProtobuf", "InvalidGraph", "NoSuchFile", "NoModel")
 
 
-def _open_session(path: Path, device: str, threads: int) -> ort.InferenceSession:
+def _open_session(path: Path, serving: ServingConfig) -> ort.InferenceSession:
     available = ort.get_available_providers()
+    device, device_id = parse_device(serving.device)
+    flag = f"--device {serving.device}"
     if device == "cpu":
-        return _create(path, [CPU], threads)
+        return _create(path, [CPU], serving)
     if CUDA not in available:
         if device == "cuda":
             raise DeviceError(
-                f"--device cuda: the installed onnxruntime offers only {available}. Install the "
+                f"{flag}: the installed onnxruntime offers only {available}. Install the "
                 "GPU build (pip install 'rnnstream[cuda]', which brings onnxruntime-gpu, and "
                 "uninstall onnxruntime) on a machine with an NVIDIA driver and the CUDA and cuDNN "
                 "libraries that onnxruntime-gpu release needs (pip install "
                 "'onnxruntime-gpu[cuda,cudnn]'), or use --device cpu / auto"
             )
-        return _create(path, [CPU], threads)
+        return _create(path, [CPU], serving)
+    cuda: Any = CUDA if device_id is None else (CUDA, {"device_id": device_id})
     try:
-        session = _create(path, [CUDA, CPU], threads)
+        session = _create(path, [cuda, CPU], serving)
     except Exception as exc:  # ORT raises plain exceptions when CUDA libraries are missing
         if _model_problem(exc):
             raise
         if device == "cuda":
-            raise DeviceError(f"--device cuda: could not create a CUDA session: {exc}") from exc
+            raise DeviceError(f"{flag}: could not create a CUDA session: {exc}") from exc
         log.warning("CUDA provider is listed but unusable (%s); using the CPU", exc)
-        return _create(path, [CPU], threads)
+        return _create(path, [CPU], serving)
     if session.get_providers()[0] != CUDA:
         if device == "cuda":
             raise DeviceError(
-                "--device cuda: onnxruntime fell back to the CPU; check the NVIDIA driver and "
+                f"{flag}: onnxruntime fell back to the CPU; check the NVIDIA driver and "
                 "the CUDA/cuDNN libraries onnxruntime-gpu needs"
             )
         log.warning("CUDA provider could not run %s; using the CPU", path)
@@ -105,13 +118,18 @@ def _graph_tensors(args: list[Any]) -> list[GraphTensor]:
     return [GraphTensor(a.name, a.type, tuple(a.shape)) for a in args]
 
 
-def load_model(name: str, folder: Path, device: str, threads: int) -> OrtModel:
-    """Load models/NAME: its ONNX graph, optional config.toml, and an ORT session."""
-    path = folder / "model.onnx"
+def open_model(
+    name: str,
+    path: Path,
+    config: Mapping[str, Any] | None,
+    files: Path,
+    serving: ServingConfig,
+) -> OrtModel:
+    """An ORT session of the graph at `path`, described by `config` (names relative to `files`)."""
     if not path.exists():
         raise ModelConfigError(f"model {name!r}: {path} does not exist")
     try:
-        session = _open_session(path, device, threads)
+        session = _open_session(path, serving)
     except DeviceError:
         raise
     except Exception as exc:  # ORT's own errors: the file is not a model it can run
@@ -124,15 +142,23 @@ def load_model(name: str, folder: Path, device: str, threads: int) -> OrtModel:
         path,
         _graph_tensors(session.get_inputs()),
         _graph_tensors(session.get_outputs()),
-        load_config(folder),
+        config,
+        files,
     )
     model = OrtModel(spec, session)
     log.info(
-        "loaded model %s on %s: inputs %s, outputs %s, states %s",
+        "loaded model %s from %s on %s: inputs %s, outputs %s, states %s",
         name,
+        path,
         model.provider,
         [t.name for t in spec.inputs],
         [t.name for t in spec.outputs],
         [f"{s.input_name}->{s.output_name}" for s in spec.states],
     )
     return model
+
+
+def load_model(name: str, folder: Path, device: str, threads: int) -> OrtModel:
+    """Load models/NAME: its ONNX graph, optional config.toml, and an ORT session."""
+    serving = ServingConfig(1, threads, 1, "all", device, (), 0.0)
+    return open_model(name, folder / "model.onnx", load_config(folder), folder, serving)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from typing import Any
 
@@ -72,8 +72,8 @@ class ModelScheduler:
         self._slot_owner: dict[int, Session] = {}
         self._task: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()  # forecasts and store writes
-        if metrics is not None:
-            metrics.watch_queue_depth(self.spec.name, lambda: self.queued_frames)
+        # Told when the last session leaves: a retired model version is freed then.
+        self.on_empty: Callable[[], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -136,6 +136,8 @@ class ModelScheduler:
                 self.counters.reject(work, error)
             elif not work.future.done():
                 work.future.set_exception(error)
+        if not self._slot_owner and self.on_empty is not None:
+            self.on_empty()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a session's work off the batch loop (forecasts, a control's store write)."""

@@ -39,6 +39,7 @@ class Session:
         "frames_queued",
         "id",
         "in_flight",
+        "instance",
         "last",
         "last_active",
         "listener",
@@ -48,13 +49,27 @@ class Session:
         "ring",
         "ring_size",
         "slot",
+        "ttl",
+        "version",
     )
 
     def __init__(
-        self, session_id: str, model: str, owner: str, ring_size: int, emit: Emit = "every"
+        self,
+        session_id: str,
+        model: str,
+        owner: str,
+        ring_size: int,
+        emit: Emit = "every",
+        *,
+        version: int = 1,
+        instance: int = 0,
+        ttl: float = 0.0,
     ) -> None:
         self.id = session_id
         self.model = model
+        self.version = version  # pinned: the session runs on it until it ends
+        self.instance = instance  # the loaded copy of that version that holds its state
+        self.ttl = ttl  # seconds idle before it expires; 0: never
         self.owner = owner
         self.emit: Emit = emit  # "last": frames are answered by flush and end only
         self.slot = -1

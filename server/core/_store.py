@@ -3,7 +3,7 @@ can resume a session."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -12,9 +12,10 @@ import numpy.typing as npt
 from rnnstream.server.core._models import ModelSpec
 from rnnstream.server.core._results import Emit, FrameOutput
 
-__all__ = ["SessionRecord", "StateStore", "StepRecord"]
+__all__ = ["SessionRecord", "SpecOf", "StateStore", "StepRecord"]
 
 Arrays = list[npt.NDArray[Any]]
+SpecOf = Callable[[str, int], ModelSpec]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class StepRecord:
     next_index: int
     states: Arrays  # per session: each state without its batch axis
     result: FrameOutput | None  # the step's outputs, for the output ring
+    version: int = 1  # the model version the session is pinned to
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class SessionRecord:
     next_index: int
     states: Arrays
     ring: list[FrameOutput]  # oldest first
+    version: int = 1  # records stored before versions existed are version 1
 
 
 class StateStore(Protocol):
@@ -47,10 +50,10 @@ class StateStore(Protocol):
     async def save(self, spec: ModelSpec, steps: Sequence[StepRecord]) -> None:
         """Write every step in one round trip."""
 
-    async def load(
-        self, specs: dict[str, ModelSpec], owner: str, session_id: str
-    ) -> SessionRecord | None:
-        """The stored session, or None when the store has none under that owner and id."""
+    async def load(self, specs: SpecOf, owner: str, session_id: str) -> SessionRecord | None:
+        """The stored session, or None when the store has none under that owner and id.
+        `specs(model, version)` describes the stored model version, or raises (an
+        RnnstreamError) when this server does not serve it."""
 
     async def delete(self, owner: str, session_id: str) -> None: ...
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from rnnstream.server.core._models import ModelSpec
+from rnnstream.server.core._model_registry import ModelRegistry
 from rnnstream.server.core._registry import SessionManager
 from rnnstream.server.core._results import Ended
 from rnnstream.server.core._store import StateStore, StepRecord
@@ -17,12 +17,10 @@ log = logging.getLogger("rnnstream.engine")
 
 
 class StoredSessions:
-    def __init__(
-        self, store: StateStore, sessions: SessionManager, specs: dict[str, ModelSpec]
-    ) -> None:
+    def __init__(self, store: StateStore, sessions: SessionManager, models: ModelRegistry) -> None:
         self._store = store
         self._sessions = sessions
-        self._specs = specs
+        self._models = models
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def load(self, principal: str, session_id: str) -> bool:
@@ -30,7 +28,8 @@ class StoredSessions:
         held it, or this one before a restart); True if it does."""
         if not session_id:
             return False
-        record = await self._store.load(self._specs, principal, session_id)
+        # A session of a version this replica lacks is refused (FailedPrecondition) by spec_of.
+        record = await self._store.load(self._models.spec_of, principal, session_id)
         if record is None:
             return False
         if not self._sessions.holds(principal, session_id):  # opened meanwhile: keep that one
@@ -41,9 +40,11 @@ class StoredSessions:
         """Store a new session before it is announced, so a client never holds an id that no
         replica could resume; if that fails the session is ended and the open fails."""
         session = self._sessions.get(session_id, principal)
-        scheduler = self._sessions.scheduler(session.model)
+        scheduler = self._models.scheduler_of(session)
         state = scheduler.read_state(session)
-        step = StepRecord(principal, session.id, session.model, session.emit, 0, state, None)
+        step = StepRecord(
+            principal, session.id, session.model, session.emit, 0, state, None, session.version
+        )
         try:
             await self._store.save(scheduler.spec, [step])
         except Exception:

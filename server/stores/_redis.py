@@ -8,7 +8,14 @@ from urllib.parse import quote
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from rnnstream.server.core import ModelSpec, SessionRecord, StateStore, StepRecord, Unavailable
+from rnnstream.server.core import (
+    ModelSpec,
+    SessionRecord,
+    SpecOf,
+    StateStore,
+    StepRecord,
+    Unavailable,
+)
 from rnnstream.server.stores._encoding import (
     decode_result,
     decode_states,
@@ -28,11 +35,11 @@ LEGACY_KEYS = ("refuse", "ignore", "delete")
 _SAVE_STEPS = """
 local ttl = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
-  local b = 1 + (i - 1) * 6
-  redis.call('HSET', key, 'model', ARGV[b + 1], 'emit', ARGV[b + 2], 'next', ARGV[b + 3],
-             'state', ARGV[b + 4])
-  if ARGV[b + 5] ~= '' then
-    redis.call('HSET', key, ARGV[b + 5], ARGV[b + 6])
+  local b = 1 + (i - 1) * 7
+  redis.call('HSET', key, 'model', ARGV[b + 1], 'version', ARGV[b + 2], 'emit', ARGV[b + 3],
+             'next', ARGV[b + 4], 'state', ARGV[b + 5])
+  if ARGV[b + 6] ~= '' then
+    redis.call('HSET', key, ARGV[b + 6], ARGV[b + 7])
   end
   if ttl > 0 then
     redis.call('PEXPIRE', key, ttl)
@@ -69,16 +76,15 @@ class RedisStore:
             if step.result is not None:
                 ring_field = f"r{step.result.index % self._ring}"
                 entry = encode_result(step.result)
-            args += [step.model, step.emit, step.next_index, encode_states(step.states)]
+            args += [step.model, step.version, step.emit, step.next_index]
+            args.append(encode_states(step.states))
             args += [ring_field, entry]
         try:
             await self._save(keys=keys, args=args)
         except RedisError as exc:
             raise Unavailable(f"session state store unreachable: {exc}") from exc
 
-    async def load(
-        self, specs: dict[str, ModelSpec], owner: str, session_id: str
-    ) -> SessionRecord | None:
+    async def load(self, specs: SpecOf, owner: str, session_id: str) -> SessionRecord | None:
         try:
             raw = await self._redis.hgetall(self.key(owner, session_id))
         except RedisError as exc:
@@ -88,11 +94,8 @@ class RedisStore:
         # The client is made without decode_responses: every field and value is bytes.
         fields: dict[bytes, bytes] = {_raw(k): _raw(v) for k, v in raw.items()}
         model = fields[b"model"].decode()
-        spec = specs.get(model)
-        if spec is None:
-            raise Unavailable(
-                f"stored session {session_id[:128]!r} runs model {model!r}, not loaded here"
-            )
+        version = int(fields.get(b"version", b"1"))  # stored before versions: version 1
+        spec = specs(model, version)
         next_index = int(fields[b"next"])
         ring = sorted(
             (decode_result(spec, value) for name, value in fields.items() if name[:1] == b"r"),
@@ -105,6 +108,7 @@ class RedisStore:
             next_index=next_index,
             states=decode_states(spec, fields[b"state"]),
             ring=[r for r in ring if oldest <= r.index < next_index],
+            version=version,
         )
 
     async def delete(self, owner: str, session_id: str) -> None:

@@ -14,7 +14,7 @@ from rnnstream.proto.tensor_codec import NUMPY_TO_DTYPE
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.server._metrics import Metrics
 from rnnstream.server._settings import Settings
-from rnnstream.server.core import Engine, ModelInfo, TensorSpec, Unavailable
+from rnnstream.server.core import Engine, ModelInfo, TensorSpec, Unavailable, VersionState
 from rnnstream.server.transport.grpc._interceptor import call_principal
 from rnnstream.server.transport.grpc._native_messages import encode_outputs, ended, forecasted
 from rnnstream.server.transport.grpc._native_stream import SHUTDOWN, StreamCall, named_arrays
@@ -27,7 +27,7 @@ from rnnstream.server.transport.grpc._status import (
     unary,
 )
 
-__all__ = ["NativeServicer", "model_info"]
+__all__ = ["NativeServicer", "model_info", "version_states"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
 SERVICE = "rnnstream.v1.Rnnstream"
@@ -45,6 +45,15 @@ def _tensor_info(spec: TensorSpec) -> pb.TensorInfo:
         batch_axis=spec.batch_axis,
         time_axis=-1 if spec.time_axis is None else spec.time_axis,
     )
+
+
+def version_states(states: list[VersionState] | tuple[VersionState, ...]) -> list[Any]:
+    return [
+        pb.ModelVersionState(
+            model=s.model, version=s.version, state=s.state, reason=s.reason, sessions=s.sessions
+        )
+        for s in states
+    ]
 
 
 def model_info(info: ModelInfo) -> pb.ModelInfo:
@@ -65,6 +74,8 @@ def model_info(info: ModelInfo) -> pb.ModelInfo:
         ],
         execution_provider=info.provider,
         max_batch_size=info.max_batch_size,
+        version=info.version,
+        versions=version_states(info.versions),
     )
 
 
@@ -98,6 +109,13 @@ class NativeServicer:
                     self.EndSession, pb.EndSessionRequest, pb.SessionEnded
                 ),
                 "Forecast": tolerant_unary(self.Forecast, pb.ForecastRequest, pb.ForecastResponse),
+                "ListRepository": tolerant_unary(
+                    self.ListRepository, pb.ListRepositoryRequest, pb.ListRepositoryResponse
+                ),
+                "LoadModel": tolerant_unary(self.LoadModel, pb.LoadModelRequest, pb.ModelVersions),
+                "UnloadModel": tolerant_unary(
+                    self.UnloadModel, pb.UnloadModelRequest, pb.ModelVersions
+                ),
             },
         )
 
@@ -159,7 +177,12 @@ class NativeServicer:
         metrics = self._metrics
         metrics.bytes_received.inc(sum(len(t.data) for t in request.inputs))
         result = await self._engine.infer(
-            owner, request.session_id, request.model, index, named_arrays(request.inputs)
+            owner,
+            request.session_id,
+            request.model,
+            index,
+            named_arrays(request.inputs),
+            request.model_version or None,
         )
         outputs = encode_outputs(result)
         metrics.bytes_sent.inc(sum(len(t.data) for t in outputs))
@@ -178,7 +201,7 @@ class NativeServicer:
 
     @unary
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.ModelInfo:
-        return model_info(self._engine.model(request.name))
+        return model_info(self._engine.model(request.name, request.version or None))
 
     @unary
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.SessionInfo:
@@ -191,6 +214,7 @@ class NativeServicer:
             pending_frames=snap.pending_frames,
             idle_seconds=snap.idle_seconds,
             expires_in_seconds=snap.expires_in,
+            model_version=snap.version,
         )
 
     @unary
@@ -208,3 +232,23 @@ class NativeServicer:
             owner, request.session_id, request.steps, request.commit, named_arrays(request.inputs)
         )
         return forecasted(await future)
+
+    # -- the model repository ----------------------------------------------------------------
+    @unary
+    async def ListRepository(
+        self, request: pb.ListRepositoryRequest, context: Context
+    ) -> pb.ListRepositoryResponse:
+        index = self._engine.repository_index(request.ready)
+        return pb.ListRepositoryResponse(versions=version_states(index))
+
+    @unary
+    async def LoadModel(self, request: pb.LoadModelRequest, context: Context) -> pb.ModelVersions:
+        versions = await self._engine.load_model(request.name)
+        return pb.ModelVersions(versions=version_states(versions))
+
+    @unary
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: Context
+    ) -> pb.ModelVersions:
+        versions = await self._engine.unload_model(request.name)
+        return pb.ModelVersions(versions=version_states(versions))

@@ -36,6 +36,7 @@ def opened(result: Opened) -> pb.SessionOpened:
         model=result.model,
         next_frame_index=result.next_index,
         resumed=result.resumed,
+        model_version=result.version,
     )
 
 
@@ -62,7 +63,10 @@ def forecasted(result: Forecasted) -> pb.ForecastResponse:
 def ended(result: Ended) -> pb.SessionEnded:
     """An emit-last session's end carries its last output."""
     message = pb.SessionEnded(
-        session_id=result.session_id, reason=result.reason, next_frame_index=result.next_index
+        session_id=result.session_id,
+        reason=result.reason,
+        next_frame_index=result.next_index,
+        message=result.message,
     )
     if result.last is not None:
         message.last_outputs.extend(encode_outputs(result.last))

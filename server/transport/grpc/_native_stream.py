@@ -235,6 +235,7 @@ class StreamCall:
             emit_name(request.emit),
             resume_only=request.resume,
             on_end=self.notify_ended,
+            version=request.model_version or None,
         )
         self.opened.add(result.session_id)
         self.outbox.put_nowait(pb.StreamResponse(opened=opened(result)))

@@ -30,12 +30,8 @@ from rnnstream.server.core import (
 )
 from rnnstream.server.transport.grpc._interceptor import call_principal
 from rnnstream.server.transport.grpc._oip_codec import batch_items, decode_inputs, encode_outputs
-from rnnstream.server.transport.grpc._oip_config import (
-    VERSION,
-    model_config,
-    model_metadata,
-    model_statistics,
-)
+from rnnstream.server.transport.grpc._oip_config import parse_version
+from rnnstream.server.transport.grpc._oip_models import EXTENSIONS, MODEL_METHODS, ModelRpcs
 from rnnstream.server.transport.grpc._oip_stream import Stream, chain, consume, error_response
 from rnnstream.server.transport.grpc._rate import keep_pace, oip_frames
 from rnnstream.server.transport.grpc._status import BadRequest, tolerant, tolerant_unary, unary
@@ -44,7 +40,6 @@ __all__ = ["EXTENSIONS", "SERVICE", "OipServicer", "session_id_for"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
 SERVICE = "inference.GRPCInferenceService"
-EXTENSIONS = ("model_configuration", "sequence", "statistics")
 
 
 def session_id_for(sequence_id: int | str) -> str:
@@ -97,7 +92,7 @@ def _session_key(request: oip.ModelInferRequest) -> str:
         return ""
 
 
-class OipServicer:
+class OipServicer(ModelRpcs):
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self._engine = engine
         self._settings = settings
@@ -110,13 +105,7 @@ class OipServicer:
         """Method handlers whose deserializers answer garbage bytes instead of failing."""
 
         methods = {
-            "ServerLive": (oip.ServerLiveRequest, oip.ServerLiveResponse),
-            "ServerReady": (oip.ServerReadyRequest, oip.ServerReadyResponse),
-            "ModelReady": (oip.ModelReadyRequest, oip.ModelReadyResponse),
-            "ServerMetadata": (oip.ServerMetadataRequest, oip.ServerMetadataResponse),
-            "ModelMetadata": (oip.ModelMetadataRequest, oip.ModelMetadataResponse),
-            "ModelConfig": (oip.ModelConfigRequest, oip.ModelConfigResponse),
-            "ModelStatistics": (oip.ModelStatisticsRequest, oip.ModelStatisticsResponse),
+            **MODEL_METHODS,
             "ModelInfer": (oip.ModelInferRequest, oip.ModelInferResponse),
         }
         handlers = {
@@ -133,15 +122,19 @@ class OipServicer:
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
     # -- inference ---------------------------------------------------------------------------
-    def _model(self, name: str, version: str) -> ModelInfo:
-        model = self._engine.model(name)
-        if version not in ("", VERSION):
-            raise NotFound(
-                f"model {quoted(name)} has no version {quoted(version)}; it has version {VERSION}"
-            )
-        return model
+    def _target(self, request: oip.ModelInferRequest, controls: _Controls, owner: str) -> ModelInfo:
+        """The model version a request runs on: a live sequence's own, else the one named."""
+        version = parse_version(request.model_version)
+        if controls.session_id and not version:
+            try:
+                live = self._engine.session(owner, controls.session_id)
+            except NotFound:
+                live = None
+            if live is not None and live.model == request.model_name:
+                version = live.version
+        return self._engine.model(request.model_name, version)
 
-    async def _sequence(self, model: str, controls: _Controls, owner: str) -> None:
+    async def _sequence(self, model: ModelInfo, controls: _Controls, owner: str) -> None:
         """The request's sequence is live on `model` once this returns (opened if it starts)."""
         engine = self._engine
         sid = controls.session_id
@@ -154,14 +147,14 @@ class OipServicer:
                     "its first request must set sequence_start=true",
                     session_id=sid,
                 ) from None
-            opened = await engine.open(owner, sid, model)
+            opened = await engine.open(owner, sid, model.name, version=model.version)
             if opened.resumed:  # loaded from the state store: it starts over all the same
                 consume(engine.reset(owner, sid))
             return
-        if live.model != model:
+        if (live.model, live.version) != (model.name, model.version):
             raise InvalidArgument(
-                f"sequence {quoted(sid.removeprefix('oip-'))} runs model {live.model!r}, not "
-                f"{quoted(model)}",
+                f"sequence {quoted(sid.removeprefix('oip-'))} runs model {live.model!r} version "
+                f"{live.version}, not {quoted(model.name)} version {model.version}",
                 session_id=sid,
             )
         if controls.start:
@@ -172,8 +165,9 @@ class OipServicer:
         self, request: oip.ModelInferRequest, owner: str
     ) -> tuple[str, asyncio.Future[oip.ModelInferResponse]]:
         """Check and queue a request now; the future resolves with its response."""
-        spec = self._model(request.model_name, request.model_version).spec
         controls = _controls(request)
+        model = self._target(request, controls, owner)
+        spec = model.spec
         requested = [o.name for o in request.outputs]
         unknown = [n for n in requested if n not in {t.name for t in spec.outputs}]
         if unknown:
@@ -185,14 +179,15 @@ class OipServicer:
 
         def respond(results: Sequence[FrameOutput]) -> oip.ModelInferResponse:
             response = oip.ModelInferResponse(
-                model_name=spec.name, model_version=VERSION, id=request.id
+                model_name=spec.name, model_version=str(model.version), id=request.id
             )
             encode_outputs(spec.outputs, [r.outputs for r in results], squeeze, requested, response)
             return response
 
         engine = self._engine
         if not controls.session_id:
-            frames = [engine.infer(owner, "", spec.name, None, item) for item in items]
+            version = model.version
+            frames = [engine.infer(owner, "", spec.name, None, i, version) for i in items]
             return "", chain(asyncio.gather(*frames), respond)
         sid = controls.session_id
         if len(items) != 1:
@@ -201,7 +196,7 @@ class OipServicer:
                 f"got {len(items)}",
                 session_id=sid,
             )
-        await self._sequence(spec.name, controls, owner)
+        await self._sequence(model, controls, owner)
         try:
             frame = engine.infer(owner, sid, spec.name, None, items[0])
         finally:
@@ -258,62 +253,3 @@ class OipServicer:
         finally:
             stream.reading = False
             stream.finish_if_done()
-
-    # -- server and model information -----------------------------------------------------------
-    @unary
-    async def ServerLive(
-        self, request: oip.ServerLiveRequest, context: Context
-    ) -> oip.ServerLiveResponse:
-        return oip.ServerLiveResponse(live=True)
-
-    @unary
-    async def ServerReady(
-        self, request: oip.ServerReadyRequest, context: Context
-    ) -> oip.ServerReadyResponse:
-        return oip.ServerReadyResponse(ready=self._engine.ready)
-
-    @unary
-    async def ModelReady(
-        self, request: oip.ModelReadyRequest, context: Context
-    ) -> oip.ModelReadyResponse:
-        engine = self._engine
-        ready = (
-            engine.ready
-            and request.name in engine.model_names()
-            and request.version in ("", VERSION)
-        )
-        return oip.ModelReadyResponse(ready=ready)
-
-    @unary
-    async def ServerMetadata(
-        self, request: oip.ServerMetadataRequest, context: Context
-    ) -> oip.ServerMetadataResponse:
-        return oip.ServerMetadataResponse(
-            name="rnnstream", version=self._version, extensions=list(EXTENSIONS)
-        )
-
-    @unary
-    async def ModelMetadata(
-        self, request: oip.ModelMetadataRequest, context: Context
-    ) -> oip.ModelMetadataResponse:
-        return model_metadata(self._model(request.name, request.version))
-
-    @unary
-    async def ModelConfig(
-        self, request: oip.ModelConfigRequest, context: Context
-    ) -> oip.ModelConfigResponse:
-        model = self._model(request.name, request.version)
-        return oip.ModelConfigResponse(config=model_config(model, self._settings))
-
-    @unary
-    async def ModelStatistics(
-        self, request: oip.ModelStatisticsRequest, context: Context
-    ) -> oip.ModelStatisticsResponse:
-        engine = self._engine
-        if request.name:
-            names = [self._model(request.name, request.version).name]
-        else:
-            names = engine.model_names()
-        return oip.ModelStatisticsResponse(
-            model_stats=[model_statistics(n, engine.model_stats(n)) for n in names]
-        )

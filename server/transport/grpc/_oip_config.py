@@ -7,13 +7,43 @@ import numpy as np
 from rnnstream.proto.inference import grpc_service_pb2 as oip
 from rnnstream.proto.inference import model_config_pb2 as mc
 from rnnstream.server._settings import Settings
-from rnnstream.server.core import ModelInfo, ModelStats, StateSpec, TensorSpec
+from rnnstream.server.core import (
+    ModelInfo,
+    ModelStats,
+    NotFound,
+    ServingConfig,
+    StateSpec,
+    TensorSpec,
+    VersionPolicy,
+    quoted,
+)
 from rnnstream.server.transport.grpc._oip_codec import CONFIG_TYPES, DATATYPES, oip_dims
 
-__all__ = ["PLATFORM", "VERSION", "model_config", "model_metadata", "model_statistics"]
+__all__ = [
+    "PLATFORM",
+    "model_config",
+    "model_metadata",
+    "model_statistics",
+    "parse_version",
+    "ready_versions",
+]
 
 PLATFORM = "onnxruntime_onnx"
-VERSION = "1"  # each model has one version: the model.onnx in its folder
+# ONNX Runtime's graph optimization levels as Triton's onnxruntime backend numbers them.
+_GRAPH_LEVEL = {"basic": -1, "extended": 1, "disabled": 2, "all": 0}
+
+
+def parse_version(text: str) -> int | None:
+    """An OIP model_version: "" is the newest ready version, else a positive integer."""
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise NotFound(f"no version {quoted(text)}: versions are positive integers")
+    return int(text)
+
+
+def ready_versions(model: ModelInfo) -> list[str]:
+    return [str(v.version) for v in model.versions if v.state == "READY"]
 
 
 def _metadata(spec: TensorSpec) -> oip.ModelMetadataResponse.TensorMetadata:
@@ -27,7 +57,7 @@ def model_metadata(model: ModelInfo) -> oip.ModelMetadataResponse:
     spec = model.spec
     return oip.ModelMetadataResponse(
         name=spec.name,
-        versions=[VERSION],
+        versions=ready_versions(model),
         platform=PLATFORM,
         inputs=[_metadata(t) for t in spec.inputs],
         outputs=[_metadata(t) for t in spec.outputs],
@@ -56,13 +86,43 @@ def _state(state_spec: StateSpec) -> mc.ModelSequenceBatching.State:
     )
 
 
+def _policy(policy: VersionPolicy | None) -> mc.ModelVersionPolicy:
+    if policy is None or policy.kind == "latest":
+        latest = policy.latest if policy is not None else 1
+        return mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=latest))
+    if policy.kind == "all":
+        return mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
+    specific = mc.ModelVersionPolicy.Specific(versions=list(policy.versions))
+    return mc.ModelVersionPolicy(specific=specific)
+
+
+def _instance_group(model: ModelInfo, serving: ServingConfig) -> mc.ModelInstanceGroup:
+    """One instance: each model version runs one batch at a time, on the device it really runs."""
+    if not model.provider.startswith("CUDA"):
+        return mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    _, _, index = serving.device.partition(":")
+    return mc.ModelInstanceGroup(
+        kind=mc.ModelInstanceGroup.KIND_GPU, count=1, gpus=[int(index or 0)]
+    )
+
+
 def model_config(model: ModelInfo, settings: Settings) -> mc.ModelConfig:
-    """A sequence-batched model whose recurrent state is implicit, batched oldest-first."""
+    """A sequence-batched model whose recurrent state is implicit, batched oldest-first, with
+    the values in force for this version ([serving] in config.toml, else the server's flags)."""
     spec = model.spec
+    serving = model.serving or ServingConfig(
+        model.max_batch_size, settings.ort_threads, 1, "all", settings.device, (),
+        settings.session_ttl,
+    )  # fmt: skip
+    threads = {
+        "intra_op_thread_count": serving.intra_op_threads,
+        "inter_op_thread_count": serving.inter_op_threads,
+    }
     return mc.ModelConfig(
         name=spec.name,
         platform=PLATFORM,
         backend="onnxruntime",
+        version_policy=_policy(model.policy),
         max_batch_size=max(1, model.max_batch_size),
         input=[
             mc.ModelInput(name=t.name, data_type=CONFIG_TYPES[t.dtype], dims=oip_dims(t))
@@ -72,20 +132,22 @@ def model_config(model: ModelInfo, settings: Settings) -> mc.ModelConfig:
             mc.ModelOutput(name=t.name, data_type=CONFIG_TYPES[t.dtype], dims=oip_dims(t))
             for t in spec.outputs
         ],
-        instance_group=[
-            mc.ModelInstanceGroup(
-                kind=mc.ModelInstanceGroup.KIND_GPU
-                if model.provider.startswith("CUDA")
-                else mc.ModelInstanceGroup.KIND_CPU,
-                count=1,
-            )
+        instance_group=[_instance_group(model, serving)],
+        optimization=mc.ModelOptimizationPolicy(
+            graph=mc.ModelOptimizationPolicy.Graph(level=_GRAPH_LEVEL[serving.graph_optimization])
+        ),
+        parameters={k: mc.ModelParameter(string_value=str(v)) for k, v in threads.items()},
+        model_warmup=[
+            mc.ModelWarmup(name=f"batch_{size}", batch_size=size, count=1)
+            for size in serving.warmup
         ],
         sequence_batching=mc.ModelSequenceBatching(
             oldest=mc.ModelSequenceBatching.StrategyOldest(
                 max_candidate_sequences=min(settings.max_sessions, 2**31 - 1),
-                max_queue_delay_microseconds=0,  # no batching window: see the scheduler
+                # The longest quiet spell a batch waits through for more frames (--gather-us).
+                max_queue_delay_microseconds=int(settings.gather_us),
             ),
-            max_sequence_idle_microseconds=int(settings.session_ttl * 1_000_000),
+            max_sequence_idle_microseconds=int(serving.session_ttl * 1_000_000),
             state=[_state(s) for s in spec.states],
         ),
     )
@@ -95,11 +157,11 @@ def _duration(count: int, seconds: float) -> oip.StatisticDuration:
     return oip.StatisticDuration(count=count, ns=int(seconds * 1e9))
 
 
-def model_statistics(name: str, stats: ModelStats) -> oip.ModelStatistics:
+def model_statistics(name: str, version: int, stats: ModelStats) -> oip.ModelStatistics:
     """Counts and cumulative times since start, per frame (inference) and per batch (execution)."""
     return oip.ModelStatistics(
         name=name,
-        version=VERSION,
+        version=str(version),
         last_inference=int(stats.last_batch_unix * 1000),
         inference_count=stats.frames,
         execution_count=stats.batches,

@@ -112,6 +112,7 @@ class GrpcServer:
     """An engine served over gRPC on one port, with metrics on another."""
 
     def __init__(self, settings: Settings) -> None:
+        self._rescans: set[asyncio.Task[None]] = set()
         self.settings = settings
         # Credentials first: a bad token list fails before anything else is built.
         self.auth = Authenticator.from_settings(settings)
@@ -240,3 +241,17 @@ class GrpcServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.rescan)
+
+    def rescan(self) -> None:
+        """SIGHUP: follow the repository now (new, changed and removed models), in any mode."""
+        task = asyncio.get_running_loop().create_task(self._rescan())
+        self._rescans.add(task)
+        task.add_done_callback(self._rescans.discard)
+
+    async def _rescan(self) -> None:
+        log.info("rescanning the model repository (SIGHUP)")
+        try:
+            await self.engine.rescan()
+        except Exception as exc:  # a bad repository must not take the server down
+            log.error("rescan failed: %s", exc)

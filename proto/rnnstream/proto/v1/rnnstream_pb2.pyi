@@ -262,6 +262,7 @@ class OpenSession(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     RESUME_FIELD_NUMBER: _builtins.int
     EMIT_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     session_id: _builtins.str
     """Optional. Empty: the server makes an unguessable 128-bit id."""
@@ -271,6 +272,10 @@ class OpenSession(_message.Message):
     """
     emit: Global___Emit.ValueType
     """A resume must ask for the emit mode the session was opened with."""
+    model_version: _builtins.int
+    """Optional. 0: the newest ready version. A session stays on the version it opened on until
+    it ends, even when that version is unloaded or replaced.
+    """
     def __init__(
         self,
         *,
@@ -278,10 +283,11 @@ class OpenSession(_message.Message):
         session_id: _builtins.str = ...,
         resume: _builtins.bool = ...,
         emit: Global___Emit.ValueType = ...,
+        model_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["emit", b"emit", "model", b"model", "resume", b"resume", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["emit", b"emit", "model", b"model", "model_version", b"model_version", "resume", b"resume", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -295,12 +301,15 @@ class SessionOpened(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     NEXT_FRAME_INDEX_FIELD_NUMBER: _builtins.int
     RESUMED_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     model: _builtins.str
     next_frame_index: _builtins.int
     """Index of the next frame the server will apply."""
     resumed: _builtins.bool
     """True when the session already existed (a resume)."""
+    model_version: _builtins.int
+    """The model version the session runs on."""
     def __init__(
         self,
         *,
@@ -308,10 +317,11 @@ class SessionOpened(_message.Message):
         model: _builtins.str = ...,
         next_frame_index: _builtins.int = ...,
         resumed: _builtins.bool = ...,
+        model_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "next_frame_index", b"next_frame_index", "resumed", b"resumed", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "model_version", b"model_version", "next_frame_index", b"next_frame_index", "resumed", b"resumed", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -456,14 +466,19 @@ class SessionEnded(_message.Message):
     NEXT_FRAME_INDEX_FIELD_NUMBER: _builtins.int
     LAST_FRAME_INDEX_FIELD_NUMBER: _builtins.int
     LAST_OUTPUTS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     reason: _builtins.str
-    """Why it ended: "client", "expired", "evicted" or "shutdown"."""
+    """Why it ended: "client", "expired", "evicted", "shutdown" or "unloaded" (its model version
+    was retired and its drain timeout passed).
+    """
     next_frame_index: _builtins.int
     last_frame_index: _builtins.int
     """EMIT_LAST sessions ended by the client: the last applied frame's index and outputs (unset
     and empty when no frame was applied since the session was opened or last reset).
     """
+    message: _builtins.str
+    """Why, in words, when the server ended it."""
     @_builtins.property
     def last_outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
     def __init__(
@@ -474,10 +489,11 @@ class SessionEnded(_message.Message):
         next_frame_index: _builtins.int = ...,
         last_frame_index: _builtins.int | None = ...,
         last_outputs: _abc.Iterable[Global___Tensor] | None = ...,
+        message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_last_frame_index", b"_last_frame_index", "last_frame_index", b"last_frame_index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_last_frame_index", b"_last_frame_index", "last_frame_index", b"last_frame_index", "last_outputs", b"last_outputs", "next_frame_index", b"next_frame_index", "reason", b"reason", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_last_frame_index", b"_last_frame_index", "last_frame_index", b"last_frame_index", "last_outputs", b"last_outputs", "message", b"message", "next_frame_index", b"next_frame_index", "reason", b"reason", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__last_frame_index: _TypeAlias = _typing.Literal["last_frame_index"]  # noqa: Y015
     _WhichOneofArgType__last_frame_index: _TypeAlias = _typing.Literal["_last_frame_index", b"_last_frame_index"]  # noqa: Y015
@@ -664,11 +680,14 @@ class InferRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     FRAME_INDEX_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     session_id: _builtins.str
     """Empty: stateless, the sequence starts from the initial state and nothing is kept."""
     frame_index: _builtins.int
     """With session_id: the index this call's frame must have. Unset: the next one."""
+    model_version: _builtins.int
+    """Optional. Stateless: 0 runs the newest ready version. With session_id: 0 or its version."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
     def __init__(
@@ -678,10 +697,11 @@ class InferRequest(_message.Message):
         session_id: _builtins.str = ...,
         frame_index: _builtins.int | None = ...,
         inputs: _abc.Iterable[Global___Tensor] | None = ...,
+        model_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_frame_index", b"_frame_index", "frame_index", b"frame_index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frame_index", b"_frame_index", "frame_index", b"frame_index", "inputs", b"inputs", "model", b"model", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frame_index", b"_frame_index", "frame_index", b"frame_index", "inputs", b"inputs", "model", b"model", "model_version", b"model_version", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__frame_index: _TypeAlias = _typing.Literal["frame_index"]  # noqa: Y015
     _WhichOneofArgType__frame_index: _TypeAlias = _typing.Literal["_frame_index", b"_frame_index"]  # noqa: Y015
@@ -755,15 +775,19 @@ class GetModelRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    version: _builtins.int
+    """Optional. 0: the newest ready version."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -847,16 +871,24 @@ class ModelInfo(_message.Message):
     STATES_FIELD_NUMBER: _builtins.int
     EXECUTION_PROVIDER_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     execution_provider: _builtins.str
     """The ONNX Runtime execution provider the model really runs on."""
     max_batch_size: _builtins.int
+    version: _builtins.int
+    """The version described."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorInfo]: ...
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorInfo]: ...
     @_builtins.property
     def states(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateInfo]: ...
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionState]:
+        """Every version of the model and its state."""
+
     def __init__(
         self,
         *,
@@ -866,14 +898,154 @@ class ModelInfo(_message.Message):
         states: _abc.Iterable[Global___StateInfo] | None = ...,
         execution_provider: _builtins.str = ...,
         max_batch_size: _builtins.int = ...,
+        version: _builtins.int = ...,
+        versions: _abc.Iterable[Global___ModelVersionState] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_provider", b"execution_provider", "inputs", b"inputs", "max_batch_size", b"max_batch_size", "name", b"name", "outputs", b"outputs", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_provider", b"execution_provider", "inputs", b"inputs", "max_batch_size", b"max_batch_size", "name", b"name", "outputs", b"outputs", "states", b"states", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class ModelVersionState(_message.Message):
+    """A model version and its state: READY (takes new sessions), LOADING, UNLOADING (retired: it
+    serves only the sessions opened on it, until they end or the drain timeout) or UNAVAILABLE.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    """0 when the model folder itself cannot be read."""
+    state: _builtins.str
+    reason: _builtins.str
+    """Why it is in that state (a load error, "unloaded", "replaced by version 2", ...)."""
+    sessions: _builtins.int
+    """Open sessions on it."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        state: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        sessions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "reason", b"reason", "sessions", b"sessions", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelVersionState: _TypeAlias = ModelVersionState  # noqa: Y015
+
+@_typing.final
+class ListRepositoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READY_FIELD_NUMBER: _builtins.int
+    ready: _builtins.bool
+    """Only the versions that are READY."""
+    def __init__(
+        self,
+        *,
+        ready: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ready", b"ready"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRepositoryRequest: _TypeAlias = ListRepositoryRequest  # noqa: Y015
+
+@_typing.final
+class ListRepositoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionState]: ...
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[Global___ModelVersionState] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRepositoryResponse: _TypeAlias = ListRepositoryResponse  # noqa: Y015
+
+@_typing.final
+class LoadModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadModelRequest: _TypeAlias = LoadModelRequest  # noqa: Y015
+
+@_typing.final
+class UnloadModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadModelRequest: _TypeAlias = UnloadModelRequest  # noqa: Y015
+
+@_typing.final
+class ModelVersions(_message.Message):
+    """A model's versions after a load or unload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionState]: ...
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[Global___ModelVersionState] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelVersions: _TypeAlias = ModelVersions  # noqa: Y015
 
 @_typing.final
 class GetSessionRequest(_message.Message):
@@ -904,6 +1076,7 @@ class SessionInfo(_message.Message):
     PENDING_FRAMES_FIELD_NUMBER: _builtins.int
     IDLE_SECONDS_FIELD_NUMBER: _builtins.int
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     model: _builtins.str
     next_frame_index: _builtins.int
@@ -911,6 +1084,7 @@ class SessionInfo(_message.Message):
     idle_seconds: _builtins.float
     expires_in_seconds: _builtins.float
     """Seconds until idle expiry; 0 when expiry is off."""
+    model_version: _builtins.int
     def __init__(
         self,
         *,
@@ -920,10 +1094,11 @@ class SessionInfo(_message.Message):
         pending_frames: _builtins.int = ...,
         idle_seconds: _builtins.float = ...,
         expires_in_seconds: _builtins.float = ...,
+        model_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_in_seconds", b"expires_in_seconds", "idle_seconds", b"idle_seconds", "model", b"model", "next_frame_index", b"next_frame_index", "pending_frames", b"pending_frames", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_in_seconds", b"expires_in_seconds", "idle_seconds", b"idle_seconds", "model", b"model", "model_version", b"model_version", "next_frame_index", b"next_frame_index", "pending_frames", b"pending_frames", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -69,6 +69,21 @@ class RnnstreamStub:
                 request_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ForecastRequest.SerializeToString,
                 response_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ForecastResponse.FromString,
                 _registered_method=True)
+        self.ListRepository = channel.unary_unary(
+                '/rnnstream.v1.Rnnstream/ListRepository',
+                request_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListRepositoryRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListRepositoryResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/rnnstream.v1.Rnnstream/LoadModel',
+                request_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ModelVersions.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/rnnstream.v1.Rnnstream/UnloadModel',
+                request_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ModelVersions.FromString,
+                _registered_method=True)
 
 
 class RnnstreamServicer:
@@ -120,6 +135,28 @@ class RnnstreamServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRepository(self, request, context):
+        """Every model version of the repository and its state (the OIP RepositoryIndex).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Load or reload a model's versions (servers with --model-control-mode explicit). Sessions
+        already open stay on the version they opened on; new sessions get the newest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Retire every version of a model (explicit mode): open sessions drain, new ones are refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RnnstreamServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +194,21 @@ def add_RnnstreamServicer_to_server(servicer, server):
                     servicer.Forecast,
                     request_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ForecastRequest.FromString,
                     response_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ForecastResponse.SerializeToString,
+            ),
+            'ListRepository': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRepository,
+                    request_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListRepositoryRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListRepositoryResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.LoadModelRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ModelVersions.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.UnloadModelRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ModelVersions.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +400,87 @@ class Rnnstream:
             '/rnnstream.v1.Rnnstream/Forecast',
             rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ForecastRequest.SerializeToString,
             rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ForecastResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRepository(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnstream.v1.Rnnstream/ListRepository',
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListRepositoryRequest.SerializeToString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListRepositoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnstream.v1.Rnnstream/LoadModel',
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.LoadModelRequest.SerializeToString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ModelVersions.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnstream.v1.Rnnstream/UnloadModel',
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.UnloadModelRequest.SerializeToString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ModelVersions.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,14 @@ class RnnstreamStub:
     """Roll a session forward k steps, feeding each output back as the next input. The session
     is left as it was unless the request commits the steps.
     """
+    ListRepository: _grpc.UnaryUnaryMultiCallable[_rnnstream_pb2.ListRepositoryRequest, _rnnstream_pb2.ListRepositoryResponse]
+    """Every model version of the repository and its state (the OIP RepositoryIndex)."""
+    LoadModel: _grpc.UnaryUnaryMultiCallable[_rnnstream_pb2.LoadModelRequest, _rnnstream_pb2.ModelVersions]
+    """Load or reload a model's versions (servers with --model-control-mode explicit). Sessions
+    already open stay on the version they opened on; new sessions get the newest.
+    """
+    UnloadModel: _grpc.UnaryUnaryMultiCallable[_rnnstream_pb2.UnloadModelRequest, _rnnstream_pb2.ModelVersions]
+    """Retire every version of a model (explicit mode): open sessions drain, new ones are refused."""
 
 @_typing.type_check_only
 class RnnstreamAsyncStub(RnnstreamStub):
@@ -59,6 +67,14 @@ class RnnstreamAsyncStub(RnnstreamStub):
     """Roll a session forward k steps, feeding each output back as the next input. The session
     is left as it was unless the request commits the steps.
     """
+    ListRepository: _aio.UnaryUnaryMultiCallable[_rnnstream_pb2.ListRepositoryRequest, _rnnstream_pb2.ListRepositoryResponse]  # type: ignore[assignment]
+    """Every model version of the repository and its state (the OIP RepositoryIndex)."""
+    LoadModel: _aio.UnaryUnaryMultiCallable[_rnnstream_pb2.LoadModelRequest, _rnnstream_pb2.ModelVersions]  # type: ignore[assignment]
+    """Load or reload a model's versions (servers with --model-control-mode explicit). Sessions
+    already open stay on the version they opened on; new sessions get the newest.
+    """
+    UnloadModel: _aio.UnaryUnaryMultiCallable[_rnnstream_pb2.UnloadModelRequest, _rnnstream_pb2.ModelVersions]  # type: ignore[assignment]
+    """Retire every version of a model (explicit mode): open sessions drain, new ones are refused."""
 
 class RnnstreamServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -114,5 +130,31 @@ class RnnstreamServicer(metaclass=_abc_1.ABCMeta):
         """Roll a session forward k steps, feeding each output back as the next input. The session
         is left as it was unless the request commits the steps.
         """
+
+    @_abc_1.abstractmethod
+    def ListRepository(
+        self,
+        request: _rnnstream_pb2.ListRepositoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnnstream_pb2.ListRepositoryResponse, _abc.Awaitable[_rnnstream_pb2.ListRepositoryResponse]]:
+        """Every model version of the repository and its state (the OIP RepositoryIndex)."""
+
+    @_abc_1.abstractmethod
+    def LoadModel(
+        self,
+        request: _rnnstream_pb2.LoadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnnstream_pb2.ModelVersions, _abc.Awaitable[_rnnstream_pb2.ModelVersions]]:
+        """Load or reload a model's versions (servers with --model-control-mode explicit). Sessions
+        already open stay on the version they opened on; new sessions get the newest.
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadModel(
+        self,
+        request: _rnnstream_pb2.UnloadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnnstream_pb2.ModelVersions, _abc.Awaitable[_rnnstream_pb2.ModelVersions]]:
+        """Retire every version of a model (explicit mode): open sessions drain, new ones are refused."""
 
 def add_RnnstreamServicer_to_server(servicer: RnnstreamServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
