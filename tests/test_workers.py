@@ -94,21 +94,29 @@ def test_two_workers_share_one_port_and_stop_on_sigterm(
     workers: tuple[subprocess.Popen[bytes], int],
 ) -> None:
     process, port = workers
-    asyncio.run(_stream_everywhere(port))
     children = psutil.Process(process.pid).children()  # the workers (and spawn's helper)
-    listening = {
-        c.pid
-        for c in children
-        for conn in c.net_connections("tcp")
-        if conn.laddr.port == port and conn.status == psutil.CONN_LISTEN
-    }
-    assert len(listening) == 2  # two worker processes, each listening on the shared port
+
+    def listening() -> set[int]:
+        return {
+            c.pid
+            for c in children
+            for conn in c.net_connections("tcp")
+            if conn.laddr.port == port and conn.status == psutil.CONN_LISTEN
+        }
+
+    # Each worker listens once it has loaded its models: the supervisor's line can come first.
+    deadline = time.monotonic() + 60
+    while len(listening()) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    asyncio.run(_stream_everywhere(port))
+    listeners = listening()
+    assert len(listeners) == 2  # two worker processes, each listening on the shared port
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
     assert process.wait(GRACE + 10) == 0
     assert time.monotonic() - started < GRACE + 5
     gone, alive = psutil.wait_procs(children, timeout=5)
-    assert not alive and listening <= {p.pid for p in gone}
+    assert not alive and listeners <= {p.pid for p in gone}
 
 
 def test_workers_must_be_positive() -> None:
