@@ -32,9 +32,10 @@ DEFAULT_RETRY = RetryPolicy()
 DEFAULT_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    # Reconnect quickly after a dropped connection; the stream mux adds its own backoff.
+    # Reconnect quickly after a dropped connection; the stream mux adds its own backoff. Not
+    # grpc.min_reconnect_backoff_ms: gRPC also takes it as the shortest time a connection attempt
+    # may take, and at 100 ms a slow handshake (a busy server, a long round trip) failed every call.
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 
