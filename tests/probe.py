@@ -54,3 +54,13 @@ def loaded_versions(engine: Engine, model: str) -> list[int]:
 def held_by(engine: Engine, principal: str) -> int:
     """Sessions the principal holds (what --max-sessions-per-principal counts)."""
     return engine._sessions.held_by(principal)
+
+
+def polls_started(engine: Engine) -> int:
+    """Repository rescans the poll (--model-control-mode poll) has started."""
+    return engine._loader.polls
+
+
+def session_options(engine: Engine, model: str) -> Any:
+    """The ONNX Runtime session options the model's newest version really runs with."""
+    return engine._models.pick(model).model.session.get_session_options()

@@ -128,7 +128,8 @@ class Engine:
         return self._models.scheduler_for(name, version).counters.snapshot()
 
     def repository_index(self, ready_only: bool = False) -> list[VersionState]:
-        """Every model version of the repository this server knows of, with its state."""
+        """Every model version in the repository (read again now), with its state."""
+        self._loader.refresh()
         return self._models.index(ready_only)
 
     async def load_model(self, name: str) -> list[VersionState]:

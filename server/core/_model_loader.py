@@ -42,6 +42,7 @@ class ModelLoader:
         self._tried: dict[str, tuple[Any, ...]] = {}  # fingerprint at the last load of each
         self._seen: dict[str, tuple[Any, ...]] = {}  # fingerprint at the previous poll
         self._locks: dict[str, asyncio.Lock] = {}
+        self.polls = 0  # rescans the poll has started
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
@@ -155,7 +156,7 @@ class ModelLoader:
             missing += [name for name in wanted if name not in found]
         else:
             wanted = sorted(found)
-            if not found:
+            if not found and settings.model_control_mode == "none":
                 raise ModelConfigError(f"no */model.onnx under {settings.model_repository}")
         if missing:
             raise ModelConfigError(
@@ -181,6 +182,18 @@ class ModelLoader:
                 "; ".join(_describe(e) for e in failed.values())
                 + " (to serve the other models without it: --bad-models skip)"
             )
+
+    def refresh(self) -> None:
+        """Read the repository again for the index (loads nothing): versions and models added
+        or removed since the last load are listed as they are on disk."""
+        settings, registry = self._settings, self._registry
+        try:
+            found = scan_repository(settings.model_repository, registry.defaults, settings.models)
+        except ModelConfigError:
+            return  # the repository folder is gone: the index tells what is loaded
+        for name in set(registry.sources) - set(found):
+            del registry.sources[name]
+        registry.sources.update(found)
 
     async def rescan(self, *, settle: bool = False) -> None:
         """Follow the repository: load models that are new (none and poll modes), reload those
@@ -213,6 +226,7 @@ class ModelLoader:
         period = self._settings.repository_poll_seconds
         while True:
             await asyncio.sleep(period)
+            self.polls += 1
             try:
                 await self.rescan(settle=True)
             except (ModelConfigError, OSError) as exc:

@@ -148,13 +148,11 @@ class ModelRegistry:
 
     def _any_copy(self, name: str, version: int) -> Served:
         """A ready copy of that version, else a retired one still serving its sessions."""
-        try:
-            return self.pick(name, version)
-        except NotFound:
-            retired = [s for s in self._served.values() if (s.name, s.version) == (name, version)]
-            if not retired:
-                raise
+        copy = self._current.get(name, {}).get(version)
+        retired = [s for s in self._served.values() if (s.name, s.version) == (name, version)]
+        if copy is None and retired:
             return retired[-1]
+        return copy or self.pick(name, version)
 
     def current(self, name: str) -> dict[int, Served]:
         """The model's copies that take new sessions, by version (made on first ask)."""
@@ -198,17 +196,16 @@ class ModelRegistry:
             elif state:
                 found.append(VersionState(name, version, state, reason))
             elif version:
-                found.append(VersionState(name, version, UNAVAILABLE, self._why_not(name)))
+                why = self._why_not(name, version)
+                found.append(VersionState(name, version, UNAVAILABLE, why))
             for old in draining:
                 left = f"{old.retired}; draining, {old.sessions()} sessions left"
                 found.append(VersionState(name, version, UNLOADING, left, old.sessions()))
         return found
 
-    def _why_not(self, name: str) -> str:
+    def _why_not(self, name: str, version: int) -> str:
         source = self.sources.get(name)
-        if name not in self.wanted:
-            return "not loaded"
-        if source is not None:
+        if name in self.wanted and source is not None and version not in source.wanted():
             return f"not served by its version policy ({source.policy.describe()})"
         return "not loaded"
 
