@@ -47,6 +47,8 @@ class Rule:
     path: Literal["", "file", "dir"] = ""  # must exist (checked for values given, not defaults)
     prefixes: tuple[str, ...] = ()  # a non-empty value must start with one of these
     upper: bool = False  # the text is taken in upper case (log levels)
+    unless: str = ""  # a boolean setting that, when on, makes this one unused (no path check)
+    hint: str = ""  # added to a refusal of this setting's value
 
 
 class SettingError(ValueError):
@@ -129,7 +131,8 @@ def refusal(field: dataclasses.Field[Any], source: str, problem: str) -> Setting
     """`source` is "flag", "env" or "" (set in code): the name it came by leads."""
     flag, env = flag_name(field.name), env_name(field.name)
     named = f"{env} ({flag})" if source == "env" else f"{flag} ({env})"
-    return SettingError(f"{named}: {problem}")
+    hint = field.metadata.get("rule", Rule()).hint
+    return SettingError(f"{named}: {problem}{'; ' + hint if hint else ''}")
 
 
 def describe(rule: Rule) -> str:
@@ -237,6 +240,9 @@ def read_settings(
     settings = cls(**values)
     if paths:
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            unless = f.metadata.get("rule", Rule()).unless
+            if unless and getattr(settings, unless):
+                continue
             try:
                 check_value(f, getattr(settings, f.name))
             except ValueError as exc:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rnnstream.server._examples import example_models
 from rnnstream.server._flags import Rule, check_value, read_settings, refusal, settings_parser
 
 if TYPE_CHECKING:
@@ -37,8 +38,18 @@ class Settings:
         default=Path("models"),
         metadata={
             "doc": "Folder with one sub-folder per model holding model.onnx.",
-            "rule": Rule(path="dir"),
+            "rule": Rule(
+                path="dir",
+                unless="example_models",
+                hint="give the folder of your models, or serve the examples: --example-models",
+            ),
         },
+    )
+    example_models: bool = _setting(
+        False,
+        "Serve the small example models shipped with rnnstream (gru, lstm, rnn_tanh, rnn_relu, "
+        "co2_forecaster, seq_classifier) instead of a --model-repository: a first request "
+        "needs no model of your own.",
     )
     models: tuple[str, ...] = _setting(
         (), "Load only these models (comma-separated); empty loads every model found."
@@ -246,7 +257,7 @@ class Settings:
         from rnnstream.server.core import EngineSettings  # the core loads ONNX Runtime: lazily
 
         return EngineSettings(
-            model_repository=self.model_repository,
+            model_repository=example_models() if self.example_models else self.model_repository,
             models=self.models,
             device=self.device,
             ort_threads=self.ort_threads,
@@ -279,6 +290,13 @@ class Settings:
                 check_value(f, getattr(self, f.name), paths=False)
             except ValueError as exc:
                 raise refusal(f, "", str(exc)) from None
+        if self.example_models and self.model_repository != Path("models"):
+            raise refusal(
+                _field("example_models"),
+                "",
+                f"serves the example models, not {str(self.model_repository)!r}: give "
+                "--example-models or --model-repository, not both",
+            )
         if self.metrics_port and self.metrics_port + self.workers - 1 > 65535:
             raise refusal(
                 _field("metrics_port"),

@@ -8,8 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from rnnstream._health import check_health
 from tests.conftest import MODELS, REPO
@@ -23,27 +25,27 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """Starts the server, collects its stderr lines on a thread, waits until it serves."""
+    """Starts the server on a port it picks itself (--port 0), learns that port from the file the
+    server writes once it serves (--port-file), collects its stderr lines on a thread."""
 
-    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        *flags: str,
+        env: dict[str, str] | None = None,
+        cwd: Path = REPO,
+        repository: Path | None = MODELS,
+    ) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="rnnstream-server-")
+        port_file = Path(self._folder.name) / "port"
         command = [
-            sys.executable,
-            "-m",
-            "rnnstream.server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--model-repository",
-            str(MODELS),
-            "--metrics-port",
-            "0",
+            *(sys.executable, "-m", "rnnstream.server", "--host", "127.0.0.1", "--port", "0"),
+            *("--port-file", str(port_file), "--metrics-port", "0"),
+            *(("--model-repository", str(repository)) if repository is not None else ()),
             *flags,
         ]
         self.process = subprocess.Popen(
             command,
-            cwd=REPO,
+            cwd=cwd,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -52,6 +54,13 @@ class ServerProcess:
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise AssertionError("the server did not start; stderr:\n" + "\n".join(self.lines))
+            time.sleep(0.02)
+        self.port = int(port_file.read_text())
         self.target = f"127.0.0.1:{self.port}"
         ready = check_health(self.target, timeout=60)
         if not ready.ok:
@@ -94,3 +103,4 @@ class ServerProcess:
         self._reader.join(5)
         if self.process.stderr is not None:
             self.process.stderr.close()
+        self._folder.cleanup()

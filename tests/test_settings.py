@@ -79,8 +79,13 @@ def _sample(field: dataclasses.Field[object]) -> tuple[str, object]:
 
 
 def test_every_flag_has_a_variable() -> None:
-    values = {f.name: _sample(f) for f in dataclasses.fields(Settings)}
+    # --example-models excludes --model-repository: it gets its own check below.
+    values = {
+        f.name: _sample(f) for f in dataclasses.fields(Settings) if f.name != "example_models"
+    }
     assert {"host", "port", "model_repository", "device", "max_batch_size"} <= set(values)
+    examples = Settings.from_args([], env={"RNNSTREAM_EXAMPLE_MODELS": "1"}, paths=False)
+    assert examples.example_models and not Settings().example_models
     env = {f"RNNSTREAM_{name.upper()}": text for name, (text, _) in values.items()}
     settings = Settings.from_args([], env=env, paths=False)
     for name, (_, expected) in values.items():

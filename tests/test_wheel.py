@@ -7,15 +7,18 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 import tomllib
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from rnnstream import __version__
+from rnnstream import Client, __version__
 from tests.conftest import MODELS, REPO
+from tests.streaming import assert_matches_references, sequence
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PACKAGE_DIRS: dict[str, str] = PYPROJECT["tool"]["setuptools"]["package-dir"]
@@ -31,9 +34,9 @@ def _run(*argv: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel built from a copy of what the build reads, so no build/ folder is reused."""
     source = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
         shutil.copy(REPO / name, source / name)
-    for folder in ("client", "server", "proto"):
+    for folder in ("client", "server", "proto", "models"):
         shutil.copytree(
             REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__")
         )
@@ -71,6 +74,15 @@ def test_one_top_level_package_with_every_module(wheel: Path) -> None:
         part in ("tests", "bench", "models") for name in names for part in name.split("/")[:-1]
     )
     assert "rnnstream/proto/generate.py" not in names
+    # The example models' serving files, and not their build scripts or training data.
+    shipped = ("model.onnx", "config.toml", "MODEL_CARD.md")
+    examples = {
+        f"rnnstream/server/examples/{path.relative_to(MODELS).as_posix()}"
+        for path in MODELS.glob("*/*")
+        if path.name in shipped
+    }
+    assert {n for n in names if n.startswith("rnnstream/server/examples/")} == examples
+    assert "rnnstream/server/examples/co2_forecaster/config.toml" in examples
     for data in ("rnnstream/py.typed", "rnnstream/proto/v1/rnnstream.proto"):
         assert data in names
     assert any(name.endswith("_pb2.pyi") for name in names)
@@ -148,3 +160,30 @@ def test_the_editable_install_serves_this_checkout() -> None:
 
     assert Path(rnnstream.__file__).parent == REPO / "client"
     assert Path(rnnstream.server.__file__).parent == REPO / "server"
+
+
+def test_the_installed_wheel_serves_its_example_models(wheel_venv: Path, tmp_path: Path) -> None:
+    """pip install 'rnnstream[cpu]' && rnnstream-server --example-models, from a folder without
+    models/: the server answers."""
+    port_file = tmp_path / "port"
+    server = subprocess.Popen(
+        [wheel_venv / "bin" / "rnnstream-server", "--example-models", "--port", "0",
+         "--port-file", port_file, "--metrics-port", "0", "--log-level", "WARNING"],
+        env=_clean_env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            assert server.poll() is None and time.monotonic() < deadline, "it did not start"
+            time.sleep(0.05)
+        target = f"127.0.0.1:{port_file.read_text().strip()}"
+        x = sequence("gru", 5, seed=501)
+        with Client(target) as client:
+            assert "co2_forecaster" in [m.name for m in client.list_models()]
+            with client.open("gru") as session:
+                ys = [session.step(row)["y"] for row in x]
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=30)
+    assert server.returncode == 0, stderr
+    assert_matches_references("gru", x, np.stack(ys))
