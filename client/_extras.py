@@ -18,7 +18,12 @@ class Extra:
 
 
 # The server's extras are alternatives: each provides the `onnxruntime` module.
-_SERVER = {"grpc_reflection": "grpcio-reflection", "prometheus_client": "prometheus-client"}
+_SERVER = {
+    "grpc_reflection": "grpcio-reflection",
+    "prometheus_client": "prometheus-client",
+    "starlette": "starlette",
+    "uvicorn": "uvicorn",
+}
 EXTRAS = {
     "server": Extra(
         "cpu",

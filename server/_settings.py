@@ -202,6 +202,12 @@ class Settings:
     grace: float = _setting(
         10.0, "Seconds a SIGTERM/SIGINT shutdown may take before closing.", minimum=0
     )
+    http_port: int = _setting(
+        0,
+        "Port of the Open Inference Protocol's REST API (KServe v2: health, metadata, inference, "
+        "the model repository) on --host, behind the same credentials and TLS as gRPC; 0: off.",
+        **_PORT,
+    )
     metrics_port: int = _setting(
         9400, "Prometheus metrics HTTP port on --metrics-host; 0 turns it off.", **_PORT
     )

@@ -119,8 +119,8 @@ def test_without_dependencies_the_commands_say_what_to_install(bare_venv: Path) 
     server = _run(bin_dir / "rnnstream-server", env=_clean_env(), cwd=bare_venv)
     assert server.returncode == 2
     assert server.stderr.strip().splitlines() == [
-        "rnnstream-server: the server needs onnxruntime, grpcio-reflection, prometheus-client: "
-        "pip install 'rnnstream[cpu]' (or 'rnnstream[cuda]' for NVIDIA GPUs)"
+        "rnnstream-server: the server needs onnxruntime, grpcio-reflection, prometheus-client, "
+        "starlette, uvicorn: pip install 'rnnstream[cpu]' (or 'rnnstream[cuda]' for NVIDIA GPUs)"
     ]
 
 

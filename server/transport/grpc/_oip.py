@@ -101,6 +101,10 @@ class OipServicer(ModelRpcs):
         except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source tree only
             self._version = "0"
 
+    @property
+    def server_version(self) -> str:
+        return self._version
+
     def handler(self) -> grpc.GenericRpcHandler:
         """Method handlers whose deserializers answer garbage bytes instead of failing."""
 
@@ -161,7 +165,7 @@ class OipServicer(ModelRpcs):
             # A new sequence on a live id starts from the initial state, after what was queued.
             consume(engine.reset(owner, sid))
 
-    async def _submit(
+    async def submit(
         self, request: oip.ModelInferRequest, owner: str
     ) -> tuple[str, asyncio.Future[oip.ModelInferResponse]]:
         """Check and queue a request now; the future resolves with its response."""
@@ -211,7 +215,7 @@ class OipServicer(ModelRpcs):
     ) -> oip.ModelInferResponse:
         owner = call_principal()
         self._engine.limits.admit(owner, oip_frames(request))
-        _, future = await self._submit(request, owner)
+        _, future = await self.submit(request, owner)
         return await future
 
     async def ModelStreamInfer(
@@ -244,7 +248,7 @@ class OipServicer(ModelRpcs):
                     continue
                 await keep_pace(self._engine, owner, oip_frames(request))
                 try:
-                    session_id, future = await self._submit(request, owner)
+                    session_id, future = await self.submit(request, owner)
                 except Exception as exc:
                     stream.answer(_session_key(request), error_response(request, exc))
                     continue

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +29,9 @@ from rnnstream.server.transport.grpc._interceptor import (
 from rnnstream.server.transport.grpc._native import SERVICE, NativeServicer
 from rnnstream.server.transport.grpc._oip import SERVICE as OIP_SERVICE
 from rnnstream.server.transport.grpc._oip import OipServicer
+
+if TYPE_CHECKING:
+    from rnnstream.server.transport.http import HttpServer
 
 __all__ = ["GrpcServer"]
 
@@ -124,6 +127,8 @@ class GrpcServer:
         self.oip = OipServicer(self.engine, settings)
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
+        self._http: HttpServer | None = None
         self._services = [SERVICE, OIP_SERVICE]
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Task[None] | None = None
@@ -153,6 +158,8 @@ class GrpcServer:
             self._server = self._build()
             self.port = _bind(self._server, settings, credentials)
             await self._server.start()
+            if settings.http_port:
+                self.http_port = await self._serve_http()
         except BaseException:
             await self._abandon()
             raise
@@ -165,11 +172,22 @@ class GrpcServer:
             self.port,
             _transport(settings, credentials is not None),
             self.auth.mode,
-            f", metrics on :{self.metrics_port}" if self.metrics_port else "",
+            (f", metrics on :{self.metrics_port}" if self.metrics_port else "")
+            + (f", HTTP (OIP REST) on :{self.http_port}" if self.http_port else ""),
         )
         if settings.port_file:
             _write_port_file(Path(settings.port_file), self.port)
         return self.port
+
+    async def _serve_http(self) -> int:
+        """The OIP REST API, on this loop, behind the same principals and allow-list."""
+        # Imported here: the REST side imports this transport's OIP adapter.
+        from rnnstream.server.transport.http import HttpServer, rest_app
+
+        self._http = HttpServer(
+            self.settings, rest_app(self.engine, self.oip, self.settings, self.auth)
+        )
+        return await self._http.start()
 
     def _serve_metrics(self) -> int:
         settings = self.settings
@@ -203,6 +221,8 @@ class GrpcServer:
         if self._server is not None:
             await self._server.stop(None)
             self._server = None
+        if self._http is not None:
+            await self._http.stop()
         self.metrics.close()
         await self.engine.stop()
 
@@ -229,6 +249,8 @@ class GrpcServer:
         self.native.shutdown_streams("server is shutting down; resume your sessions elsewhere")
         await asyncio.sleep(0)  # let the streams write their notice before the transport closes
         await self._server.stop(max(0.0, deadline - loop.time()))
+        if self._http is not None:
+            await self._http.stop()
         await self.engine.stop()
         self.metrics.close()
         self._server = None
