@@ -64,8 +64,7 @@ class Settings:
     )
     repository_poll_secs: float = _setting(
         15.0,
-        "With --model-control-mode poll, seconds between rescans of the repository; a model is "
-        "loaded once its files held still for one period.",
+        "Poll mode: seconds between rescans; a model loads once its files hold still.",
         above=0,
     )
     load_model: tuple[str, ...] = _setting(
@@ -203,10 +202,7 @@ class Settings:
         10.0, "Seconds a SIGTERM/SIGINT shutdown may take before closing.", minimum=0
     )
     http_port: int = _setting(
-        0,
-        "Port of the Open Inference Protocol's REST API (KServe v2: health, metadata, inference, "
-        "the model repository) on --host, behind the same credentials and TLS as gRPC; 0: off.",
-        **_PORT,
+        0, "Open Inference Protocol REST (KServe v2) port on --host, auth as gRPC; 0: off.", **_PORT
     )
     metrics_port: int = _setting(
         9400, "Prometheus metrics HTTP port on --metrics-host; 0 turns it off.", **_PORT
