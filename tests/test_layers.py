@@ -116,13 +116,14 @@ def test_the_core_reaches_nothing_above_it() -> None:
     assert problems == []
 
 
-def test_every_error_code_has_a_grpc_status() -> None:
+def test_every_error_code_has_a_grpc_and_an_http_status() -> None:
     import grpc
 
     from rnnstream.server.core import ErrorCode
     from rnnstream.server.transport.grpc._status import GRPC_STATUS
+    from rnnstream.server.transport.http._status import HTTP_STATUS
 
-    assert set(GRPC_STATUS) == set(ErrorCode)
+    assert set(GRPC_STATUS) == set(ErrorCode) == set(HTTP_STATUS)
     assert all(GRPC_STATUS[code].name == code.name for code in ErrorCode)
     assert GRPC_STATUS[ErrorCode.NOT_FOUND] == grpc.StatusCode.NOT_FOUND
 

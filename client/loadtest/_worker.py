@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -51,7 +51,6 @@ class WorkerResult:
     sending_ended: float  # seconds after the origin when sending stopped
     verify: VerifyStats | None = None
     stopped: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 class Link(Protocol):

@@ -4,8 +4,6 @@ session_id) and answer with the typed results below or raise the errors below.""
 from rnnstream.server.core._engine import Engine, NamedArray
 from rnnstream.server.core._engine_settings import EngineSettings
 from rnnstream.server.core._errors import (
-    Aborted,
-    AlreadyExists,
     ErrorCode,
     FailedPrecondition,
     Internal,
@@ -42,8 +40,6 @@ from rnnstream.server.core._work import FrameReply
 __all__ = [
     "EMIT_MODES",
     "GRAPH_LEVELS",
-    "Aborted",
-    "AlreadyExists",
     "CoreMetrics",
     "DeviceError",
     "Emit",

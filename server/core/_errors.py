@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 
 __all__ = [
-    "Aborted",
-    "AlreadyExists",
     "ErrorCode",
     "FailedPrecondition",
     "Internal",
@@ -44,9 +42,7 @@ class ErrorCode(enum.Enum):
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     NOT_FOUND = "NOT_FOUND"
-    ALREADY_EXISTS = "ALREADY_EXISTS"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
-    ABORTED = "ABORTED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     UNAVAILABLE = "UNAVAILABLE"
     UNAUTHENTICATED = "UNAUTHENTICATED"
@@ -81,16 +77,8 @@ class NotFound(RnnstreamError):
     code = ErrorCode.NOT_FOUND
 
 
-class AlreadyExists(RnnstreamError):
-    code = ErrorCode.ALREADY_EXISTS
-
-
 class FailedPrecondition(RnnstreamError):
     code = ErrorCode.FAILED_PRECONDITION
-
-
-class Aborted(RnnstreamError):
-    code = ErrorCode.ABORTED
 
 
 class ResourceExhausted(RnnstreamError):

@@ -20,8 +20,6 @@ class BatchStats:
 
     batches: int = 0
     frames: int = 0
-    failed_batches: int = 0
-    run_seconds: float = 0.0
     # Per-frame totals: each frame counts its batch's run time and its own queue wait.
     failed_frames: int = 0
     frame_run_seconds: float = 0.0
@@ -74,7 +72,6 @@ class ModelCounters:
         )
 
     def batch_failed(self, frames: int) -> None:
-        self.stats.failed_batches += 1
         self.stats.failed_frames += frames
 
     def batch_done(
@@ -85,7 +82,6 @@ class ModelCounters:
         size = len(frames)
         stats.batches += 1
         stats.frames += size
-        stats.run_seconds += elapsed
         stats.frame_run_seconds += elapsed * size
         stats.queue_seconds += sum(started - f.enqueued_at for f in frames)
         stats.last_batch_unix = time.time()

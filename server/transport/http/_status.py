@@ -15,9 +15,7 @@ __all__ = ["HTTP_STATUS", "error_response"]
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_ARGUMENT: 400,
     ErrorCode.NOT_FOUND: 404,
-    ErrorCode.ALREADY_EXISTS: 409,
     ErrorCode.FAILED_PRECONDITION: 400,
-    ErrorCode.ABORTED: 409,
     ErrorCode.RESOURCE_EXHAUSTED: 429,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.UNAUTHENTICATED: 401,
