@@ -17,7 +17,14 @@ if TYPE_CHECKING:
     from rnnstream._aio import AsyncClient
     from rnnstream._errors import RnnstreamError, SessionLost
     from rnnstream._frames import FrameInput, Outputs
-    from rnnstream._info import ModelInfo, SessionEnded, SessionInfo, StateInfo, TensorInfo
+    from rnnstream._info import (
+        ModelInfo,
+        ModelVersion,
+        SessionEnded,
+        SessionInfo,
+        StateInfo,
+        TensorInfo,
+    )
     from rnnstream._mux import RetryPolicy
     from rnnstream._session import AsyncSession
     from rnnstream._sync import Client, Session
@@ -28,6 +35,7 @@ __all__ = [
     "Client",
     "FrameInput",
     "ModelInfo",
+    "ModelVersion",
     "Outputs",
     "RetryPolicy",
     "RnnstreamError",
@@ -46,6 +54,7 @@ _HOMES = {
     "Client": "rnnstream._sync",
     "FrameInput": "rnnstream._frames",
     "ModelInfo": "rnnstream._info",
+    "ModelVersion": "rnnstream._info",
     "Outputs": "rnnstream._frames",
     "RetryPolicy": "rnnstream._mux",
     "RnnstreamError": "rnnstream._errors",

@@ -78,7 +78,7 @@ class AsyncClient:
             ((PACK_OUTPUTS_METADATA_KEY, "1"),) if pack_outputs else ()
         )
         self._stream_per_session = stream_per_session
-        self._models: dict[str, ModelInfo] = {}
+        self._models: dict[tuple[str, int], ModelInfo] = {}
         self._mux: StreamMux | None = None
         self._own_muxes: list[StreamMux] = []
 
@@ -105,11 +105,13 @@ class AsyncClient:
         response = await self._unary(self._stub.ListModels, pb.ListModelsRequest())
         return [model_info(message) for message in response.models]
 
-    async def get_model(self, name: str) -> ModelInfo:
-        if name not in self._models:
-            message = await self._unary(self._stub.GetModel, pb.GetModelRequest(name=name))
-            self._models[name] = model_info(message)
-        return self._models[name]
+    async def get_model(self, name: str, version: int = 0) -> ModelInfo:
+        """The model's newest ready version, or `version` (kept: versions do not change)."""
+        key = (name, version)
+        if key not in self._models:
+            request = pb.GetModelRequest(name=name, version=version)
+            self._models[key] = model_info(await self._unary(self._stub.GetModel, request))
+        return self._models[key]
 
     async def get_session(self, session_id: str) -> SessionInfo:
         message = await self._unary(
@@ -138,28 +140,41 @@ class AsyncClient:
         return functools.partial(self._stub.Stream, metadata=tuple(metadata), wait_for_ready=True)
 
     async def open(
-        self, model: str, session_id: str = "", emit: str = "every", *, resume: bool = False
+        self,
+        model: str,
+        session_id: str = "",
+        emit: str = "every",
+        *,
+        resume: bool = False,
+        version: int = 0,
     ) -> AsyncSession:
         """Open a session on `model`, or resume `session_id` if the server holds it.
 
         `emit="last"` opens a sequence-to-vector session: frames are not answered one by one;
         `flush()` returns the last frame's outputs. With `resume=True` the server must already
-        hold the session: SessionLost says why not.
+        hold the session: SessionLost says why not. `version` 0 opens on the newest ready
+        version; the session stays on the version it opened on until it ends.
         """
         if emit not in EMIT:
             raise ValueError(f"emit must be one of {sorted(EMIT)}, not {emit!r}")
-        info = await self.get_model(model)
         if self._stream_per_session and not session_id:
             session_id = secrets.token_hex(16)  # chosen here so the proxy can route the stream
         mux = self._stream(session_id)
         try:
             opened = await mux.open(
-                pb.OpenSession(model=model, session_id=session_id, resume=resume, emit=EMIT[emit])
+                pb.OpenSession(
+                    model=model,
+                    session_id=session_id,
+                    resume=resume,
+                    emit=EMIT[emit],
+                    model_version=version,
+                )
             )
         except RnnstreamError as exc:
             if resume and exc.code == grpc.StatusCode.NOT_FOUND:
                 raise SessionLost(exc.code, exc.message, session_id=session_id) from None
             raise
+        info = await self.get_model(model, opened.model_version)
         return AsyncSession(mux, info, opened, emit)
 
     async def infer(
@@ -169,11 +184,15 @@ class AsyncClient:
         *,
         session_id: str = "",
         frame_index: int | None = None,
+        version: int = 0,
     ) -> Outputs:
-        """A whole sequence in one call; stateless unless `session_id` names a session."""
-        info = await self.get_model(model)
+        """A whole sequence in one call; stateless unless `session_id` names a session;
+        `version` 0: the newest ready version (or the session's own)."""
+        info = await self.get_model(model, version)
         tensors, squeeze = encode_frame(info, frame)
-        request = pb.InferRequest(model=model, session_id=session_id, inputs=tensors)
+        request = pb.InferRequest(
+            model=model, session_id=session_id, inputs=tensors, model_version=version
+        )
         if frame_index is not None:
             request.frame_index = frame_index
         response = await self._unary(self._stub.Infer, request)

@@ -15,6 +15,7 @@ from rnnstream.proto.v1 import rnnstream_pb2 as pb
 
 __all__ = [
     "ModelInfo",
+    "ModelVersion",
     "SessionEnded",
     "SessionInfo",
     "StateInfo",
@@ -79,11 +80,24 @@ class ModelInfo:
     states: tuple[StateInfo, ...]
     execution_provider: str
     max_batch_size: int
+    version: int = 1  # the version described
+    versions: tuple[ModelVersion, ...] = ()  # every version of the model and its state
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: lists for tuples, nulls for absent axes."""
         plain: dict[str, Any] = _plain(dataclasses.asdict(self))
         return plain
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A model version and its state: READY (takes new sessions), LOADING, UNLOADING (serves
+    only the sessions opened on it until they end) or UNAVAILABLE, and why."""
+
+    version: int
+    state: str
+    reason: str
+    sessions: int
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,7 @@ class SessionInfo:
     pending_frames: int
     idle_seconds: float
     expires_in_seconds: float  # 0 when expiry is off
+    model_version: int = 1  # the version it runs on until it ends
 
 
 @dataclass(frozen=True)
@@ -104,10 +119,11 @@ class SessionEnded:
     session the last frame's index and outputs (None and empty when no frame was applied)."""
 
     session_id: str
-    reason: str  # "client", "expired", "evicted" or "shutdown"
+    reason: str  # "client", "expired", "evicted", "shutdown" or "unloaded"
     next_frame_index: int
     last_frame_index: int | None = None
     last_outputs: Outputs = field(default_factory=dict)
+    message: str = ""  # why, in words, when the server ended it
 
 
 def _plain(value: Any) -> Any:
@@ -146,6 +162,8 @@ def model_info(message: pb.ModelInfo) -> ModelInfo:
         states,
         message.execution_provider,
         message.max_batch_size,
+        message.version or 1,
+        tuple(ModelVersion(v.version, v.state, v.reason, v.sessions) for v in message.versions),
     )
 
 
@@ -157,6 +175,7 @@ def session_info(message: pb.SessionInfo) -> SessionInfo:
         message.pending_frames,
         message.idle_seconds,
         message.expires_in_seconds,
+        message.model_version or 1,
     )
 
 
@@ -168,4 +187,5 @@ def session_ended(message: pb.SessionEnded) -> SessionEnded:
         message.next_frame_index,
         last,
         decode_tensors(message.last_outputs),
+        message.message,
     )

@@ -174,8 +174,8 @@ class Client:
     def list_models(self) -> list[ModelInfo]:
         return self._runner.run(self._inner.list_models())
 
-    def get_model(self, name: str) -> ModelInfo:
-        return self._runner.run(self._inner.get_model(name))
+    def get_model(self, name: str, version: int = 0) -> ModelInfo:
+        return self._runner.run(self._inner.get_model(name, version))
 
     def get_session(self, session_id: str) -> SessionInfo:
         return self._runner.run(self._inner.get_session(session_id))
@@ -184,10 +184,16 @@ class Client:
         return self._runner.run(self._inner.end_session(session_id))
 
     def open(
-        self, model: str, session_id: str = "", emit: str = "every", *, resume: bool = False
+        self,
+        model: str,
+        session_id: str = "",
+        emit: str = "every",
+        *,
+        resume: bool = False,
+        version: int = 0,
     ) -> Session:
         """See AsyncClient.open; `resume=True` raises SessionLost when the server lacks it."""
-        opening = self._inner.open(model, session_id, emit, resume=resume)
+        opening = self._inner.open(model, session_id, emit, resume=resume, version=version)
         return Session(self._runner, self._runner.run(opening))
 
     def infer(
@@ -197,9 +203,12 @@ class Client:
         *,
         session_id: str = "",
         frame_index: int | None = None,
+        version: int = 0,
     ) -> Outputs:
         """See AsyncClient.infer."""
-        call = self._inner.infer(model, frame, session_id=session_id, frame_index=frame_index)
+        call = self._inner.infer(
+            model, frame, session_id=session_id, frame_index=frame_index, version=version
+        )
         return self._runner.run(call)
 
     def forecast(self, model: str, session_id: str, steps: int, *, commit: bool = False) -> Outputs:

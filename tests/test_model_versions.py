@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import redis
 
+from rnnstream import AsyncClient
 from rnnstream.proto.tensor_codec import decode
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
@@ -314,3 +315,23 @@ async def test_a_load_never_pauses_another_models_batches(
     # A load on the event loop would hold every answer (and the index) until it is done.
     assert during_load >= 1, "no frame of the other model was answered while the load ran"
     assert server.run(lambda: probe.loaded_versions(server.engine, MODEL)) == [1]
+
+
+async def test_the_python_client_opens_by_version(
+    make_server: Callable[..., RunningServer], repo: Path
+) -> None:
+    write_version(repo, MODEL, 2, seed=202)
+    (repo / MODEL / "config.toml").write_text('version_policy = "all"\n')
+    server = make_server(model_repository=repo)
+    x = inputs(4, seed=13)
+    async with AsyncClient(server.target) as client:
+        pinned = await client.open(MODEL, version=1)
+        newest = await client.open(MODEL)
+        assert (pinned.model.version, newest.model.version) == (1, 2)
+        assert [(v.version, v.state) for v in newest.model.versions] == [(1, "READY"), (2, "READY")]
+        for session, seed in ((pinned, 101), (newest, 202)):
+            y = np.stack([(await session.step(row))["y"] for row in x])
+            np.testing.assert_allclose(y, reference(seed, x), rtol=0, atol=ATOL)
+            assert (await client.get_session(session.id)).model_version == session.model.version
+        stateless = await client.infer(MODEL, x[:1], version=1)
+        np.testing.assert_allclose(stateless["y"], reference(101, x[:1]), rtol=0, atol=ATOL)

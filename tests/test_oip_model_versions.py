@@ -16,7 +16,7 @@ import pytest
 
 from tests import probe
 from tests.conftest import REPO, RunningServer, missing_dependency
-from tests.versions import FEATURES, inputs, reference, write_version
+from tests.versions import FEATURES, inputs, reference, write_corrupt, write_version
 
 TRITON_PYTHON = REPO / ".venv-triton" / "bin" / "python"
 DRIVER = Path(__file__).with_name("oip_triton_models.py")
@@ -193,3 +193,29 @@ def test_a_triton_model_folder_is_served(
     assert config["version_policy"] == {"specific": {"versions": ["1"]}}
     assert config["sequence_batching"]["max_sequence_idle_microseconds"] == "5000000"
     assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
+
+
+def test_a_corrupt_v3_leaves_v2_serving(
+    make_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    repo = tmp_path / "models"
+    write_version(repo, MODEL, 2, seed=202)
+    server = make_server(model_repository=repo, model_control_mode="explicit", load_model=(MODEL,))
+    write_corrupt(repo, MODEL, 3)
+    x = inputs(4, seed=21)
+    arrays = {f"1-{t}": x[t : t + 1] for t in range(4)}
+    plan = [
+        {"load": MODEL},
+        {"index": "after"},
+        {"send": _frames(1, x, 0, 4, 3)},
+    ]
+    report, outputs = _drive(server, tmp_path, plan, arrays)
+
+    ((status, message),) = report["control_errors"]
+    assert "FAILED_PRECONDITION" in status and "version 3 failed to load" in message
+    assert _states(report["after"], MODEL) == {"2": "READY", "3": "UNAVAILABLE"}
+    (reason,) = [m["reason"] for m in report["after"]["models"] if m.get("version") == "3"]
+    assert "ONNX Runtime cannot load" in reason
+    got = np.concatenate([outputs[f"1-{t}"] for t in range(4)])
+    np.testing.assert_allclose(got, reference(202, x), rtol=0, atol=ATOL)
+    assert {report["versions"][f"1-{t}"] for t in range(4)} == {"2"}
