@@ -258,6 +258,7 @@ async def test_a_stored_session_resumes_only_where_its_version_is_served(
     try:
         old_repo, new_repo = tmp_path / "old", tmp_path / "new"
         write_version(old_repo, MODEL, 1, seed=101)
+        (old_repo / MODEL / "config.toml").write_text("[serving]\nsession_ttl = 30\n")
         write_version(new_repo, MODEL, 2, seed=202)
         store = {"state_store": redis_server.url, "session_ttl": 60}
         a = make_server(model_repository=old_repo, **store)
@@ -269,7 +270,9 @@ async def test_a_stored_session_resumes_only_where_its_version_is_served(
             first = await _stream(raw, opened.session_id, x[:4])
         with redis.Redis(port=redis_server.port) as client:
             stored = client.hgetall(RedisStore.key("anonymous", opened.session_id))
+            expires_in = client.pttl(RedisStore.key("anonymous", opened.session_id))
         assert stored[b"version"] == b"1"
+        assert 0 < expires_in <= 30_000  # the model's own TTL, not the server's 60 s
         resume = pb.OpenSession(model=MODEL, session_id=opened.session_id, resume=True)
         async with RawStream(b.target) as raw:
             refused = await raw.error(pb.StreamRequest(open=resume))

@@ -128,8 +128,10 @@ class Engine:
         return self._models.scheduler_for(name, version).counters.snapshot()
 
     def repository_index(self, ready_only: bool = False) -> list[VersionState]:
-        """Every model version in the repository (read again now), with its state."""
-        self._loader.refresh()
+        """Every model version in the repository (read again now, unless only the ready ones,
+        which are the loaded ones, are asked for), with its state."""
+        if not ready_only:
+            self._loader.refresh()
         return self._models.index(ready_only)
 
     async def load_model(self, name: str) -> list[VersionState]:

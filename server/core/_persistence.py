@@ -64,6 +64,7 @@ class Persistence:
                 [a[i] for a in per_state],
                 result,
                 s.version,
+                s.ttl,
             )
             for i, (s, f, result) in enumerate(zip(sessions, frames, results, strict=True))
         ]
@@ -94,6 +95,7 @@ class Persistence:
             self._pool.read(session.slot),
             None,
             session.version,
+            session.ttl,
         )
         try:
             await self.store.save(self._spec, [step])

@@ -30,6 +30,7 @@ class StepRecord:
     states: Arrays  # per session: each state without its batch axis
     result: FrameOutput | None  # the step's outputs, for the output ring
     version: int = 1  # the model version the session is pinned to
+    ttl: float | None = None  # seconds the stored session lives idle (its model's; 0: forever)
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,9 @@ class StoredSessions:
         scheduler = self._models.scheduler_of(session)
         state = scheduler.read_state(session)
         step = StepRecord(
-            principal, session.id, session.model, session.emit, 0, state, None, session.version
-        )
+            principal, session.id, session.model, session.emit, 0, state, None, session.version,
+            session.ttl,
+        )  # fmt: skip
         try:
             await self._store.save(scheduler.spec, [step])
         except Exception:

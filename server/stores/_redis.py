@@ -31,16 +31,17 @@ _LEGACY_PATTERN = "rnnstream:session:*"
 LEGACY_KEYS = ("refuse", "ignore", "delete")
 
 # One call per batch: for each session, its hash gets the new state, next index and the step's
-# output in ring slot index % K, and its idle TTL is renewed. Atomic: a script runs whole.
+# output in ring slot index % K, and its idle TTL (its model's) is renewed. Atomic: a script
+# runs whole.
 _SAVE_STEPS = """
-local ttl = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
-  local b = 1 + (i - 1) * 7
+  local b = (i - 1) * 8
   redis.call('HSET', key, 'model', ARGV[b + 1], 'version', ARGV[b + 2], 'emit', ARGV[b + 3],
              'next', ARGV[b + 4], 'state', ARGV[b + 5])
   if ARGV[b + 6] ~= '' then
     redis.call('HSET', key, ARGV[b + 6], ARGV[b + 7])
   end
+  local ttl = tonumber(ARGV[b + 8])
   if ttl > 0 then
     redis.call('PEXPIRE', key, ttl)
   end
@@ -58,6 +59,7 @@ class RedisStore:
     percent-encoded (':' and '%' included), so no two (owner, id) pairs share a key."""
 
     def __init__(self, client: redis.Redis, ttl_seconds: float, ring_size: int) -> None:
+        """`ttl_seconds`: how long a stored session lives idle when its step names no TTL."""
         self._redis = client
         self._ttl_ms = int(ttl_seconds * 1000)
         self._ring = max(1, ring_size)
@@ -69,7 +71,7 @@ class RedisStore:
 
     async def save(self, spec: ModelSpec, steps: Sequence[StepRecord]) -> None:
         keys: list[str] = []
-        args: list[bytes | str | int] = [self._ttl_ms]
+        args: list[bytes | str | int] = []
         for step in steps:
             keys.append(self.key(step.owner, step.session_id))
             ring_field, entry = "", b""
@@ -78,7 +80,8 @@ class RedisStore:
                 entry = encode_result(step.result)
             args += [step.model, step.version, step.emit, step.next_index]
             args.append(encode_states(step.states))
-            args += [ring_field, entry]
+            ttl_ms = self._ttl_ms if step.ttl is None else int(step.ttl * 1000)
+            args += [ring_field, entry, ttl_ms]
         try:
             await self._save(keys=keys, args=args)
         except RedisError as exc:
