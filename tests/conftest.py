@@ -13,10 +13,17 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from rnnstream.server import GrpcServer, Settings
 
 T = TypeVar("T")
+
+# Property tests: the same examples every run by default; `--hypothesis-profile=random
+# --hypothesis-seed=N` draws new ones (.ci/run does, with a fresh N it prints).
+hypothesis_settings.register_profile("fixed", derandomize=True)
+hypothesis_settings.register_profile("random", derandomize=False)
+hypothesis_settings.load_profile("fixed")
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
 

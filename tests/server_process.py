@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,13 +14,10 @@ from pathlib import Path
 
 from rnnstream._health import check_health
 from tests.conftest import MODELS, REPO
+from tests.ports import reserved_port
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+# A port for a server the test starts itself (metrics, HTTP, a command line): tests/ports.py.
+free_port = reserved_port
 
 
 class ServerProcess:

@@ -17,13 +17,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import MODELS, REPO, missing_dependency
+from tests.ports import reserved_port
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+free_port = reserved_port  # held for the whole run: a restarted server finds its port free
 
 
 def _need(binary: str) -> str:

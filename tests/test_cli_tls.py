@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 
 from tests.certificates import Certificates
 from tests.conftest import REPO, RunningServer, test_settings
+from tests.ports import reserved_port
 from tests.streaming import assert_matches_references, sequence
 
 CLI = Path(sys.executable).with_name("rnnstream")
@@ -190,9 +190,7 @@ def test_a_certificate_for_another_name(tmp_path: Path) -> None:
 
 
 def test_refused_connection_says_refused() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        target = f"127.0.0.1:{sock.getsockname()[1]}"
+    target = f"127.0.0.1:{reserved_port()}"  # bound, never listening: a connect is refused
     result = _run("models", "--target", target)
     assert result.returncode == 1
     assert result.stderr.strip() == (

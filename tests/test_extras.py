@@ -7,7 +7,6 @@ Each check runs in a fresh interpreter where the extra's module is blocked
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tomllib
@@ -17,12 +16,11 @@ import pytest
 
 from rnnstream._extras import EXTRAS, MissingExtra
 from tests.conftest import MODELS, REPO
+from tests.ports import reserved_port
 
 
 def _closed_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
+    return f"127.0.0.1:{reserved_port()}"  # bound, never listening: a connect is refused
 
 
 def _without(modules: tuple[str, ...], code: str) -> subprocess.CompletedProcess[str]:

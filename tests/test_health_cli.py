@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,16 +11,9 @@ from grpc_health.v1 import health_pb2
 
 from rnnstream._cli import main
 from tests.conftest import REPO, RunningServer
+from tests.ports import reserved_port
 
 NATIVE = "rnnstream.v1.Rnnstream"
-
-
-def _free_port() -> int:
-    # Bound and released at once: nothing listens there afterwards.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @pytest.mark.parametrize("service", ["", NATIVE])
@@ -63,7 +55,7 @@ def test_unknown_service_exits_one(
 
 
 def test_nothing_listening_exits_one(capsys: pytest.CaptureFixture[str]) -> None:
-    target = f"127.0.0.1:{_free_port()}"
+    target = f"127.0.0.1:{reserved_port()}"
     assert main(["health", "--target", target, "--timeout", "0.5"]) == 1
     err = capsys.readouterr().err
     assert err.strip() == f"connection refused by {target}: is the server running on that port?"

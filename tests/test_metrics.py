@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import urllib.request
 from collections.abc import Callable
@@ -16,16 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from rnnstream import AsyncClient, RnnstreamError, SessionLost
 from tests import probe
 from tests.conftest import RunningServer
+from tests.ports import reserved_port
 from tests.streaming import FEATURES, HIDDEN, RawStream, frame_request, sequence, x_tensor
 
 MODEL = "gru"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -49,7 +42,7 @@ def _value(samples: Samples, name: str, **labels: str) -> float:
 async def test_metrics_endpoint_counts_everything(
     make_server: Callable[..., RunningServer],
 ) -> None:
-    port = _free_port()
+    port = reserved_port()
     running = make_server(
         metrics_port=port, session_ttl=3, max_sessions=3, evict_idle_when_full=True
     )
@@ -133,7 +126,7 @@ async def test_metrics_endpoint_counts_everything(
 
 
 async def test_queue_depth_shows_waiting_frames(make_server: Callable[..., RunningServer]) -> None:
-    port = _free_port()
+    port = reserved_port()
     # Every batch goes to the executor (no inline runs), and its one ORT thread is occupied:
     # frames that arrive now wait in the scheduler's queue.
     running = make_server(metrics_port=port, models=(MODEL,), max_batch_size=4, inline_run_us=0)
