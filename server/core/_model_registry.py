@@ -241,11 +241,11 @@ class ModelRegistry:
             why,
             copy.sessions(),
         )
+        copy.scheduler.on_empty = lambda: self._spawn(self._free(copy))
         if not copy.sessions():
             self._spawn(self._free(copy))
             return
         self._state_metric(copy.name, copy.version, UNLOADING)
-        copy.scheduler.on_empty = lambda: self._spawn(self._free(copy))
         if self._settings.drain_timeout > 0:
             copy.drain = asyncio.get_running_loop().create_task(self._drain_deadline(copy))
 
@@ -259,7 +259,9 @@ class ModelRegistry:
         )
 
     async def _free(self, copy: Served) -> None:
-        if self._served.pop(copy.key, None) is None:
+        # A stored session of this version may have been resumed onto it meanwhile: it then
+        # drains too (on_empty stays set).
+        if copy.sessions() or self._served.pop(copy.key, None) is None:
             return
         if copy.drain is not None and copy.drain is not asyncio.current_task():
             copy.drain.cancel()
