@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rnnstream.server._examples import example_models
 from rnnstream.server._flags import Rule, check_value, read_settings, refusal, settings_parser
 
 if TYPE_CHECKING:
@@ -256,33 +255,9 @@ class Settings:
 
     def engine_settings(self) -> EngineSettings:
         """What the core reads of these settings."""
-        from rnnstream.server.core import EngineSettings  # the core loads ONNX Runtime: lazily
+        from rnnstream.server._core_settings import core_settings
 
-        return EngineSettings(
-            model_repository=example_models() if self.example_models else self.model_repository,
-            models=self.models,
-            device=self.device,
-            ort_threads=self.ort_threads,
-            max_batch_size=self.max_batch_size,
-            inline_run_seconds=self.inline_run_us * 1e-6,
-            busy_poll_seconds=self.busy_poll_us * 1e-6,
-            gather_seconds=self.gather_us * 1e-6,
-            max_sessions=self.max_sessions,
-            session_ttl=self.session_ttl,
-            output_ring=self.output_ring,
-            max_steps_per_frame=self.max_steps_per_frame,
-            max_message_bytes=self.max_message_bytes,
-            max_pending_frames=self.max_pending_frames,
-            evict_idle_when_full=self.evict_idle_when_full,
-            max_sessions_per_principal=self.max_sessions_per_principal,
-            rate_limit_frames=self.rate_limit_frames,
-            rate_limit_burst=self.rate_limit_burst,
-            skip_bad_models=self.bad_models == "skip",
-            model_control_mode=self.model_control_mode,
-            load_model=self.load_model,
-            repository_poll_seconds=self.repository_poll_secs,
-            drain_timeout=self.drain_timeout,
-        )
+        return core_settings(self)
 
     def __post_init__(self) -> None:
         """Settings made in code keep the same rules (files and folders are checked where
