@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         ModelVersion,
         SessionEnded,
         SessionInfo,
+        SessionPage,
         StateInfo,
         TensorInfo,
     )
@@ -43,6 +44,7 @@ __all__ = [
     "SessionEnded",
     "SessionInfo",
     "SessionLost",
+    "SessionPage",
     "StateInfo",
     "TensorInfo",
     "__version__",
@@ -62,6 +64,7 @@ _HOMES = {
     "SessionEnded": "rnnstream._info",
     "SessionInfo": "rnnstream._info",
     "SessionLost": "rnnstream._errors",
+    "SessionPage": "rnnstream._info",
     "StateInfo": "rnnstream._info",
     "TensorInfo": "rnnstream._info",
 }

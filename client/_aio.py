@@ -12,12 +12,15 @@ import grpc
 from rnnstream._errors import RnnstreamError, SessionLost
 from rnnstream._frames import EMIT, FrameInput, Outputs, decode_outputs, encode_frame
 from rnnstream._info import (
+    STATE_NUMBERS,
     ModelInfo,
     SessionEnded,
     SessionInfo,
+    SessionPage,
     model_info,
     session_ended,
     session_info,
+    session_page,
 )
 from rnnstream._mux import Connect, RetryPolicy, StreamMux
 from rnnstream._routing import SESSION_ID_METADATA_KEY
@@ -113,17 +116,37 @@ class AsyncClient:
             self._models[key] = model_info(await self._unary(self._stub.GetModel, request))
         return self._models[key]
 
-    async def get_session(self, session_id: str) -> SessionInfo:
-        message = await self._unary(
-            self._stub.GetSession, pb.GetSessionRequest(session_id=session_id)
-        )
-        return session_info(message)
+    async def get_session(self, session_id: str, principal: str = "") -> SessionInfo:
+        """A session of this client's principal, or (an admin principal) of `principal`."""
+        request = pb.GetSessionRequest(session_id=session_id, principal=principal)
+        return session_info(await self._unary(self._stub.GetSession, request))
 
-    async def end_session(self, session_id: str) -> SessionEnded:
-        message = await self._unary(
-            self._stub.EndSession, pb.EndSessionRequest(session_id=session_id)
+    async def end_session(self, session_id: str, principal: str = "") -> SessionEnded:
+        """End a session of this client's principal, or (an admin principal) of `principal`."""
+        request = pb.EndSessionRequest(session_id=session_id, principal=principal)
+        return session_ended(await self._unary(self._stub.EndSession, request))
+
+    async def list_sessions(
+        self,
+        *,
+        model: str = "",
+        principal: str = "",
+        state: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> SessionPage:
+        """A page of the sessions this principal holds (an admin principal: every principal's,
+        or `principal`'s), of `model` and in `state` (active, idle, spilled) when given."""
+        if state and state not in STATE_NUMBERS:
+            raise ValueError(f"state must be one of {sorted(STATE_NUMBERS)}, not {state!r}")
+        request = pb.ListSessionsRequest(
+            page_size=page_size,
+            page_token=page_token,
+            model=model,
+            principal=principal,
+            state=STATE_NUMBERS.get(state, pb.SESSION_STATE_UNSPECIFIED),
         )
-        return session_ended(message)
+        return session_page(await self._unary(self._stub.ListSessions, request))
 
     def _stream(self, session_id: str) -> StreamMux:
         if self._stream_per_session:

@@ -1,4 +1,5 @@
-"""The `rnnstream` command: list models, stream files through a session, load test, health-check.
+"""The `rnnstream` command: list models, stream files through a session, see and end sessions,
+load test, health-check.
 
 Imports stay lazy: `rnnstream health` (a container's health check, run every few seconds) loads
 gRPC and nothing of numpy or the load tester.
@@ -21,6 +22,7 @@ from rnnstream._connection import (
     server_side_connection,
 )
 from rnnstream._extras import MissingExtra, require
+from rnnstream._sessions_cli import add_sessions_command
 from rnnstream._version import __version__
 from rnnstream.loadtest._options import add_arguments as add_loadtest_arguments
 
@@ -122,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stream.add_argument("--inflight", type=int, default=16, help="frames on the wire at once")
     stream.set_defaults(run=_stream)
+
+    add_sessions_command(sub)
 
     loadtest = sub.add_parser(
         "loadtest",

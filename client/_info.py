@@ -18,12 +18,14 @@ __all__ = [
     "ModelVersion",
     "SessionEnded",
     "SessionInfo",
+    "SessionPage",
     "StateInfo",
     "TensorInfo",
     "dtype_name",
     "model_info",
     "session_ended",
     "session_info",
+    "session_page",
 ]
 
 
@@ -109,8 +111,23 @@ class SessionInfo:
     next_frame_index: int
     pending_frames: int
     idle_seconds: float
-    expires_in_seconds: float  # 0 when expiry is off
+    expires_in_seconds: float  # until it leaves memory (or, spilled, the store); 0: never
     model_version: int = 1  # the version it runs on until it ends
+    principal: str = ""
+    state: str = "idle"  # active (work queued or running), idle, or spilled (in the store only)
+    memory_bytes: int = 0  # held in the server's memory
+    store_bytes: int = 0  # held in the state store
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SessionPage:
+    """One page of a session listing; pass `next_page_token` for the next ('' at the end)."""
+
+    sessions: list[SessionInfo]
+    next_page_token: str
 
 
 @dataclass(frozen=True)
@@ -167,6 +184,10 @@ def model_info(message: pb.ModelInfo) -> ModelInfo:
     )
 
 
+_STATE_NAMES = {pb.SESSION_ACTIVE: "active", pb.SESSION_IDLE: "idle", pb.SESSION_SPILLED: "spilled"}
+STATE_NUMBERS = {name: number for number, name in _STATE_NAMES.items()}
+
+
 def session_info(message: pb.SessionInfo) -> SessionInfo:
     return SessionInfo(
         message.session_id,
@@ -176,7 +197,15 @@ def session_info(message: pb.SessionInfo) -> SessionInfo:
         message.idle_seconds,
         message.expires_in_seconds,
         message.model_version or 1,
+        message.principal,
+        _STATE_NAMES.get(message.state, "unknown"),
+        message.memory_bytes,
+        message.store_bytes,
     )
+
+
+def session_page(message: pb.ListSessionsResponse) -> SessionPage:
+    return SessionPage([session_info(s) for s in message.sessions], message.next_page_token)
 
 
 def session_ended(message: pb.SessionEnded) -> SessionEnded:

@@ -13,7 +13,7 @@ import grpc
 
 from rnnstream._aio import DEFAULT_OPTIONS, DEFAULT_RETRY, AsyncClient
 from rnnstream._frames import FrameInput, Outputs
-from rnnstream._info import ModelInfo, SessionEnded, SessionInfo
+from rnnstream._info import ModelInfo, SessionEnded, SessionInfo, SessionPage
 from rnnstream._mux import RetryPolicy
 from rnnstream._session import AsyncSession
 
@@ -177,11 +177,31 @@ class Client:
     def get_model(self, name: str, version: int = 0) -> ModelInfo:
         return self._runner.run(self._inner.get_model(name, version))
 
-    def get_session(self, session_id: str) -> SessionInfo:
-        return self._runner.run(self._inner.get_session(session_id))
+    def get_session(self, session_id: str, principal: str = "") -> SessionInfo:
+        return self._runner.run(self._inner.get_session(session_id, principal))
 
-    def end_session(self, session_id: str) -> SessionEnded:
-        return self._runner.run(self._inner.end_session(session_id))
+    def end_session(self, session_id: str, principal: str = "") -> SessionEnded:
+        return self._runner.run(self._inner.end_session(session_id, principal))
+
+    def list_sessions(
+        self,
+        *,
+        model: str = "",
+        principal: str = "",
+        state: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> SessionPage:
+        """See AsyncClient.list_sessions."""
+        return self._runner.run(
+            self._inner.list_sessions(
+                model=model,
+                principal=principal,
+                state=state,
+                page_size=page_size,
+                page_token=page_token,
+            )
+        )
 
     def open(
         self,

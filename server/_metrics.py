@@ -100,6 +100,28 @@ class _PrincipalSeries(Collector):
         yield family
 
 
+class _SessionStates(Collector):
+    """Sessions by state, as the core's latest sweep of idle sessions counted them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._read: Callable[[], Mapping[str, int]] = dict
+        registry.register(self)
+
+    def watch(self, read: Callable[[], Mapping[str, int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "rnnstream_sessions",
+            "Sessions by state: active (work queued or running), idle (in memory), spilled "
+            "(only in the state store)",
+            labels=["state"],
+        )
+        for state, count in self._read().items():
+            family.add_metric([state], count)
+        yield family
+
+
 class Metrics:
     """Every metric rnnstream exports; names are part of the public interface (dashboards)."""
 
@@ -148,6 +170,26 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self._states = _SessionStates(r)
+        self.spills = Counter(
+            "rnnstream_session_spills",
+            "Idle sessions moved out of memory into the state store (--spill-after)",
+            ["model"],
+            registry=r,
+        )
+        self.restores = Counter(
+            "rnnstream_session_restores",
+            "Spilled sessions brought back from the state store by their next request",
+            ["model"],
+            registry=r,
+        )
+        self.restore_latency = Histogram(
+            "rnnstream_session_restore_seconds",
+            "Time to bring a spilled session back from the state store",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.model_loads = Counter(
             "rnnstream_model_loads",
             "Loads of a model version, by result (ok, failed); version 0: the model folder",
@@ -189,6 +231,16 @@ class Metrics:
 
     def session_ended(self, model: str, reason: str) -> None:
         self.sessions_ended.labels(model, reason).inc()
+
+    def watch_session_states(self, read: Callable[[], Mapping[str, int]]) -> None:
+        self._states.watch(read)
+
+    def session_spilled(self, model: str) -> None:
+        self.spills.labels(model).inc()
+
+    def session_restored(self, model: str, seconds: float) -> None:
+        self.restores.labels(model).inc()
+        self.restore_latency.labels(model).observe(seconds)
 
     def principal_frames(self, principal: str, frames: int, waited: float, refused: bool) -> None:
         if self._principals is not None:

@@ -247,6 +247,11 @@ class Settings:
     auth_tokens_file: str = _setting(
         "", "File of bearer tokens, one per line: 'principal=token' or a bare token.", **_FILE
     )
+    admin_principals: tuple[str, ...] = _setting(
+        (),
+        "Principals (named by a bearer token or a client certificate) that may list, read and "
+        "end every principal's sessions (ListSessions, GetSession, EndSession), comma-separated.",
+    )
     readiness_without_auth: bool = _setting(
         False,
         "Let the Open Inference Protocol ServerLive and ServerReady answer callers without "

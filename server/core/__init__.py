@@ -9,6 +9,7 @@ from rnnstream.server.core._errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     RnnstreamError,
     Unauthenticated,
@@ -20,6 +21,7 @@ from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._models import ModelConfigError, ModelSpec, StateSpec, TensorSpec
 from rnnstream.server.core._results import (
     EMIT_MODES,
+    SESSION_STATES,
     Emit,
     Ended,
     Flushed,
@@ -30,6 +32,7 @@ from rnnstream.server.core._results import (
     Opened,
     Reset,
     SessionInfo,
+    SessionPage,
     VersionState,
 )
 from rnnstream.server.core._runtime import DeviceError
@@ -40,6 +43,7 @@ from rnnstream.server.core._work import FrameReply
 __all__ = [
     "EMIT_MODES",
     "GRAPH_LEVELS",
+    "SESSION_STATES",
     "CoreMetrics",
     "DeviceError",
     "Emit",
@@ -61,11 +65,13 @@ __all__ = [
     "NamedArray",
     "NotFound",
     "Opened",
+    "PermissionDenied",
     "Reset",
     "ResourceExhausted",
     "RnnstreamError",
     "ServingConfig",
     "SessionInfo",
+    "SessionPage",
     "SessionRecord",
     "SpecOf",
     "StateSpec",

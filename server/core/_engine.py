@@ -16,7 +16,9 @@ from rnnstream.server.core._errors import (
     quoted,
 )
 from rnnstream.server.core._forecast import forecast_params
+from rnnstream.server.core._idle import IdleSweep
 from rnnstream.server.core._instruments import CoreMetrics
+from rnnstream.server.core._listing import SessionViews
 from rnnstream.server.core._model_loader import ModelLoader
 from rnnstream.server.core._model_registry import ModelRegistry
 from rnnstream.server.core._principals import PrincipalLimits
@@ -32,6 +34,7 @@ from rnnstream.server.core._results import (
     Opened,
     Reset,
     SessionInfo,
+    SessionPage,
     VersionState,
 )
 from rnnstream.server.core._session import Session
@@ -67,6 +70,8 @@ class Engine:
         )
         self._loader = ModelLoader(self._models, settings, metrics)
         self._sessions = SessionManager.from_settings(self._models, settings, metrics)
+        self._idle = IdleSweep(self._sessions, metrics)
+        self._views = SessionViews(self._sessions.order, self._models)
         # What each principal may send (pace a stream, admit a unary call): one bucket each.
         self.limits = PrincipalLimits.from_settings(settings, metrics)
         self._accepting_frames = True
@@ -84,7 +89,7 @@ class Engine:
         if store is not None:
             self._stored = StoredSessions(store, self._sessions, self._models)
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._sessions.run_expiry()))
+        self._tasks.append(loop.create_task(self._idle.run()))
         if self._settings.model_control_mode == "poll":
             self._tasks.append(loop.create_task(self._loader.poll()))
 
@@ -172,15 +177,9 @@ class Engine:
         return opened
 
     def _open(
-        self,
-        principal: str,
-        session_id: str,
-        model: str,
-        emit: Emit,
-        resume_only: bool,
-        on_end: EndListener | None,
-        version: int | None,
-    ) -> Opened:
+        self, principal: str, session_id: str, model: str, emit: Emit, resume_only: bool,
+        on_end: EndListener | None, version: int | None,
+    ) -> Opened:  # fmt: skip
         session, resumed = self._sessions.open(
             model, session_id, principal, emit, resume_only=resume_only, version=version
         )
@@ -193,13 +192,11 @@ class Engine:
         self._sessions.get(session_id, principal).unlisten(on_end)
 
     def session(self, principal: str, session_id: str) -> SessionInfo:
-        session = self._sessions.get(session_id, principal)
-        idle, ttl = time.monotonic() - session.last_active, session.ttl
-        expires_in = max(0.0, ttl - idle) if ttl > 0 else 0.0
-        return SessionInfo(
-            session.id, session.model, session.next_index, session.frames_queued, idle,
-            expires_in, session.version,
-        )  # fmt: skip
+        return self._views.info(self._sessions.get(session_id, principal))
+
+    async def list_sessions(self, principal: str | None, **filters: Any) -> SessionPage:
+        """Sessions of `principal` (None: all), filtered (SessionViews.page), a page at a time."""
+        return await self._views.page(principal, **filters)
 
     # -- frames ----------------------------------------------------------------------------
     def submit(
@@ -307,10 +304,11 @@ class Engine:
         frame index, so a reset resent after a reconnect is not applied twice."""
         return self._control(principal, session_id, "reset", at_index=at_index)
 
-    def end(self, principal: str, session_id: str) -> asyncio.Future[Ended]:
+    def end(self, principal: str, session_id: str, operator: str = "") -> asyncio.Future[Ended]:
         """Remove the session now; its queued frames still run, then it ends. An emit-last
-        session's end carries its last output."""
-        future = self._sessions.end(session_id, principal)
+        session's end carries its last output. `operator`: the admin principal ending another
+        principal's session (its stream hears reason "operator")."""
+        future = self._sessions.end(session_id, principal, operator=operator)
         if self._stored is not None:
             self._stored.forget_once_ended(principal, session_id, future)
         return future

@@ -10,6 +10,7 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "PermissionDenied",
     "ResourceExhausted",
     "RnnstreamError",
     "Unauthenticated",
@@ -46,6 +47,7 @@ class ErrorCode(enum.Enum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     UNAVAILABLE = "UNAVAILABLE"
     UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
     INTERNAL = "INTERNAL"
 
 
@@ -91,6 +93,10 @@ class Unavailable(RnnstreamError):
 
 class Unauthenticated(RnnstreamError):
     code = ErrorCode.UNAUTHENTICATED
+
+
+class PermissionDenied(RnnstreamError):
+    code = ErrorCode.PERMISSION_DENIED
 
 
 class Internal(RnnstreamError):

@@ -38,6 +38,18 @@ class CoreMetrics(Protocol):
 
     def session_ended(self, model: str, reason: str) -> None: ...
 
+    def watch_session_states(self, read: Callable[[], Mapping[str, int]]) -> None:
+        """Sessions by state (active, idle, spilled), as the latest sweep counted them."""
+        ...
+
+    def session_spilled(self, model: str) -> None:
+        """An idle session left memory; its state stays in the store."""
+        ...
+
+    def session_restored(self, model: str, seconds: float) -> None:
+        """A spilled session was brought back from the store, taking `seconds`."""
+        ...
+
     def principal_frames(self, principal: str, frames: int, waited: float, refused: bool) -> None:
         """A principal brought `frames`: a stream then waited `waited` s, or a call was refused
         (per-principal series are opt-in: an implementation may ignore this)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +19,7 @@ from rnnstream.server.core._errors import (
     quoted,
 )
 from rnnstream.server.core._instruments import CoreMetrics
+from rnnstream.server.core._listing import OpenOrder
 from rnnstream.server.core._model_registry import ModelRegistry
 from rnnstream.server.core._results import EMIT_MODES, Emit, Ended
 from rnnstream.server.core._session import Session
@@ -50,6 +50,7 @@ class SessionManager:
     ) -> None:
         self._models = models
         self._sessions: dict[tuple[str, str], Session] = {}
+        self.order = OpenOrder()  # listings page through it
         self._expired: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._per_model: dict[str, int] = {}
         # Sessions per principal: the quota counts them whatever streams opened them. A
@@ -167,6 +168,7 @@ class SessionManager:
     def _register(self, session: Session) -> None:
         key = (session.owner, session.id)
         self._sessions[key] = session
+        self.order.add(session)
         self._expired.pop(key, None)
         self._per_model[session.model] = self._per_model.get(session.model, 0) + 1
         self._per_owner[session.owner] = self._per_owner.get(session.owner, 0) + 1
@@ -261,9 +263,15 @@ class SessionManager:
             raise self._missing(session_id, owner)
         return session
 
-    def end(self, session_id: str, owner: str, reason: str = "client") -> asyncio.Future[Ended]:
-        """Remove the session now; its queued frames still run, then its slot is freed."""
-        return self._end(self.get(session_id, owner), reason)
+    def end(
+        self, session_id: str, owner: str, reason: str = "client", operator: str = ""
+    ) -> asyncio.Future[Ended]:
+        """Remove the session now; its queued frames still run, then its slot is freed.
+        `operator`: the admin principal ending another principal's session."""
+        session = self.get(session_id, owner)
+        if operator:
+            return self._end(session, "operator", f"principal {operator!r}")
+        return self._end(session, reason)
 
     def end_instance(self, instance: int, message: str) -> None:
         """End every session on one loaded copy of a model version (it was retired and its
@@ -273,6 +281,7 @@ class SessionManager:
 
     def _end(self, session: Session, reason: str, message: str = "") -> asyncio.Future[Ended]:
         del self._sessions[(session.owner, session.id)]
+        self.order.remove(session)
         self._per_model[session.model] -= 1
         if self._per_owner[session.owner] == 1:
             del self._per_owner[session.owner]  # principals come and go: no entry per past one
@@ -283,6 +292,8 @@ class SessionManager:
             why = f"was {reason}" + (f": {message}" if message else "")
             if reason == "expired":
                 why = f"expired after {session.ttl:g} s idle"
+            elif reason == "operator":
+                why = f"was ended by an operator ({message})"
             self._expired[(session.owner, session.id)] = why
             while len(self._expired) > _EXPIRED_MEMORY:
                 self._expired.popitem(last=False)
@@ -300,22 +311,11 @@ class SessionManager:
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
 
-    def expire_idle(self) -> list[Session]:
-        """End every idle session older than its model's TTL; returns the ones expired."""
-        now = time.monotonic()
-        idle = [
-            s
-            for s in self._sessions.values()
-            if 0 < s.ttl < now - s.last_active and not s.has_work() and not s.in_flight
-        ]
-        for session in idle:
+    def expire(self, session: Session) -> None:
+        """End an idle session whose TTL passed, if it is still open."""
+        if self._sessions.get((session.owner, session.id)) is session:
             self._end(session, "expired")
-        return idle
 
-    async def run_expiry(self) -> None:
-        """Check for idle sessions a quarter of the shortest TTL in force (models load and
-        unload: it is read afresh each time)."""
-        while True:
-            ttls = [t for t in (self.ttl, self._models.shortest_ttl()) if t > 0]
-            await asyncio.sleep(min(max(min(ttls) / 4, 0.05), 5.0) if ttls else 1.0)
-            self.expire_idle()
+    def shortest_ttl(self) -> float:
+        """The shortest idle TTL in force, server-wide or per model (0: none)."""
+        return min((t for t in (self.ttl, self._models.shortest_ttl()) if t > 0), default=0.0)

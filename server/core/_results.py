@@ -12,6 +12,7 @@ from rnnstream.server.core._serving import ServingConfig, VersionPolicy
 
 __all__ = [
     "EMIT_MODES",
+    "SESSION_STATES",
     "Emit",
     "Ended",
     "Flushed",
@@ -22,12 +23,18 @@ __all__ = [
     "Opened",
     "Reset",
     "SessionInfo",
+    "SessionPage",
+    "SessionState",
     "VersionState",
 ]
 
 Arrays = list[npt.NDArray[Any]]
 Emit = Literal["every", "last"]
 EMIT_MODES: tuple[Emit, ...] = ("every", "last")
+# active: work queued or running; idle: in memory with nothing to do; spilled: only in the
+# state store (idle for --spill-after), brought back by its next request on any replica.
+SessionState = Literal["active", "idle", "spilled"]
+SESSION_STATES: tuple[SessionState, ...] = ("active", "idle", "spilled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +101,20 @@ class SessionInfo:
     next_index: int
     pending_frames: int
     idle_seconds: float
-    expires_in: float  # 0 when sessions do not expire
+    expires_in: float  # until it leaves memory (or, spilled, the store); 0: nothing ends it
     version: int = 1
+    principal: str = ""
+    state: SessionState = "idle"
+    memory_bytes: int = 0  # state, queued inputs and output ring held in this process
+    store_bytes: int = 0  # its copy in the state store; 0 without one
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    """One page of a session listing; `next_token` is empty on the last page."""
+
+    sessions: tuple[SessionInfo, ...]
+    next_token: str
 
 
 @dataclass(frozen=True, slots=True)

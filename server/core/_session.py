@@ -48,6 +48,7 @@ class Session:
         "owner",
         "ring",
         "ring_size",
+        "seq",
         "slot",
         "ttl",
         "version",
@@ -73,6 +74,7 @@ class Session:
         self.owner = owner
         self.emit: Emit = emit  # "last": frames are answered by flush and end only
         self.slot = -1
+        self.seq = -1  # registration number: listings page in this order
         self.next_index = 0
         self._pending: deque[FrameWork | ControlWork] = deque()
         self.frames_queued = 0
@@ -92,6 +94,10 @@ class Session:
     def place(self, slot: int) -> None:
         """Its state is (now) in this slot of the model's pool."""
         self.slot = slot
+
+    def numbered(self, seq: int) -> None:
+        """Its place in the order sessions were registered (listings page in it)."""
+        self.seq = seq
 
     def listen(self, listener: EndListener | None) -> None:
         self.listener = listener
@@ -120,6 +126,15 @@ class Session:
 
     def has_work(self) -> bool:
         return bool(self._pending)
+
+    def busy(self) -> bool:
+        """Work queued or running: the session is active, not idle."""
+        return bool(self._pending) or bool(self.in_flight)
+
+    def held_bytes(self) -> int:
+        """Bytes of queued inputs and kept outputs (its state lives in the model's pool)."""
+        queued = sum(a.nbytes for w in self._pending if isinstance(w, FrameWork) for a in w.inputs)
+        return queued + sum(a.nbytes for r in self.ring or () for a in r.outputs)
 
     def runnable(self) -> bool:
         """Work waits and nothing of the session is in flight: it belongs in the ready queue."""

@@ -24,6 +24,7 @@ class StatePool:
 
     def __init__(self, states: Sequence[StateSpec], capacity: int = 64) -> None:
         self._states = tuple(states)
+        self.slot_bytes = sum(s.initial.nbytes for s in self._states)  # one session's state
         self._min_capacity = max(1, capacity)
         self._arrays: list[npt.NDArray[Any]] = [self._alloc(s, self._min_capacity) for s in states]
         self._free: list[int] = list(range(self._min_capacity - 1, -1, -1))

@@ -71,7 +71,10 @@ class Authenticator:
     anonymous principal."""
 
     def __init__(
-        self, tokens: Mapping[str, str] | None = None, certificate_field: str = "none"
+        self,
+        tokens: Mapping[str, str] | None = None,
+        certificate_field: str = "none",
+        admins: Iterable[str] = (),
     ) -> None:
         for token, principal in (tokens or {}).items():
             if not token.strip() or not principal:
@@ -83,6 +86,29 @@ class Authenticator:
             )
         self._tokens = [(t.encode(), p) for t, p in (tokens or {}).items()]
         self._certificate = CERTIFICATE_FIELDS.get(certificate_field)
+        self._admins = frozenset(a.strip() for a in admins if a.strip())
+        self._check_admins(set((tokens or {}).values()))
+
+    def _check_admins(self, token_principals: set[str]) -> None:
+        """An admin list must name principals a call can have: a typo would leave the
+        operator locked out, and without credentials every caller is the same principal."""
+        if not self._admins:
+            return
+        if not self._tokens and self._certificate is None:
+            raise ValueError(
+                "--admin-principals needs bearer tokens or client certificates: without them "
+                "every caller is one anonymous principal, who already sees every session"
+            )
+        if self._certificate is None:
+            unknown = sorted(self._admins - token_principals)
+            if unknown:
+                raise ValueError(
+                    f"--admin-principals names {unknown[0]!r}, which no bearer token belongs to"
+                )
+
+    def is_admin(self, principal: str) -> bool:
+        """May this principal see and end every principal's sessions?"""
+        return principal in self._admins
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Authenticator:
@@ -91,7 +117,7 @@ class Authenticator:
             entries += Path(settings.auth_tokens_file).read_text().splitlines()
         # Only verified certificates name principals: without --tls-client-ca there are none.
         field = settings.tls_client_principal if settings.tls_client_ca else "none"
-        return cls(parse_tokens(entries), field)
+        return cls(parse_tokens(entries), field, settings.admin_principals)
 
     @property
     def mode(self) -> str:

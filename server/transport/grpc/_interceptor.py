@@ -16,6 +16,7 @@ __all__ = [
     "HEALTH_AND_REFLECTION",
     "READINESS",
     "AuthInterceptor",
+    "call_is_admin",
     "call_principal",
 ]
 
@@ -42,6 +43,7 @@ READINESS = frozenset(
 # The principal of the call being handled. Each RPC runs in a task of its own, which copies
 # the context, so a value set for one call is never seen by another.
 _PRINCIPAL: ContextVar[str] = ContextVar("rnnstream_principal")
+_ADMIN: ContextVar[bool] = ContextVar("rnnstream_admin", default=False)
 
 
 def call_principal() -> str:
@@ -51,6 +53,11 @@ def call_principal() -> str:
     except LookupError:
         # Fail closed: a handler reached without authentication is a wiring bug, not a guest.
         raise Internal("call was not authenticated (no principal established)") from None
+
+
+def call_is_admin() -> bool:
+    """Whether the current call's principal is an admin (--admin-principals)."""
+    return _ADMIN.get()
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -75,9 +82,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def _authenticate(self, context: Context) -> str:
         try:
-            return self._auth.principal(context.invocation_metadata(), context.auth_context())
+            principal = self._auth.principal(context.invocation_metadata(), context.auth_context())
         except Exception as exc:
             await abort(context, exc)
+        _ADMIN.set(self._auth.is_admin(principal))
+        return principal
 
     def _guarded(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         codec = {

@@ -14,9 +14,23 @@ from rnnstream.proto.tensor_codec import NUMPY_TO_DTYPE
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.server._metrics import Metrics
 from rnnstream.server._settings import Settings
-from rnnstream.server.core import Engine, ModelInfo, TensorSpec, Unavailable, VersionState
-from rnnstream.server.transport.grpc._interceptor import call_principal
-from rnnstream.server.transport.grpc._native_messages import encode_outputs, ended, forecasted
+from rnnstream.server.core import (
+    Engine,
+    ModelInfo,
+    PermissionDenied,
+    TensorSpec,
+    Unavailable,
+    VersionState,
+    quoted,
+)
+from rnnstream.server.transport.grpc._interceptor import call_is_admin, call_principal
+from rnnstream.server.transport.grpc._native_messages import (
+    encode_outputs,
+    ended,
+    forecasted,
+    session_info,
+    state_name,
+)
 from rnnstream.server.transport.grpc._native_stream import SHUTDOWN, StreamCall, named_arrays
 from rnnstream.server.transport.grpc._rate import forecast_frames
 from rnnstream.server.transport.grpc._status import (
@@ -107,6 +121,9 @@ class NativeServicer:
                 "GetSession": tolerant_unary(self.GetSession, pb.GetSessionRequest, pb.SessionInfo),
                 "EndSession": tolerant_unary(
                     self.EndSession, pb.EndSessionRequest, pb.SessionEnded
+                ),
+                "ListSessions": tolerant_unary(
+                    self.ListSessions, pb.ListSessionsRequest, pb.ListSessionsResponse
                 ),
                 "Forecast": tolerant_unary(self.Forecast, pb.ForecastRequest, pb.ForecastResponse),
                 "ListRepository": tolerant_unary(
@@ -203,24 +220,48 @@ class NativeServicer:
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.ModelInfo:
         return model_info(self._engine.model(request.name, request.version or None))
 
+    # -- sessions: a principal reaches its own; an admin principal every one ---------------
+    @staticmethod
+    def _holder(requested: str) -> tuple[str, str]:
+        """(the principal whose session a request names, the operator acting on another
+        principal's session or ''); PermissionDenied unless the caller is an admin."""
+        caller = call_principal()
+        if not requested or requested == caller:
+            return caller, ""
+        if not call_is_admin():
+            raise PermissionDenied(
+                f"principal {caller!r} may not reach the sessions of principal "
+                f"{quoted(requested)}: only admin principals (--admin-principals) may"
+            )
+        return requested, caller
+
     @unary
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.SessionInfo:
-        owner = call_principal()
-        snap = self._engine.session(owner, request.session_id)
-        return pb.SessionInfo(
-            session_id=snap.session_id,
-            model=snap.model,
-            next_frame_index=snap.next_index,
-            pending_frames=snap.pending_frames,
-            idle_seconds=snap.idle_seconds,
-            expires_in_seconds=snap.expires_in,
-            model_version=snap.version,
+        holder, _ = self._holder(request.principal)
+        return session_info(self._engine.session(holder, request.session_id))
+
+    @unary
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Context
+    ) -> pb.ListSessionsResponse:
+        holder, _ = self._holder(request.principal)
+        everyone = not request.principal and call_is_admin()
+        page = await self._engine.list_sessions(
+            None if everyone else holder,
+            model=request.model,
+            state=state_name(request.state),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListSessionsResponse(
+            sessions=[session_info(info) for info in page.sessions],
+            next_page_token=page.next_token,
         )
 
     @unary
     async def EndSession(self, request: pb.EndSessionRequest, context: Context) -> pb.SessionEnded:
-        owner = call_principal()
-        return ended(await self._engine.end(owner, request.session_id))
+        holder, operator = self._holder(request.principal)
+        return ended(await self._engine.end(holder, request.session_id, operator))
 
     @unary
     async def Forecast(self, request: pb.ForecastRequest, context: Context) -> pb.ForecastResponse:

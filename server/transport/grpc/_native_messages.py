@@ -12,11 +12,53 @@ from rnnstream.server.core import (
     FrameOutput,
     InvalidArgument,
     Opened,
+    SessionInfo,
 )
 
-__all__ = ["emit_name", "encode_outputs", "ended", "flushed", "forecasted", "opened"]
+__all__ = [
+    "emit_name",
+    "encode_outputs",
+    "ended",
+    "flushed",
+    "forecasted",
+    "opened",
+    "session_info",
+    "state_name",
+]
 
 _EMIT_NAMES: dict[int, Emit] = {pb.EMIT_EVERY: "every", pb.EMIT_LAST: "last"}
+_STATES = {
+    "active": pb.SESSION_ACTIVE,
+    "idle": pb.SESSION_IDLE,
+    "spilled": pb.SESSION_SPILLED,
+}
+_STATE_NAMES: dict[int, str] = {int(number): name for name, number in _STATES.items()}
+
+
+def state_name(value: int) -> str:
+    """A SessionState filter as the core names it ('' for unspecified)."""
+    if value == pb.SESSION_STATE_UNSPECIFIED:
+        return ""
+    try:
+        return _STATE_NAMES[value]
+    except KeyError:
+        raise InvalidArgument(f"unknown session state {value}") from None
+
+
+def session_info(info: SessionInfo) -> pb.SessionInfo:
+    return pb.SessionInfo(
+        session_id=info.session_id,
+        model=info.model,
+        next_frame_index=info.next_index,
+        pending_frames=info.pending_frames,
+        idle_seconds=info.idle_seconds,
+        expires_in_seconds=info.expires_in,
+        model_version=info.version,
+        principal=info.principal,
+        state=_STATES[info.state],
+        memory_bytes=info.memory_bytes,
+        store_bytes=info.store_bytes,
+    )
 
 
 def emit_name(value: int) -> Emit:

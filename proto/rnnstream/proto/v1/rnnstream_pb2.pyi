@@ -73,6 +73,36 @@ the outputs of the last frame applied. Frame errors are still sent.
 """
 Global___Emit: _TypeAlias = Emit  # noqa: Y015
 
+class _SessionState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_STATE_UNSPECIFIED: _SessionState.ValueType  # 0
+    SESSION_ACTIVE: _SessionState.ValueType  # 1
+    """In memory, with frames or a control queued or running."""
+    SESSION_IDLE: _SessionState.ValueType  # 2
+    """In memory, nothing to do."""
+    SESSION_SPILLED: _SessionState.ValueType  # 3
+    """Idle for --spill-after: its state lives only in the state store; its next frame, on any
+    replica, brings it back.
+    """
+
+class SessionState(_SessionState, metaclass=_SessionStateEnumTypeWrapper):
+    """Where a session is in its life."""
+
+SESSION_STATE_UNSPECIFIED: SessionState.ValueType  # 0
+SESSION_ACTIVE: SessionState.ValueType  # 1
+"""In memory, with frames or a control queued or running."""
+SESSION_IDLE: SessionState.ValueType  # 2
+"""In memory, nothing to do."""
+SESSION_SPILLED: SessionState.ValueType  # 3
+"""Idle for --spill-after: its state lives only in the state store; its next frame, on any
+replica, brings it back.
+"""
+Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
+
 @_typing.final
 class Tensor(_message.Message):
     """A dense tensor: dtype + shape + raw little-endian bytes in C order."""
@@ -364,8 +394,13 @@ class FrameOutput(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     FRAME_INDEX_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    RESTORED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     frame_index: _builtins.int
+    restored: _builtins.bool
+    """True when the session had been spilled to the state store (idle for --spill-after) and was
+    brought back to apply this frame. The outputs are the same as if it had never left.
+    """
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
         """One tensor per data output, without its batch axis."""
@@ -376,10 +411,11 @@ class FrameOutput(_message.Message):
         session_id: _builtins.str = ...,
         frame_index: _builtins.int = ...,
         outputs: _abc.Iterable[Global___Tensor] | None = ...,
+        restored: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame_index", b"frame_index", "outputs", b"outputs", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame_index", b"frame_index", "outputs", b"outputs", "restored", b"restored", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -443,15 +479,22 @@ class EndSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    principal: _builtins.str
+    """Optional, unary EndSession only: the principal holding the session. Empty: the caller's
+    own. Another principal's session may be ended only by an admin principal
+    (--admin-principals); its stream is told reason "operator".
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["principal", b"principal", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -469,8 +512,8 @@ class SessionEnded(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     reason: _builtins.str
-    """Why it ended: "client", "expired", "evicted", "shutdown" or "unloaded" (its model version
-    was retired and its drain timeout passed).
+    """Why it ended: "client", "expired", "evicted", "shutdown", "unloaded" (its model version
+    was retired and its drain timeout passed) or "operator" (an admin principal ended it).
     """
     next_frame_index: _builtins.int
     last_frame_index: _builtins.int
@@ -1052,15 +1095,21 @@ class GetSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    principal: _builtins.str
+    """Optional: the principal holding the session. Empty: the caller's own. Another principal's
+    session may be read only by an admin principal (--admin-principals).
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["principal", b"principal", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1077,14 +1126,27 @@ class SessionInfo(_message.Message):
     IDLE_SECONDS_FIELD_NUMBER: _builtins.int
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    STORE_BYTES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     model: _builtins.str
     next_frame_index: _builtins.int
     pending_frames: _builtins.int
     idle_seconds: _builtins.float
     expires_in_seconds: _builtins.float
-    """Seconds until idle expiry; 0 when expiry is off."""
+    """Seconds until the session leaves memory (expires, or spills with --spill-after) or, once
+    spilled, until its state leaves the store; 0 when nothing ends it.
+    """
     model_version: _builtins.int
+    principal: _builtins.str
+    """The principal holding the session."""
+    state: Global___SessionState.ValueType
+    memory_bytes: _builtins.int
+    """Bytes the session holds in this server's memory (state, queued frames, output ring)."""
+    store_bytes: _builtins.int
+    """Bytes of its copy in the state store (state and output ring); 0 without a store."""
     def __init__(
         self,
         *,
@@ -1095,11 +1157,81 @@ class SessionInfo(_message.Message):
         idle_seconds: _builtins.float = ...,
         expires_in_seconds: _builtins.float = ...,
         model_version: _builtins.int = ...,
+        principal: _builtins.str = ...,
+        state: Global___SessionState.ValueType = ...,
+        memory_bytes: _builtins.int = ...,
+        store_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_in_seconds", b"expires_in_seconds", "idle_seconds", b"idle_seconds", "model", b"model", "model_version", b"model_version", "next_frame_index", b"next_frame_index", "pending_frames", b"pending_frames", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_in_seconds", b"expires_in_seconds", "idle_seconds", b"idle_seconds", "memory_bytes", b"memory_bytes", "model", b"model", "model_version", b"model_version", "next_frame_index", b"next_frame_index", "pending_frames", b"pending_frames", "principal", b"principal", "session_id", b"session_id", "state", b"state", "store_bytes", b"store_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionInfo: _TypeAlias = SessionInfo  # noqa: Y015
+
+@_typing.final
+class ListSessionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Most sessions in the answer: 0 means 100; at most 1000."""
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the first page."""
+    model: _builtins.str
+    """Only sessions of this model (empty: every model)."""
+    principal: _builtins.str
+    """Only this principal's sessions. Empty: the caller's own, or, for an admin principal,
+    every principal's. Another principal needs an admin principal.
+    """
+    state: Global___SessionState.ValueType
+    """Only sessions in this state (unspecified: every state)."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        model: _builtins.str = ...,
+        principal: _builtins.str = ...,
+        state: Global___SessionState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "page_size", b"page_size", "page_token", b"page_token", "principal", b"principal", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsRequest: _TypeAlias = ListSessionsRequest  # noqa: Y015
+
+@_typing.final
+class ListSessionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionInfo]:
+        """In memory first (in the order they were opened or restored), then spilled ones. A page may
+        hold fewer than page_size sessions and still be followed by more.
+        """
+
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___SessionInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsResponse: _TypeAlias = ListSessionsResponse  # noqa: Y015

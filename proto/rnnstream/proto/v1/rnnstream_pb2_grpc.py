@@ -64,6 +64,11 @@ class RnnstreamStub:
                 request_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.EndSessionRequest.SerializeToString,
                 response_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.SessionEnded.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/rnnstream.v1.Rnnstream/ListSessions',
+                request_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
         self.Forecast = channel.unary_unary(
                 '/rnnstream.v1.Rnnstream/Forecast',
                 request_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ForecastRequest.SerializeToString,
@@ -123,6 +128,14 @@ class RnnstreamServicer:
 
     def EndSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """The sessions the caller may see, a page at a time: its own, or with an admin principal
+        (--admin-principals) every principal's. Filters by model, principal and state.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -189,6 +202,11 @@ def add_RnnstreamServicer_to_server(servicer, server):
                     servicer.EndSession,
                     request_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.EndSessionRequest.FromString,
                     response_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.SessionEnded.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListSessionsRequest.FromString,
+                    response_serializer=rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListSessionsResponse.SerializeToString,
             ),
             'Forecast': grpc.unary_unary_rpc_method_handler(
                     servicer.Forecast,
@@ -373,6 +391,33 @@ class Rnnstream:
             '/rnnstream.v1.Rnnstream/EndSession',
             rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.EndSessionRequest.SerializeToString,
             rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.SessionEnded.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnstream.v1.Rnnstream/ListSessions',
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListSessionsRequest.SerializeToString,
+            rnnstream_dot_proto_dot_v1_dot_rnnstream__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,10 @@ class RnnstreamStub:
     GetModel: _grpc.UnaryUnaryMultiCallable[_rnnstream_pb2.GetModelRequest, _rnnstream_pb2.ModelInfo]
     GetSession: _grpc.UnaryUnaryMultiCallable[_rnnstream_pb2.GetSessionRequest, _rnnstream_pb2.SessionInfo]
     EndSession: _grpc.UnaryUnaryMultiCallable[_rnnstream_pb2.EndSessionRequest, _rnnstream_pb2.SessionEnded]
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_rnnstream_pb2.ListSessionsRequest, _rnnstream_pb2.ListSessionsResponse]
+    """The sessions the caller may see, a page at a time: its own, or with an admin principal
+    (--admin-principals) every principal's. Filters by model, principal and state.
+    """
     Forecast: _grpc.UnaryUnaryMultiCallable[_rnnstream_pb2.ForecastRequest, _rnnstream_pb2.ForecastResponse]
     """Roll a session forward k steps, feeding each output back as the next input. The session
     is left as it was unless the request commits the steps.
@@ -63,6 +67,10 @@ class RnnstreamAsyncStub(RnnstreamStub):
     GetModel: _aio.UnaryUnaryMultiCallable[_rnnstream_pb2.GetModelRequest, _rnnstream_pb2.ModelInfo]  # type: ignore[assignment]
     GetSession: _aio.UnaryUnaryMultiCallable[_rnnstream_pb2.GetSessionRequest, _rnnstream_pb2.SessionInfo]  # type: ignore[assignment]
     EndSession: _aio.UnaryUnaryMultiCallable[_rnnstream_pb2.EndSessionRequest, _rnnstream_pb2.SessionEnded]  # type: ignore[assignment]
+    ListSessions: _aio.UnaryUnaryMultiCallable[_rnnstream_pb2.ListSessionsRequest, _rnnstream_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """The sessions the caller may see, a page at a time: its own, or with an admin principal
+    (--admin-principals) every principal's. Filters by model, principal and state.
+    """
     Forecast: _aio.UnaryUnaryMultiCallable[_rnnstream_pb2.ForecastRequest, _rnnstream_pb2.ForecastResponse]  # type: ignore[assignment]
     """Roll a session forward k steps, feeding each output back as the next input. The session
     is left as it was unless the request commits the steps.
@@ -120,6 +128,16 @@ class RnnstreamServicer(metaclass=_abc_1.ABCMeta):
         request: _rnnstream_pb2.EndSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rnnstream_pb2.SessionEnded, _abc.Awaitable[_rnnstream_pb2.SessionEnded]]: ...
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _rnnstream_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnnstream_pb2.ListSessionsResponse, _abc.Awaitable[_rnnstream_pb2.ListSessionsResponse]]:
+        """The sessions the caller may see, a page at a time: its own, or with an admin principal
+        (--admin-principals) every principal's. Filters by model, principal and state.
+        """
 
     @_abc_1.abstractmethod
     def Forecast(
