@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -40,6 +40,9 @@ class AsyncSession:
         self.emit = emit
         self.ended = False
         self.last_outputs: Outputs | None = None  # set by end() of an emit-last session
+        # Called with a frame's index, before its outputs resolve, when the server brought the
+        # session back from its state store to apply it (it had been spilled while idle).
+        self.on_restore: Callable[[int], None] | None = None
         self._waiters = _Waiters(self)
         mux.register(self.id, self._waiters)
 
@@ -212,6 +215,8 @@ class _Waiters:
                 )
             )
             return
+        if output.restored and self._session.on_restore is not None:
+            self._session.on_restore(output.frame_index)
         entry[1].set_result(outputs)
 
     def on_frame_error(self, index: int, error: RnnstreamError) -> None:

@@ -60,6 +60,11 @@ class SessionDriver:
         self._due: deque[float] = deque()
         self._wake = asyncio.Event()
         self._closed = False
+        self._restored_index = -1  # the latest frame answered after a restore from the store
+        session.on_restore = self._on_restore
+
+    def _on_restore(self, index: int) -> None:
+        self._restored_index = index
 
     # -- open loop: the schedule hands out due times ---------------------------------------
     def full(self) -> bool:
@@ -112,16 +117,22 @@ class SessionDriver:
         measured = intended >= self._run.origin
         if measured:
             self._stats.sent += 1
+        index = self.session.next_index
         try:
             future = await self.session.send(frame)
         except RnnstreamError as exc:  # the stream is gone: nothing more goes through it
             self._failed(exc.code.name, measured)
             return
-        future.add_done_callback(lambda f: self._done(f, intended, measured, seq))
+        future.add_done_callback(lambda f: self._done(f, intended, measured, seq, index))
         self.window.append((future, measured, seq))
 
     def _done(
-        self, future: asyncio.Future[Outputs], intended: float, measured: bool, seq: int
+        self,
+        future: asyncio.Future[Outputs],
+        intended: float,
+        measured: bool,
+        seq: int,
+        index: int,
     ) -> None:
         if future.cancelled():
             return
@@ -132,7 +143,7 @@ class SessionDriver:
             return
         now = clock()
         if measured:
-            self._stats.answer(now - intended, now)
+            self._stats.answer(now - intended, now, restored=index == self._restored_index)
         if self._check is not None:
             self._check.answered(seq, future.result())
 

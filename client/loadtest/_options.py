@@ -40,6 +40,7 @@ class LoadtestOptions:
     warmup: float = 0.0
     inflight: int | None = None
     rate: float | None = None
+    session_rate: float | None = None  # frames/s of each session (open loop): rate = sessions * it
     arrivals: Literal["constant", "poisson"] = "constant"
     connections: int = 1
     processes: int = 1
@@ -77,7 +78,14 @@ class LoadtestOptions:
 
     @property
     def open_loop(self) -> bool:
-        return self.rate is not None
+        return self.rate is not None or self.session_rate is not None
+
+    @property
+    def total_rate(self) -> float | None:
+        """Frames/s over all sessions in open loop (None: closed loop)."""
+        if self.session_rate is not None:
+            return self.session_rate * self.sessions
+        return self.rate
 
     @property
     def window(self) -> int:
@@ -120,10 +128,16 @@ class LoadtestOptions:
         for name, number in (
             ("duration", self.duration),
             ("rate", self.rate),
+            ("session-rate", self.session_rate),
             ("timeout", self.timeout),
         ):
             if number is not None and not (math.isfinite(number) and number > 0):
-                raise OptionsError(f"--{name} must be a positive number of seconds, got {number}")
+                raise OptionsError(f"--{name} must be a positive number, got {number}")
+        if self.rate is not None and self.session_rate is not None:
+            raise OptionsError(
+                "--rate (frames/s in total) and --session-rate (frames/s per session) are two "
+                "ways to set the open-loop rate: give one"
+            )
         if not (math.isfinite(self.warmup) and self.warmup >= 0):
             raise OptionsError(f"--warmup must be zero or more seconds, got {self.warmup}")
         if not (math.isfinite(self.drain) and self.drain >= 0):
@@ -213,6 +227,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate",
         type=float,
         help="open loop: frames/s in total across all sessions (default: closed loop)",
+    )
+    load.add_argument(
+        "--session-rate",
+        type=float,
+        help="open loop: frames/s of each session, e.g. 0.1 for a frame every 10 s (a fleet of "
+        "sparse sessions; the sessions take turns, so the load is spread evenly); instead of "
+        "--rate",
     )
     load.add_argument(
         "--arrivals",

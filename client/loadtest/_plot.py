@@ -32,8 +32,8 @@ def write_plot(report: Report, path: Path) -> None:
     thr.plot(seconds, [s.answered for s in report.timeline], label="answered")
     if any(s.failed for s in report.timeline):
         thr.plot(seconds, [s.failed for s in report.timeline], label="failed", color="red")
-    if report.options.rate is not None:
-        thr.axhline(report.options.rate, linestyle="--", color="gray", label="target rate")
+    if report.options.total_rate is not None:
+        thr.axhline(report.options.total_rate, linestyle="--", color="gray", label="target rate")
     thr.set_ylabel("frames/s")
     thr.set_xlabel("second of the measured run")
     thr.legend(loc="lower left")

@@ -37,6 +37,11 @@ class Report:
     interrupted: bool = False
     connections: int = 1
     errors: list[str] = field(default_factory=list)  # what kept (part of) the run from running
+    # Frames answered after their spilled session was restored from the server's state store,
+    # their latency, and the latency of the others (session in memory), from the same run.
+    restores: int = 0
+    restored_latency_ms: dict[str, float | None] = field(default_factory=dict)
+    resident_latency_ms: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def frames_failed(self) -> int:
@@ -100,8 +105,13 @@ class Report:
             },
             "duration_s": self.duration_s,
             "frames_per_second": self.frames_per_second,
-            "target_rate": o.rate,
+            "target_rate": o.total_rate,
             "latency_ms": self.latency_ms,
+            "restores": {
+                "frames": self.restores,
+                "latency_ms": self.restored_latency_ms,
+                "in_memory_latency_ms": self.resident_latency_ms,
+            },
             "error_rate": self.error_rate,
             "verify": None
             if self.verify is None
@@ -135,11 +145,12 @@ def _codes(counts: dict[str, int]) -> str:
 
 def render_table(report: Report) -> Table:
     o = report.options
-    mode = (
-        f"open loop, {o.rate:g} frames/s {o.arrivals}"
-        if o.open_loop
-        else f"closed loop, {o.window} in flight per session"
-    )
+    if o.session_rate is not None:
+        mode = f"open loop, {o.session_rate:g} frames/s per session ({o.total_rate:g} in all)"
+    elif o.rate is not None:
+        mode = f"open loop, {o.rate:g} frames/s {o.arrivals}"
+    else:
+        mode = f"closed loop, {o.window} in flight per session"
     title = f"rnnstream loadtest: {o.model} @ {o.target}"
     if report.interrupted:
         title += " (interrupted)"
@@ -172,6 +183,14 @@ def render_table(report: Report) -> Table:
     lat = report.latency_ms
     for name in ("p50", "p90", "p99", "p99.9", "max"):
         table.add_row(f"latency {name}", _ms(lat[name]))
+    if report.restores:
+        restored, resident = report.restored_latency_ms, report.resident_latency_ms
+        table.add_row(
+            "restores",
+            f"{report.restores} frames restored a spilled session: p50 "
+            f"{_ms(restored.get('p50'))}, p99 {_ms(restored.get('p99'))}, max "
+            f"{_ms(restored.get('max'))} (in memory: p99 {_ms(resident.get('p99'))})",
+        )
     if report.verify is not None:
         v = report.verify
         table.add_row(

@@ -31,7 +31,8 @@ __all__ = ["LoadtestError", "run_loadtest", "split"]
 
 clock = time.monotonic
 _START_MARGIN = 0.05  # seconds between "all ready" and the common start
-_OPEN_GUARD = 120.0  # most seconds the workers may take to open their sessions
+_OPEN_GUARD = 120.0  # most seconds the workers may take to open their sessions...
+_OPENS_PER_SECOND = 1000  # ...plus a second per this many sessions
 
 
 class LoadtestError(Exception):
@@ -48,7 +49,8 @@ def split(options: LoadtestOptions) -> list[Share]:
     first = 0
     for p in range(options.processes):
         sessions = _spread(options.sessions, options.processes, p)
-        rate = None if options.rate is None else options.rate * sessions / options.sessions
+        total = options.total_rate
+        rate = None if total is None else total * sessions / options.sessions
         connections = max(1, _spread(options.connections, options.processes, p))
         shares.append(Share(p, first, sessions, min(connections, sessions), rate))
         first += sessions
@@ -162,7 +164,7 @@ class _Run:
     def run(self) -> Report:
         for worker in self.workers:
             worker.start()
-        guard = clock() + _OPEN_GUARD
+        guard = clock() + _OPEN_GUARD + self.options.sessions / _OPENS_PER_SECOND
         last_progress = 0.0
         while len(self.results) + len(self.fatal) < len(self.workers):
             try:
@@ -242,11 +244,15 @@ class _Run:
     def _report(self) -> Report:
         results = list(self.results.values())
         open_latency = new_histogram()
+        restored, resident = new_histogram(), new_histogram()
         failed: Counter[str] = Counter()
         refused: Counter[str] = Counter()
         verify = VerifyStats() if self.options.verify else None
         for r in results:
             open_latency.add(decode_histogram(r.open_latency))
+            for merged, encoded in ((restored, r.restored_latency), (resident, r.resident_latency)):
+                if encoded:
+                    merged.add(decode_histogram(encoded))
             failed.update(r.failed)
             refused.update(r.sessions_failed)
             if verify is not None and r.verify is not None:
@@ -267,7 +273,12 @@ class _Run:
             histograms={
                 "latency_us": encode_histogram(self.timeline.total),
                 "open_latency_us": encode_histogram(open_latency),
+                "restored_latency_us": encode_histogram(restored),
+                "resident_latency_us": encode_histogram(resident),
             },
+            restores=sum(r.restores for r in results),
+            restored_latency_ms=summary_ms(restored),
+            resident_latency_ms=summary_ms(resident),
             verify=verify,
             interrupted=self.interrupted,
             connections=sum(s.connections for s in self.shares),

@@ -83,6 +83,11 @@ class WorkerStats:
     open_latency: HdrHistogram = field(default_factory=new_histogram)
     seconds: dict[int, Second] = field(default_factory=dict)
     last_answer: float = 0.0
+    # Measured frames the server answered after bringing their spilled session back from its
+    # state store, and the others (their session was in memory): one run, two latencies.
+    restores: int = 0
+    restored_latency: HdrHistogram = field(default_factory=new_histogram)
+    resident_latency: HdrHistogram = field(default_factory=new_histogram)
 
     def _second(self, now: float) -> Second:
         index = max(0, math.floor(now - self.origin))
@@ -91,12 +96,17 @@ class WorkerStats:
             bucket = self.seconds[index] = Second()
         return bucket
 
-    def answer(self, latency: float, now: float) -> None:
+    def answer(self, latency: float, now: float, restored: bool = False) -> None:
         self.answered += 1
         self.last_answer = max(self.last_answer, now)
         bucket = self._second(now)
         bucket.answered += 1
         record_seconds(bucket.histogram, latency)
+        if restored:
+            self.restores += 1
+            record_seconds(self.restored_latency, latency)
+        else:
+            record_seconds(self.resident_latency, latency)
 
     def fail(self, code: str, now: float) -> None:
         self.failed[code] += 1

@@ -50,6 +50,9 @@ class WorkerResult:
     last_event: float  # seconds after the origin of the last measured answer or failure
     sending_ended: float  # seconds after the origin when sending stopped
     verify: VerifyStats | None = None
+    restores: int = 0
+    restored_latency: str = ""  # encoded HDR histograms, microseconds ('' when none)
+    resident_latency: str = ""
     stopped: bool = False
 
 
@@ -233,6 +236,9 @@ async def _run(
         last_event=last,
         sending_ended=max(sending_ended, 0.0),
         verify=verify,
+        restores=stats.restores,
+        restored_latency=encode_histogram(stats.restored_latency),
+        resident_latency=encode_histogram(stats.resident_latency),
         stopped=stopped,
     )
 
