@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnstream.server.core._errors import RnnstreamError, Unavailable
+from rnnstream.server.core._errors import Internal, RnnstreamError
 from rnnstream.server.core._models import ModelSpec
 from rnnstream.server.core._results import FrameOutput
 from rnnstream.server.core._session import Session
@@ -72,8 +72,8 @@ class Persistence:
             await self.store.save(spec, steps)
         except Exception as exc:
             self._pool.scatter(slots, old_states)
-            error = exc if isinstance(exc, RnnstreamError) else Unavailable(str(exc))
-            log.warning("could not store a batch of %d: %s", len(frames), error)
+            error = _classified(exc)
+            log.warning("could not store a batch of %d: %s", len(frames), error.message)
             return error
         return None
 
@@ -102,4 +102,13 @@ class Persistence:
         except Exception as exc:
             self._pool.write(session.slot, undo.states)  # slots may have moved: read afresh
             session.set_last(undo.last)
-            raise exc if isinstance(exc, RnnstreamError) else Unavailable(str(exc)) from exc
+            raise _classified(exc) from exc
+
+
+def _classified(exc: Exception) -> RnnstreamError:
+    """A store that cannot be reached raises Unavailable, which the client waits out; anything
+    else is a fault that retrying would only repeat: INTERNAL, its traceback logged here once."""
+    if isinstance(exc, RnnstreamError):
+        return exc
+    log.error("the state store failed", exc_info=exc)
+    return Internal(f"the state store failed: {type(exc).__name__}: {exc}")

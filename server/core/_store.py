@@ -46,7 +46,8 @@ class SessionRecord:
 
 
 class StateStore(Protocol):
-    """Persistence of session state; every call may raise when the store is unreachable."""
+    """Persistence of session state. A call raises Unavailable when the store cannot be reached
+    (the client may try again later); any other exception is a fault (INTERNAL)."""
 
     async def save(self, spec: ModelSpec, steps: Sequence[StepRecord]) -> None:
         """Write every step in one round trip."""

@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from urllib.parse import quote
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rnnstream.server.core import (
     ModelSpec,
@@ -50,6 +52,16 @@ return #KEYS
 """
 
 
+# Failures of reaching Redis, which pass (a restart, a failover, a network blip): UNAVAILABLE,
+# and the client tries again. Every other error (WRONGTYPE on a key written by someone else, a
+# script error) would fail the same way again: it is raised as it is, an internal fault.
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+
+
+def _unavailable(exc: RedisError | OSError) -> Unavailable:
+    return Unavailable(f"session state store unreachable: {exc}")
+
+
 def _raw(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
@@ -84,14 +96,14 @@ class RedisStore:
             args += [ring_field, entry, ttl_ms]
         try:
             await self._save(keys=keys, args=args)
-        except RedisError as exc:
-            raise Unavailable(f"session state store unreachable: {exc}") from exc
+        except _UNREACHABLE as exc:
+            raise _unavailable(exc) from exc
 
     async def load(self, specs: SpecOf, owner: str, session_id: str) -> SessionRecord | None:
         try:
             raw = await self._redis.hgetall(self.key(owner, session_id))
-        except RedisError as exc:
-            raise Unavailable(f"session state store unreachable: {exc}") from exc
+        except _UNREACHABLE as exc:
+            raise _unavailable(exc) from exc
         if not raw:
             return None
         # The client is made without decode_responses: every field and value is bytes.
@@ -117,8 +129,8 @@ class RedisStore:
     async def delete(self, owner: str, session_id: str) -> None:
         try:
             await self._redis.delete(self.key(owner, session_id))
-        except RedisError as exc:
-            raise Unavailable(f"session state store unreachable: {exc}") from exc
+        except _UNREACHABLE as exc:
+            raise _unavailable(exc) from exc
 
     async def close(self) -> None:
         await self._redis.aclose()
