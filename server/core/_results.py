@@ -45,6 +45,9 @@ class FrameOutput:
     outputs: Arrays
     names: tuple[str, ...]
     replayed: bool = False  # answered from the output ring: the frame was applied before
+    # A digest of the inputs that made it: a resend of its index must carry the same inputs to
+    # be answered from the output ring (empty: not known, as in rings stored by older servers).
+    inputs_digest: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

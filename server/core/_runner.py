@@ -16,7 +16,7 @@ from rnnstream.server.core._run_timing import RunTimes
 from rnnstream.server.core._runtime import OrtModel
 from rnnstream.server.core._state_pool import StatePool
 from rnnstream.server.core._validation import nonfinite_rows
-from rnnstream.server.core._work import Arrays, BatchKey, FrameWork
+from rnnstream.server.core._work import Arrays, BatchKey, FrameWork, inputs_digest
 
 __all__ = ["BatchRunner", "Feeds", "Slots"]
 
@@ -93,7 +93,12 @@ class BatchRunner:
         ]
         names = self._output_names
         return [
-            FrameOutput(frame.index, [np.array(out[i]) for out in per_output], names)
+            FrameOutput(
+                frame.index,
+                [np.array(out[i]) for out in per_output],
+                names,
+                inputs_digest=inputs_digest(frame.inputs),
+            )
             for i, frame in enumerate(frames)
         ]
 

@@ -11,7 +11,13 @@ from typing import Protocol
 
 from rnnstream.server.core._errors import FailedPrecondition, RnnstreamError
 from rnnstream.server.core._results import Emit, FrameOutput
-from rnnstream.server.core._work import AUTO_INDEX, ControlWork, EndListener, FrameWork
+from rnnstream.server.core._work import (
+    AUTO_INDEX,
+    ControlWork,
+    EndListener,
+    FrameWork,
+    inputs_digest,
+)
 
 __all__ = ["CONTROL", "FRAME", "Answers", "Session"]
 
@@ -168,11 +174,15 @@ class Session:
                 answers.count("CANCELLED")
             elif work.index < self.next_index:
                 replayed = self.replay(work.index)
-                if replayed is not None:
+                if replayed is None:
+                    answers.reject(work, self._forgotten(work.index))
+                elif replayed.inputs_digest and replayed.inputs_digest != inputs_digest(
+                    work.inputs
+                ):
+                    answers.reject(work, self._not_a_resend(work.index))
+                else:
                     work.reply.set_result(replayed if work.emit else None)
                     answers.count("OK")
-                else:
-                    answers.reject(work, self._forgotten(work.index))
             else:
                 answers.reject(
                     work,
@@ -184,6 +194,14 @@ class Session:
                     ),
                 )
         return None
+
+    def _not_a_resend(self, index: int) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"frame {index} was already applied with other inputs: a resent frame must carry the "
+            f"inputs it was first sent with; next expected frame is {self.next_index}",
+            session_id=self.id,
+            frame_index=index,
+        )
 
     def _forgotten(self, index: int) -> FailedPrecondition:
         return FailedPrecondition(
@@ -262,7 +280,7 @@ class Session:
     def replay(self, index: int) -> FrameOutput | None:
         for result in reversed(self.ring or ()):
             if result.index == index:
-                return FrameOutput(index, result.outputs, result.names, replayed=True)
+                return FrameOutput(index, result.outputs, result.names, True, result.inputs_digest)
         return None
 
     def set_last(self, last: FrameOutput | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -24,6 +25,7 @@ __all__ = [
     "FrameReply",
     "FrameWork",
     "as_index_array",
+    "inputs_digest",
 ]
 
 Arrays = list[npt.NDArray[Any]]
@@ -97,6 +99,16 @@ class ControlWork:
     reset_after: bool = False  # flush: back to the initial state once answered
     forecast: ForecastParams | None = None
     enqueued_at: float = field(default_factory=time.perf_counter)  # orders the ready sessions
+
+
+def inputs_digest(inputs: Arrays) -> bytes:
+    """A CRC-32 of a frame's input bytes: tells a resend that carries other inputs from a true
+    one (the model fixes dtypes and every axis but T, and the CRC covers the length)."""
+    crc = 0
+    for array in inputs:
+        contiguous = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+        crc = zlib.crc32(contiguous.data, crc)
+    return crc.to_bytes(4, "little")
 
 
 def as_index_array(slots: list[int]) -> npt.NDArray[np.intp]:

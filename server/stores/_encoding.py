@@ -19,12 +19,14 @@ _DIMS = struct.Struct("<B")
 
 
 def encode_result(result: FrameOutput) -> bytes:
-    """Frame index, then each output as rank, dims and raw little-endian bytes."""
+    """Frame index, then each output as rank, dims and raw little-endian bytes, then the digest
+    of the frame's inputs (entries written before it was kept end with the outputs)."""
     parts = [_HEADER.pack(result.index, len(result.outputs))]
     for array in result.outputs:
         parts.append(_DIMS.pack(array.ndim))
         parts.append(struct.pack(f"<{array.ndim}I", *array.shape))
         parts.append(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
+    parts.append(result.inputs_digest)
     return b"".join(parts)
 
 
@@ -42,7 +44,8 @@ def decode_result(spec: ModelSpec, data: bytes) -> FrameOutput:
         array = np.frombuffer(data, dtype=dtype, count=size // dtype.itemsize, offset=offset)
         outputs.append(array.reshape(shape).astype(tensor.dtype))
         offset += size
-    return FrameOutput(index, outputs, tuple(t.name for t in spec.outputs[:count]))
+    names = tuple(t.name for t in spec.outputs[:count])
+    return FrameOutput(index, outputs, names, inputs_digest=bytes(data[offset:]))
 
 
 def encode_states(states: Arrays) -> bytes:
