@@ -28,6 +28,7 @@ def core_settings(s: Settings) -> EngineSettings:
         session_ttl=s.session_ttl,
         output_ring=s.output_ring,
         max_steps_per_frame=s.max_steps_per_frame,
+        max_forecast_steps=s.max_forecast_steps,
         max_message_bytes=s.max_message_bytes,
         max_pending_frames=s.max_pending_frames,
         evict_idle_when_full=s.evict_idle_when_full,

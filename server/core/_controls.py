@@ -9,7 +9,7 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from rnnstream.server.core._errors import FailedPrecondition, Internal, RnnstreamError
-from rnnstream.server.core._forecast import first_from_last, rollout
+from rnnstream.server.core._forecast import check_answer_size, first_from_last, rollout
 from rnnstream.server.core._persistence import Persistence, Undo
 from rnnstream.server.core._results import Ended, Flushed, Forecasted, FrameOutput, Reset
 from rnnstream.server.core._runner import BatchRunner
@@ -126,6 +126,9 @@ class Controls:
                 first = first_from_last(spec, session.last)
             states = host.pool.read(session.slot)
             rolled = await host.runner.rollout_in_executor(rollout, states, first, params.steps)
+            if params.answer_limit:  # checked before it ran when the model fixes the sizes
+                size = sum(a.nbytes for a in rolled.outputs)
+                check_answer_size(size, params.answer_limit, session.id)
             if params.commit:
                 undo = Undo(states, session.last)
                 # Slots may have moved during the await: session.slot is read afresh.

@@ -24,6 +24,7 @@ class EngineSettings:
     session_ttl: float  # seconds an idle session lives; 0: forever
     output_ring: int  # outputs kept per session to answer resent frames
     max_steps_per_frame: int  # most time steps one frame may carry
+    max_forecast_steps: int  # most steps one forecast may roll forward
     max_message_bytes: int  # a frame whose outputs would not fit is refused before it runs
     max_pending_frames: int  # frames queued per session before submit says it is full
     evict_idle_when_full: bool  # at a session cap, end an idle session to open one

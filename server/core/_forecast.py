@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from rnnstream.server.core._work import ForecastParams
 
 __all__ = [
     "Rollout",
+    "check_answer_size",
     "first_from_frame",
     "first_from_last",
     "forecast_params",
@@ -87,6 +89,32 @@ def first_from_frame(model: ModelSpec, arrays: Arrays) -> Arrays:
     return first
 
 
+# Room for everything in a forecast's answer besides the tensor bytes (ids, names, shapes).
+_MESSAGE_OVERHEAD = 1024
+
+
+def _step_bytes(spec: ModelSpec) -> int | None:
+    """Bytes of one rollout step's outputs, when the model fixes them."""
+    total = 0
+    for out in spec.outputs:
+        dims = [1 if i == out.frame_time_axis else d for i, d in enumerate(out.frame_shape)]
+        if any(d is None for d in dims):
+            return None
+        total += math.prod(d for d in dims if d is not None) * out.dtype.itemsize
+    return total
+
+
+def check_answer_size(size: int, limit: int, session_id: str, most_steps: str = "") -> None:
+    """A forecast whose answer would not fit in a message is refused before anything changes:
+    once committed, an answer too big to send would leave the client not knowing the state."""
+    if size + _MESSAGE_OVERHEAD > limit:
+        raise InvalidArgument(
+            f"the forecast's outputs would take {size} bytes, over the server's message limit of "
+            f"{limit} bytes (--max-message-bytes); ask for fewer steps{most_steps}",
+            session_id=session_id,
+        )
+
+
 def forecast_params(
     spec: ModelSpec,
     session_id: str,
@@ -94,17 +122,21 @@ def forecast_params(
     commit: bool,
     tensors: Sequence[NamedArray],
     max_steps: int,
+    max_message_bytes: int,
 ) -> ForecastParams:
-    """A forecast request checked against the model: `tensors` are step 1's inputs (none: the
-    session's last output feeds step 1)."""
+    """A forecast request checked against the model and the limits: `tensors` are step 1's
+    inputs (none: the session's last output feeds step 1)."""
     if not spec.feedback:
         raise FailedPrecondition(spec.feedback_problem, session_id=session_id)
     if not 1 <= steps <= max_steps:
         raise InvalidArgument(
-            f"forecast steps must be between 1 and {max_steps} (--max-steps-per-frame), "
-            f"got {steps}",
+            f"forecast steps must be between 1 and {max_steps} (--max-forecast-steps), got {steps}",
             session_id=session_id,
         )
+    per_step = _step_bytes(spec)
+    if per_step:
+        most = max(0, (max_message_bytes - _MESSAGE_OVERHEAD) // per_step)
+        check_answer_size(steps * per_step, max_message_bytes, session_id, f" (at most {most})")
     first = None
     if tensors:
         try:
@@ -112,7 +144,7 @@ def forecast_params(
         except InvalidArgument as exc:
             exc.session_id = session_id
             raise
-    return ForecastParams(steps, commit, first)
+    return ForecastParams(steps, commit, first, max_message_bytes)
 
 
 def rollout(model: OrtModel, states: Arrays, first: Arrays, steps: int) -> Rollout:

@@ -86,6 +86,7 @@ class ForecastParams:
     steps: int
     commit: bool
     first: Arrays | None = None
+    answer_limit: int = 0  # most bytes its answer may take (0: no limit)
 
 
 @dataclass(slots=True)
