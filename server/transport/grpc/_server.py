@@ -21,6 +21,7 @@ from rnnstream.server._settings import Settings
 from rnnstream.server.core import Engine
 from rnnstream.server.stores import open_store
 from rnnstream.server.transport.grpc._auth import Authenticator
+from rnnstream.server.transport.grpc._grpc_logs import quiet_client_cancels
 from rnnstream.server.transport.grpc._interceptor import (
     HEALTH_AND_REFLECTION,
     READINESS,
@@ -117,6 +118,7 @@ class GrpcServer:
     def __init__(self, settings: Settings) -> None:
         self._rescans: set[asyncio.Task[None]] = set()
         self.settings = settings
+        quiet_client_cancels()
         # Credentials first: a bad token list fails before anything else is built.
         self.auth = Authenticator.from_settings(settings)
         check_metrics_exposure(settings)
