@@ -58,13 +58,16 @@ def test_long_client_strings_get_their_own_status(server: RunningServer) -> None
                 "NOT_FOUND",
             ),
             (lambda: infer.ModelInfer(_oip(LONG)), "NOT_FOUND"),
-            (lambda: infer.ModelInfer(_oip("gru", sequence=LONG)), "FAILED_PRECONDITION"),
             (lambda: infer.ModelInfer(_oip("gru", outputs=[LONG] * 50)), "INVALID_ARGUMENT"),
             (lambda: infer.ModelInfer(_oip("gru", input_name=LONG)), "INVALID_ARGUMENT"),
         ):
             error = _refused(call)
             assert error.code().name == code, (code, error.code(), (error.details() or "")[:200])
             assert "(20000 characters)" in (error.details() or "")
+        # An id this long names no sequence: refused as such, without repeating it.
+        error = _refused(lambda: infer.ModelInfer(_oip("gru", sequence=LONG)))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "at most 128 printable characters" in (error.details() or "")
 
 
 def _oip(
