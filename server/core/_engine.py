@@ -339,16 +339,8 @@ class Engine:
         its frames; `tensors` are step 1's inputs (none: the last output feeds step 1)."""
         session = self._sessions.get(session_id, principal)
         scheduler = self._models.scheduler_of(session)
-        settings = self._settings
-        params = forecast_params(
-            scheduler.spec,
-            session.id,
-            steps,
-            commit,
-            tensors,
-            settings.max_forecast_steps,
-            settings.max_message_bytes,
-        )
+        limits = (self._settings.max_forecast_steps, self._settings.max_message_bytes)
+        params = forecast_params(scheduler.spec, session.id, steps, commit, tensors, *limits)
         future: asyncio.Future[Forecasted] = asyncio.get_running_loop().create_future()
         scheduler.submit(session, ControlWork("forecast", future, forecast=params))
         return future
