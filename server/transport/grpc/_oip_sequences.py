@@ -97,8 +97,10 @@ async def enter(
     (opened, or a live one reset), or continued, here or from the state store when another
     replica held it. `version` None: the sequence's own (a new one: the newest)."""
     sid = controls.session_id
-    named = engine.model(name, version)  # an unknown model or version is named first
     live = _live(engine, owner, sid)
+    # An unknown model or version is named first; a live sequence keeps its own version, even
+    # one being unloaded.
+    named = engine.model(name, live.version if live and version is None else version)
     if live is None and not controls.start:
         try:
             await engine.open(owner, sid, name, resume_only=True)
