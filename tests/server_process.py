@@ -50,6 +50,11 @@ class ServerProcess:
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        # When the process exited, seen by a thread waiting on it (not by the test, which may be
+        # busy with something else when it happens).
+        self.exited_at = float("inf")
+        self._waiter = threading.Thread(target=self._wait_for_exit, daemon=True)
+        self._waiter.start()
         deadline = time.monotonic() + 60
         while not port_file.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -62,6 +67,10 @@ class ServerProcess:
         if not ready.ok:
             self.close()
             raise AssertionError(f"{ready.message}; stderr:\n" + "\n".join(self.lines))
+
+    def _wait_for_exit(self) -> None:
+        self.process.wait()
+        self.exited_at = time.monotonic()
 
     def _read(self) -> None:
         assert self.process.stderr is not None
@@ -89,6 +98,7 @@ class ServerProcess:
 
     def wait(self, timeout: float) -> int:
         code = self.process.wait(timeout)
+        self._waiter.join(5)
         self._reader.join(5)
         return code
 

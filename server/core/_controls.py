@@ -8,7 +8,12 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
-from rnnstream.server.core._errors import FailedPrecondition, Internal, RnnstreamError
+from rnnstream.server.core._errors import (
+    FailedPrecondition,
+    Internal,
+    RnnstreamError,
+    Unavailable,
+)
 from rnnstream.server.core._forecast import check_answer_size, first_from_last, rollout
 from rnnstream.server.core._persistence import Persistence, Undo
 from rnnstream.server.core._results import Ended, Flushed, Forecasted, FrameOutput, Reset
@@ -139,7 +144,7 @@ class Controls:
                 session.id, rolled.outputs, self._names, session.next_index, params.commit
             )
         except asyncio.CancelledError:
-            _fail(session, work, Internal("server stopped during the forecast"))
+            _fail(session, work, Unavailable("the server stopped during the forecast; ask again"))
             raise
         except RnnstreamError as exc:
             _fail(session, work, exc)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from rnnstream.server.core._engine_settings import EngineSettings
 from rnnstream.server.core._errors import (
     InvalidArgument,
-    NotFound,
     RnnstreamError,
     Unavailable,
     quoted,
@@ -53,6 +52,13 @@ from rnnstream.server.core._work import (
 __all__ = ["Engine", "NamedArray"]
 
 Action = Literal["reset", "flush"]
+_SHUTTING_DOWN = "server is shutting down; resume the session on another replica"
+
+
+async def _until(done: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not done():
+        await asyncio.sleep(0.01)
 
 
 class Engine:
@@ -103,11 +109,16 @@ class Engine:
         """Sessions accepted, and models loaded (explicit control: ready with none loaded)."""
         return self._models.ready() and self._sessions.accepting
 
-    async def drain(self, timeout: float) -> None:
-        """Wait until every queued frame has been answered, or `timeout` passes."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self._models.idle():
-            await asyncio.sleep(0.01)
+    async def drain(self, timeout: float, finish: float | None = None) -> None:
+        """Wait until every queued frame is answered, or `timeout` passes. Shutting down (with
+        `finish`): then start nothing more, give what runs `finish` seconds, abandon what still
+        runs and refuse everything left (UNAVAILABLE, nothing of it applied), in order: every
+        frame received is answered, whatever the grace."""
+        await _until(self._models.idle, timeout)
+        if finish is not None:
+            self._models.hold()
+            await _until(self._models.quiet, finish)
+            await self._models.halt(_SHUTTING_DOWN)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -208,11 +219,9 @@ class Engine:
         reply: FrameReply,
     ) -> bool:
         """Queue a frame whose answer goes to `reply` (see FrameReply): its outputs, or None
-        for a session that emits only on flush and end. `index` None takes the next free one.
-        Raises if the frame is refused. True when the session's queue is now full: call
-        wait_for_space before the next frame. A frame without an index is numbered when it
-        reaches the head of the session's queue: concurrent callers each get their own index,
-        and a frame refused before it never leaves a gap."""
+        for a session that emits only on flush and end; raises if it is refused. `index` None:
+        numbered at the head of the queue (no caller shares one; a refusal leaves no gap). True
+        when the session's queue is now full: call wait_for_space before the next frame."""
         session = self._sessions.get(session_id, principal)
         self._queue(session, index, tensors, reply, session.emit != "last")
         return session.frames_queued >= self._settings.max_pending_frames
@@ -270,11 +279,7 @@ class Engine:
         copy = self._models.served(session.instance)
         try:
             if not self._accepting_frames:
-                raise Unavailable(
-                    "server is shutting down; resume the session on another replica",
-                    session_id=session.id,
-                    frame_index=index,
-                )
+                raise Unavailable(_SHUTTING_DOWN, session_id=session.id, frame_index=index)
             if index is not None and index < 0:
                 raise InvalidArgument(f"frame index {index} is negative", session_id=session.id)
             try:
@@ -290,11 +295,10 @@ class Engine:
 
     async def wait_for_space(self, principal: str, session_id: str) -> None:
         """Return once the session has room for another queued frame (back-pressure)."""
-        try:
-            session = self._sessions.get(session_id, principal)
-        except NotFound:
-            return
-        await session.wait_for_space(self._settings.max_pending_frames)
+        if self._sessions.holds(principal, session_id):  # else ended meanwhile
+            await self._sessions.get(session_id, principal).wait_for_space(
+                self._settings.max_pending_frames
+            )
 
     # -- controls, in order with the session's frames ----------------------------------------
     def reset(

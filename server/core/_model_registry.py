@@ -271,6 +271,23 @@ class ModelRegistry:
             self._state_metric(copy.name, copy.version, UNAVAILABLE)
         log.info("model %s version %d freed (%s)", copy.name, copy.version, copy.retired)
 
+    def hold(self) -> None:
+        """Start no new batch (shutting down); what runs goes on."""
+        for copy in self._served.values():
+            copy.scheduler.holding = True
+
+    def quiet(self) -> bool:
+        """No batch, forecast or store write is under way."""
+        return not any(s.scheduler.busy() for s in self._served.values())
+
+    async def halt(self, message: str) -> None:
+        """Stop every batch loop: what runs is abandoned (its frames refused, nothing of them
+        applied), then what waits is refused with UNAVAILABLE, in order; so is all later work."""
+        for copy in self._served.values():
+            await copy.scheduler.stop()
+        for copy in self._served.values():
+            copy.scheduler.refuse_queued(message)
+
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()

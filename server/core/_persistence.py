@@ -3,6 +3,7 @@ a failed write puts the states back as they were."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -70,6 +71,9 @@ class Persistence:
         ]
         try:
             await self.store.save(spec, steps)
+        except asyncio.CancelledError:
+            self._pool.scatter(slots, old_states)
+            raise
         except Exception as exc:
             self._pool.scatter(slots, old_states)
             error = _classified(exc)
@@ -99,9 +103,11 @@ class Persistence:
         )
         try:
             await self.store.save(self._spec, [step])
-        except Exception as exc:
+        except BaseException as exc:  # the server stopping (cancelled) undoes it too
             self._pool.write(session.slot, undo.states)  # slots may have moved: read afresh
             session.set_last(undo.last)
+            if not isinstance(exc, Exception):
+                raise
             raise _classified(exc) from exc
 
 

@@ -18,7 +18,13 @@ import numpy.typing as npt
 from rnnstream.server.core._arrivals import Pacer
 from rnnstream.server.core._batcher import ReadyQueue
 from rnnstream.server.core._controls import Controls
-from rnnstream.server.core._errors import Internal, InvalidArgument, NotFound, RnnstreamError
+from rnnstream.server.core._errors import (
+    Internal,
+    InvalidArgument,
+    NotFound,
+    RnnstreamError,
+    Unavailable,
+)
 from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._persistence import Persistence
 from rnnstream.server.core._results import FrameOutput
@@ -28,11 +34,14 @@ from rnnstream.server.core._session import Session
 from rnnstream.server.core._state_pool import StatePool
 from rnnstream.server.core._stats import ModelCounters
 from rnnstream.server.core._store import StateStore
-from rnnstream.server.core._work import ControlWork, FrameWork, as_index_array
+from rnnstream.server.core._work import AUTO_INDEX, ControlWork, FrameWork, as_index_array
 
 __all__ = ["ModelScheduler"]
 
 log = logging.getLogger("rnnstream.scheduler")
+
+_STOPPED = "the server stopped while the frame was running; it was not applied: send it again"
+_STOPPING = "server is shutting down; resume the session on another replica"
 
 
 class ModelScheduler:
@@ -71,6 +80,8 @@ class ModelScheduler:
         self.submitted = 0  # items submitted so far (the pacer watches it grow)
         self._slot_owner: dict[int, Session] = {}
         self._task: asyncio.Task[None] | None = None
+        self._halted = False
+        self.holding = False  # shutting down: no new batch starts
         self._side_tasks: set[asyncio.Task[None]] = set()  # forecasts and store writes
         # Told when the last session leaves: a retired model version is freed then.
         self.on_empty: Callable[[], None] | None = None
@@ -80,6 +91,7 @@ class ModelScheduler:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.spec.name)
 
     async def stop(self) -> None:
+        self._halted = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -98,7 +110,11 @@ class ModelScheduler:
         return len(self._slot_owner)
 
     def idle(self) -> bool:
-        return not len(self.ready) and not any(s.in_flight for s in self._slot_owner.values())
+        return not len(self.ready) and not self.busy()
+
+    def busy(self) -> bool:
+        """A batch, forecast or store write of one of its sessions is under way."""
+        return any(s.in_flight for s in self._slot_owner.values())
 
     def count(self, status: str, frames: int = 1) -> None:
         self.counters.count(status, frames)
@@ -109,6 +125,9 @@ class ModelScheduler:
         self._slot_owner[session.slot] = session
 
     def submit(self, session: Session, work: FrameWork | ControlWork) -> None:
+        if self._halted:  # the server is stopping: nothing would run it
+            self._refuse(work, Unavailable(_STOPPING, session_id=session.id))
+            return
         self.submitted += 1
         self._expected.arrived(session)
         if isinstance(work, FrameWork):
@@ -131,13 +150,27 @@ class ModelScheduler:
         del self._slot_owner[session.slot]
         self.pool.release(session.slot)
         for work in session.close():
-            error = NotFound(f"session {session.id!r} has ended", session_id=session.id)
-            if isinstance(work, FrameWork):
-                self.counters.reject(work, error)
-            elif not work.future.done():
-                work.future.set_exception(error)
+            self._refuse(work, NotFound(f"session {session.id!r} has ended", session_id=session.id))
         if not self._slot_owner and self.on_empty is not None:
             self.on_empty()
+
+    def refuse_queued(self, message: str) -> None:
+        """Shutting down: refuse with UNAVAILABLE, in order, everything that has not started;
+        what runs finishes (or is abandoned by stop)."""
+        for session in list(self._slot_owner.values()):
+            before = session.frames_queued
+            for work in session.take_queued():
+                index = getattr(work, "index", None)
+                at = None if index == AUTO_INDEX else index
+                self._refuse(work, Unavailable(message, session_id=session.id, frame_index=at))
+            self.queued_frames -= before - session.frames_queued
+
+    def _refuse(self, work: FrameWork | ControlWork, error: RnnstreamError) -> None:
+        if isinstance(work, FrameWork):
+            self.counters.reject(work, error)
+        elif not work.future.done():
+            work.future.set_exception(error)
+            work.future.exception()  # retrieved: an end queued by expiry has no one waiting
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a session's work off the batch loop (forecasts, a control's store write)."""
@@ -162,6 +195,8 @@ class ModelScheduler:
                 await ready.wake.wait()
                 continue
             await self.pacer.gather_arrivals()
+            if self.holding:  # shutting down: what waits is refused in order, by stop's caller
+                await asyncio.Event().wait()
             sessions, frames = ready.take(self._head)
             self.queued_frames -= len(frames)
             self.pacer.last_batch_size = len(frames)
@@ -198,7 +233,8 @@ class ModelScheduler:
             else:
                 outputs, states, seconds = await runner.run_in_executor(feeds)
         except asyncio.CancelledError:
-            self._fail(sessions, frames, Internal("server stopped while the frame was running"))
+            # Nothing was applied: the client sends the frame again, to another replica.
+            self._fail(sessions, frames, Unavailable(_STOPPED))
             raise
         except Exception as exc:
             self._batch_failed(sessions, frames, exc)
@@ -206,9 +242,13 @@ class ModelScheduler:
         results = runner.scatter(slots, frames, outputs, states, seconds)
         if self.persistence.store is not None:
             old_states = [feeds[st.input_name] for st in self.spec.states]
-            error = await self.persistence.save_batch(
-                sessions, frames, results, slots, old_states, states
-            )
+            try:
+                error = await self.persistence.save_batch(
+                    sessions, frames, results, slots, old_states, states
+                )
+            except asyncio.CancelledError:  # the states were put back
+                self._fail(sessions, frames, Unavailable(_STOPPED))
+                raise
             if error is not None:
                 self._fail(sessions, frames, error)
                 return

@@ -238,11 +238,13 @@ class Session:
     def close(self) -> list[FrameWork | ControlWork]:
         """Ended: returns what was still queued, for the caller to refuse."""
         self.closed = True
+        return self.take_queued()
+
+    def take_queued(self) -> list[FrameWork | ControlWork]:
+        """Everything still waiting (not what runs), in order, for the caller to refuse."""
         dropped = list(self._pending)
         self._pending.clear()
-        for work in dropped:
-            if isinstance(work, FrameWork):
-                self.frames_queued -= 1
+        self.frames_queued -= sum(isinstance(work, FrameWork) for work in dropped)
         self._wake_waiters()
         return dropped
 

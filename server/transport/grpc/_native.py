@@ -181,6 +181,13 @@ class NativeServicer:
             for key, value in context.invocation_metadata() or ()
         )
 
+    def settled(self) -> bool:
+        """No stream waits for an answer from the engine."""
+        return all(call.outstanding == 0 for call in self.calls)
+
+    def open_streams(self) -> int:
+        return len(self.calls)
+
     def shutdown_streams(self, message: str) -> None:
         for call in list(self.calls):
             call.shutdown(message)

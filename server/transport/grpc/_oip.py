@@ -22,6 +22,7 @@ from rnnstream.server.core import (
     FrameOutput,
     InvalidArgument,
     ModelInfo,
+    Unavailable,
     quoted_list,
 )
 from rnnstream.server.transport.grpc._interceptor import call_principal
@@ -29,9 +30,15 @@ from rnnstream.server.transport.grpc._oip_codec import batch_items, decode_input
 from rnnstream.server.transport.grpc._oip_config import parse_version
 from rnnstream.server.transport.grpc._oip_models import EXTENSIONS, MODEL_METHODS, ModelRpcs
 from rnnstream.server.transport.grpc._oip_sequences import controls_of, enter, leave, sequence_key
-from rnnstream.server.transport.grpc._oip_stream import Stream, chain, error_response
+from rnnstream.server.transport.grpc._oip_stream import SHUTDOWN, Stream, chain, error_response
 from rnnstream.server.transport.grpc._rate import keep_pace, oip_frames
-from rnnstream.server.transport.grpc._status import BadRequest, tolerant, tolerant_unary, unary
+from rnnstream.server.transport.grpc._status import (
+    BadRequest,
+    abort,
+    tolerant,
+    tolerant_unary,
+    unary,
+)
 
 __all__ = ["EXTENSIONS", "SERVICE", "OipServicer"]
 
@@ -43,6 +50,7 @@ class OipServicer(ModelRpcs):
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self._engine = engine
         self._settings = settings
+        self.streams: set[Stream] = set()
         try:
             self._version = importlib.metadata.version("rnnstream")
         except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source tree only
@@ -136,17 +144,33 @@ class OipServicer(ModelRpcs):
         self, requests: AsyncIterator[oip.ModelInferRequest | BadRequest], context: Context
     ) -> AsyncIterator[oip.ModelStreamInferResponse]:
         stream = Stream(self._settings.max_pending_frames)
+        self.streams.add(stream)
         reader = asyncio.get_running_loop().create_task(
             self._read(requests, stream, call_principal())
         )
         try:
             while (response := await stream.outbox.get()) is not None:
+                if response is SHUTDOWN:  # after every answer owed: the call ends
+                    await abort(context, Unavailable(stream.shutdown_message))
                 assert isinstance(response, oip.ModelStreamInferResponse)
                 yield response
                 stream.outbox.wrote()
         finally:
+            self.streams.discard(stream)
             reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
+
+    def settled(self) -> bool:
+        """No stream waits for an answer from the engine."""
+        return all(stream.outstanding == 0 for stream in self.streams)
+
+    def open_streams(self) -> int:
+        return len(self.streams)
+
+    def shutdown_streams(self, message: str) -> None:
+        """End every stream with UNAVAILABLE once it has written what it owes."""
+        for stream in list(self.streams):
+            stream.shutdown(message)
 
     async def _read(
         self,

@@ -10,9 +10,11 @@ from rnnstream.proto.inference import grpc_service_pb2 as oip
 from rnnstream.server.transport.grpc._outbox import Outbox
 from rnnstream.server.transport.grpc._status import as_rnnstream_error, clipped
 
-__all__ = ["READ_AHEAD", "Stream", "chain", "consume", "error_response"]
+__all__ = ["READ_AHEAD", "SHUTDOWN", "Stream", "chain", "consume", "error_response"]
 
 READ_AHEAD = 4096  # requests one stream may have queued before it stops reading
+# Placed in a stream's outbox by a graceful shutdown: the call ends with UNAVAILABLE after it.
+SHUTDOWN = object()
 
 
 def consume(future: asyncio.Future[Any]) -> None:
@@ -53,6 +55,7 @@ class Stream:
         self.room.set()
         self.max_unsent = max(1, max_unsent)
         self._last: dict[str, asyncio.Future[Any]] = {}  # newest unanswered future per sequence
+        self.shutdown_message = ""
 
     def track(
         self,
@@ -102,6 +105,10 @@ class Stream:
         if self.outstanding < READ_AHEAD:
             self.room.set()
         self.finish_if_done()
+
+    def shutdown(self, message: str) -> None:
+        self.shutdown_message = message
+        self.outbox.put_nowait(SHUTDOWN)
 
     def finish_if_done(self) -> None:
         if not self.reading and self.outstanding == 0:

@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +112,12 @@ def _transport(settings: Settings, tls: bool) -> str:
     if not tls:
         return "plaintext"
     return "mutual TLS" if settings.tls_client_ca else "TLS"
+
+
+async def _until(done: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
 
 
 class GrpcServer:
@@ -238,7 +246,8 @@ class GrpcServer:
 
     async def _stop(self, grace: float) -> None:
         """Health says NOT_SERVING at once; new sessions and frames are refused; frames already
-        received are answered; attached streams get a notice, then UNAVAILABLE."""
+        received are answered, or refused in-band with UNAVAILABLE once the grace is spent;
+        attached streams get a notice after their last answer, then UNAVAILABLE."""
         if self._server is None:
             return
         loop = asyncio.get_running_loop()
@@ -247,9 +256,17 @@ class GrpcServer:
         # Refuse first, then tell health: a client that sees NOT_SERVING can count on it.
         self.engine.stop_accepting()
         await self.health.enter_graceful_shutdown()
-        await self.engine.drain(max(0.0, (deadline - loop.time()) * 0.6))
-        self.native.shutdown_streams("server is shutting down; resume your sessions elsewhere")
-        await asyncio.sleep(0)  # let the streams write their notice before the transport closes
+        # Frames read are answered, or refused in-band, before any stream closes, whatever the
+        # grace: the batch that runs gets at least half a second, and the answers a second to
+        # reach clients that read them.
+        left = max(0.0, deadline - loop.time())
+        await self.engine.drain(left * 0.6, max(0.5, left * 0.2))
+        streams = (self.native, self.oip)
+        await _until(lambda: all(s.settled() for s in streams), max(0.5, deadline - loop.time()))
+        for service in streams:
+            service.shutdown_streams("server is shutting down; resume your sessions elsewhere")
+        flush = max(1.0, deadline - loop.time())
+        await _until(lambda: not any(s.open_streams() for s in streams), flush)
         await self._server.stop(max(0.0, deadline - loop.time()))
         if self._http is not None:
             await self._http.stop()
