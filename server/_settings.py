@@ -146,12 +146,7 @@ class Settings:
         maximum=1_000_000,
     )
     max_steps_per_frame: int = _setting(4096, "Most time steps (T) one frame may carry.", minimum=1)
-    max_forecast_steps: int = _setting(
-        4096,
-        "Most steps one Forecast may roll forward (its answer must also fit in "
-        "--max-message-bytes).",
-        minimum=1,
-    )
+    max_forecast_steps: int = _setting(4096, "Most steps one Forecast may roll forward.", minimum=1)
     max_message_bytes: int = _setting(
         16 * 1024 * 1024, "Largest gRPC message accepted or sent.", minimum=4096, maximum=2**31 - 1
     )
