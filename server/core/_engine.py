@@ -7,11 +7,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+from rnnstream.server.core._admission import SHUTTING_DOWN, FrameDoor
 from rnnstream.server.core._engine_settings import EngineSettings
 from rnnstream.server.core._errors import (
     InvalidArgument,
     RnnstreamError,
-    Unavailable,
     quoted,
 )
 from rnnstream.server.core._forecast import forecast_params
@@ -36,23 +36,19 @@ from rnnstream.server.core._results import (
     SessionPage,
     VersionState,
 )
-from rnnstream.server.core._session import Session
 from rnnstream.server.core._store import StateStore
 from rnnstream.server.core._stored_sessions import StoredSessions
 from rnnstream.server.core._validation import NamedArray
 from rnnstream.server.core._work import (
-    AUTO_INDEX,
     ControlWork,
     EndListener,
     FrameAnswer,
     FrameReply,
-    FrameWork,
 )
 
 __all__ = ["Engine", "NamedArray"]
 
 Action = Literal["reset", "flush"]
-_SHUTTING_DOWN = "server is shutting down; resume the session on another replica"
 
 
 async def _until(done: Callable[[], bool], timeout: float) -> None:
@@ -80,7 +76,7 @@ class Engine:
         self._views = SessionViews(self._sessions.order, self._models)
         # What each principal may send (pace a stream, admit a unary call): one bucket each.
         self.limits = PrincipalLimits.from_settings(settings, metrics)
-        self._accepting_frames = True
+        self._door = FrameDoor(self._models)
         self._store: StateStore | None = None  # closed by stop(), even after a failed start
         self._stored: StoredSessions | None = None
         self._tasks: list[asyncio.Task[None]] = []  # expiry, and the repository poll
@@ -102,7 +98,7 @@ class Engine:
     def stop_accepting(self) -> None:
         """Shutting down: refuse new sessions and frames; what is queued is still answered."""
         self._sessions.accepting = False
-        self._accepting_frames = False
+        self._door.accepting = False
 
     @property
     def ready(self) -> bool:
@@ -118,7 +114,7 @@ class Engine:
         if finish is not None:
             self._models.hold()
             await _until(self._models.quiet, finish)
-            await self._models.halt(_SHUTTING_DOWN)
+            await self._models.halt(SHUTTING_DOWN)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -223,7 +219,7 @@ class Engine:
         numbered at the head of the queue (no caller shares one; a refusal leaves no gap). True
         when the session's queue is now full: call wait_for_space before the next frame."""
         session = self._sessions.get(session_id, principal)
-        self._queue(session, index, tensors, reply, session.emit != "last")
+        self._door.queue(session, index, tensors, reply, session.emit != "last")
         return session.frames_queued >= self._settings.max_pending_frames
 
     def infer(
@@ -251,11 +247,11 @@ class Engine:
                     f"session {session_id!r} runs version {session.version}, not {version}",
                     session_id=session_id,
                 )
-            self._queue(session, index, tensors, FrameAnswer(future), True)
+            self._door.queue(session, index, tensors, FrameAnswer(future), True)
             return future
         scratch, drop = self._sessions.scratch(principal, model, version)
         try:
-            self._queue(scratch, 0, tensors, FrameAnswer(future), True)
+            self._door.queue(scratch, 0, tensors, FrameAnswer(future), True)
         except BaseException:
             drop()
             raise
@@ -266,32 +262,6 @@ class Engine:
         """Count a frame the transport refused before it could submit it (undecodable)."""
         session = self._sessions.get(session_id, principal)
         self._models.scheduler_of(session).count(error.code.name)
-
-    def _queue(
-        self,
-        session: Session,
-        index: int | None,
-        tensors: Sequence[NamedArray],
-        reply: FrameReply,
-        emit: bool,
-    ) -> None:
-        # Every frame is counted once: here if refused, else by the scheduler that answers it.
-        copy = self._models.served(session.instance)
-        try:
-            if not self._accepting_frames:
-                raise Unavailable(_SHUTTING_DOWN, session_id=session.id, frame_index=index)
-            if index is not None and index < 0:
-                raise InvalidArgument(f"frame index {index} is negative", session_id=session.id)
-            try:
-                arrays, key = copy.validator.validate(tensors)
-            except InvalidArgument as exc:
-                exc.session_id, exc.frame_index = session.id, index
-                raise
-        except RnnstreamError as exc:
-            copy.scheduler.count(exc.code.name)
-            raise
-        work = FrameWork(AUTO_INDEX if index is None else index, arrays, key, reply, emit)
-        copy.scheduler.submit(session, work)
 
     async def wait_for_space(self, principal: str, session_id: str) -> None:
         """Return once the session has room for another queued frame (back-pressure)."""
