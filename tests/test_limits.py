@@ -275,11 +275,17 @@ async def test_eviction_notice_and_session_lost(make_server: Callable[..., Runni
 
 
 async def test_back_pressure_on_oip_streams(make_server: Callable[..., RunningServer]) -> None:
-    """ModelStreamInfer holds no more than --max-pending-frames unsent answers either."""
+    """ModelStreamInfer stops reading while a sequence holds --max-pending-frames queued frames,
+    or that many answers wait unsent (it read up to 4096 requests ahead into one sequence, so
+    the writes of a client that did not read could all go through: the test failed now and
+    then)."""
     limit = 4
     running = make_server(max_pending_frames=limit)
-    frames = 600
-    x = sequence(MODEL, 256, seed=73)
+    # 64 KiB in and 512 KiB out per request, 19 MB in all: more than HTTP/2 flow control and
+    # socket buffers take in (with 600 requests of 16 KiB, their windows, grown by bandwidth
+    # probing, sometimes took every write).
+    frames = 300
+    x = sequence(MODEL, 1024, seed=73)
 
     def request(i: int) -> oip.ModelInferRequest:
         r = oip.ModelInferRequest(model_name=MODEL, id=str(i))
@@ -309,6 +315,8 @@ async def test_back_pressure_on_oip_streams(make_server: Callable[..., RunningSe
                 break
             previous = written
         assert not writer.done(), "every write went through without any reads"
+        # The sequence's queue holds no more than the limit: the stream stopped reading.
+        assert running.run(lambda: probe.max_frames_queued(running.engine)) <= limit
         for i in range(frames):
             response = await call.read()
             assert response.error_message == "" and response.infer_response.id == str(i)

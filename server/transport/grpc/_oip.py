@@ -192,6 +192,8 @@ class OipServicer(ModelRpcs):
                     continue
                 stream.track(session_id, future, request)
                 await stream.room.wait()
+                if session_id:  # stop reading while the sequence's queue is full, as Stream does
+                    await self._engine.wait_for_space(owner, session_id)
         finally:
             stream.reading = False
             stream.finish_if_done()
