@@ -15,6 +15,7 @@ from rnnstream.server.core._errors import (
     quoted,
 )
 from rnnstream.server.core._forecast import forecast_params
+from rnnstream.server.core._groups import FrameGroups
 from rnnstream.server.core._idle import IdleSweep
 from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._listing import SessionViews
@@ -77,6 +78,8 @@ class Engine:
         # What each principal may send (pace a stream, admit a unary call): one bucket each.
         self.limits = PrincipalLimits.from_settings(settings, metrics)
         self._door = FrameDoor(self._models)
+        limit = settings.max_pending_frames
+        self.groups = FrameGroups(self._sessions, self._models, limit, lambda: self._door.accepting)
         self._store: StateStore | None = None  # closed by stop(), even after a failed start
         self._stored: StoredSessions | None = None
         self._tasks: list[asyncio.Task[None]] = []  # expiry, and the repository poll

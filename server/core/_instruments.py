@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-__all__ = ["CoreMetrics", "Counter", "Observer"]
+__all__ = ["CoreMetrics", "Counter", "Observer", "observe_many"]
 
 
 class Counter(Protocol):
@@ -15,6 +15,17 @@ class Counter(Protocol):
 
 class Observer(Protocol):
     def observe(self, value: float, /) -> None: ...
+
+
+def observe_many(observer: Observer, value: float, count: int) -> None:
+    """`count` observations of one value: in one step where the observer offers
+    `observe_many(value, count)`, else one by one."""
+    many = getattr(observer, "observe_many", None)
+    if many is not None:
+        many(value, count)
+        return
+    for _ in range(count):
+        observer.observe(value)
 
 
 class CoreMetrics(Protocol):

@@ -73,7 +73,7 @@ def session_info(
     idle = (time.monotonic() if now is None else now) - session.last_active
     ttl = session.ttl
     held = session.held_bytes()
-    ring = sum(a.nbytes for r in session.ring or () for a in r.outputs)
+    ring = session.ring_bytes()
     return SessionInfo(
         session.id,
         session.model,

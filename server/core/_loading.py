@@ -32,6 +32,9 @@ log = logging.getLogger("rnnstream.models")
 
 # Room for everything in an output message besides the tensor bytes (ids, names, shapes).
 _MESSAGE_OVERHEAD = 1024
+# Room a frame group's answer keeps per row for that row's error, should it fail (its session id
+# and message are clipped to fit).
+_GROUP_ROW_OVERHEAD = 384
 _keys = itertools.count(1)
 
 
@@ -145,10 +148,20 @@ def output_bytes(spec: ModelSpec, shapes: Sequence[tuple[int, ...]]) -> int | No
     return total
 
 
-def _check_output_size(spec: ModelSpec, limit: int, shapes: tuple[tuple[int, ...], ...]) -> None:
+def _check_output_size(
+    spec: ModelSpec, limit: int, shapes: tuple[tuple[int, ...], ...], rows: int = 1
+) -> None:
     # Refused before it runs: once applied, an output too big to send would be lost.
     size = output_bytes(spec, shapes)
-    if size is not None and size + _MESSAGE_OVERHEAD > limit:
+    if size is None:
+        return
+    if rows > 1 and size * rows + _GROUP_ROW_OVERHEAD * rows + _MESSAGE_OVERHEAD > limit:
+        raise InvalidArgument(
+            f"the frame group's outputs would take {size * rows} bytes, over the server's "
+            f"message limit of {limit} bytes (--max-message-bytes); send fewer sessions or "
+            "time steps per message"
+        )
+    if size + _MESSAGE_OVERHEAD > limit:
         raise InvalidArgument(
             f"the frame's outputs would take {size} bytes, over the server's message limit "
             f"of {limit} bytes (--max-message-bytes); send fewer time steps per frame"

@@ -15,7 +15,7 @@ from rnnstream.server.core._results import FrameOutput
 from rnnstream.server.core._session import Session
 from rnnstream.server.core._state_pool import StatePool
 from rnnstream.server.core._store import StateStore, StepRecord
-from rnnstream.server.core._work import Arrays, FrameWork
+from rnnstream.server.core._work import Arrays
 
 __all__ = ["Persistence", "Undo"]
 
@@ -41,7 +41,6 @@ class Persistence:
     async def save_batch(
         self,
         sessions: list[Session],
-        frames: list[FrameWork],
         results: list[FrameOutput],
         slots: np.ndarray,
         old_states: Arrays,
@@ -61,13 +60,13 @@ class Persistence:
                 s.id,
                 s.model,
                 s.emit,
-                f.index + 1,
+                result.index + 1,
                 [a[i] for a in per_state],
                 result,
                 s.version,
                 s.ttl,
             )
-            for i, (s, f, result) in enumerate(zip(sessions, frames, results, strict=True))
+            for i, (s, result) in enumerate(zip(sessions, results, strict=True))
         ]
         try:
             await self.store.save(spec, steps)
@@ -77,7 +76,7 @@ class Persistence:
         except Exception as exc:
             self._pool.scatter(slots, old_states)
             error = _classified(exc)
-            log.warning("could not store a batch of %d: %s", len(frames), error.message)
+            log.warning("could not store a batch of %d: %s", len(results), error.message)
             return error
         return None
 

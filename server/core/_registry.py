@@ -6,7 +6,7 @@ import asyncio
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from rnnstream.server.core._engine_settings import EngineSettings
@@ -262,6 +262,11 @@ class SessionManager:
         if session is None:
             raise self._missing(session_id, owner)
         return session
+
+    def find_many(self, session_ids: Iterable[str], owner: str) -> list[Session | None]:
+        """The owner's session of each id, None where it holds none (get() says why)."""
+        sessions = self._sessions
+        return [sessions.get((owner, session_id)) for session_id in session_ids]
 
     def end(
         self, session_id: str, owner: str, reason: str = "client", operator: str = ""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import numpy.typing as npt
 
 from rnnstream.server.core._models import ModelSpec
@@ -13,11 +15,13 @@ from rnnstream.server.core._serving import ServingConfig, VersionPolicy
 __all__ = [
     "EMIT_MODES",
     "SESSION_STATES",
+    "BlockOutputs",
     "Emit",
     "Ended",
     "Flushed",
     "Forecasted",
     "FrameOutput",
+    "Kept",
     "ModelInfo",
     "ModelStats",
     "Opened",
@@ -26,6 +30,10 @@ __all__ = [
     "SessionPage",
     "SessionState",
     "VersionState",
+    "inputs_digest",
+    "kept_bytes",
+    "kept_index",
+    "kept_output",
 ]
 
 Arrays = list[npt.NDArray[Any]]
@@ -48,6 +56,58 @@ class FrameOutput:
     # A digest of the inputs that made it: a resend of its index must carry the same inputs to
     # be answered from the output ring (empty: not known, as in rings stored by older servers).
     inputs_digest: bytes = b""
+
+
+def inputs_digest(inputs: Arrays) -> bytes:
+    """A CRC-32 of a frame's input bytes: tells a resend that carries other inputs from a true
+    one (the model fixes dtypes and every axis but T, and the CRC covers the length)."""
+    crc = 0
+    for array in inputs:
+        contiguous = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+        crc = zlib.crc32(contiguous.data, crc)
+    return crc.to_bytes(4, "little")
+
+
+class BlockOutputs:
+    """The outputs of a block of rows stepped together, kept as the batch made them: one row
+    becomes a FrameOutput of its own only when someone reads it (a resend answered from the
+    output ring, a flush, the state store), so the frame path makes no object per frame."""
+
+    __slots__ = ("axes", "indices", "input_axes", "inputs", "names", "outputs")
+
+    def __init__(
+        self,
+        outputs: Arrays,
+        axes: tuple[int, ...],
+        names: tuple[str, ...],
+        indices: npt.NDArray[np.int64],
+        inputs: Arrays,
+        input_axes: tuple[int, ...],
+    ) -> None:
+        self.outputs = outputs  # per data output, the rows on its batch axis
+        self.axes = axes  # each output's batch axis
+        self.names = names
+        self.indices = indices  # each row's frame index
+        self.inputs = inputs  # the rows' inputs (a resend must carry the same), likewise
+        self.input_axes = input_axes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def index(self, row: int) -> int:
+        return int(self.indices[row])
+
+    def row(self, row: int) -> FrameOutput:
+        """One row's outputs, copied out of the block, with the digest of its inputs."""
+        outputs = [
+            np.take(out, row, axis=axis) for out, axis in zip(self.outputs, self.axes, strict=True)
+        ]
+        inputs = [
+            np.take(a, row, axis=axis) for a, axis in zip(self.inputs, self.input_axes, strict=True)
+        ]
+        return FrameOutput(
+            self.index(row), outputs, self.names, inputs_digest=inputs_digest(inputs)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,3 +218,23 @@ class ModelStats:
     queue_seconds: float  # each frame's wait from arrival to the start of its batch
     last_batch_unix: float  # wall-clock end of the latest successful batch (0: none yet)
     by_size: dict[int, tuple[int, float]]  # batch size -> (batches, ORT seconds)
+
+
+# An output the session keeps: a frame's own, or a row of a block stepped together (read into a
+# FrameOutput only when needed).
+Kept = FrameOutput | tuple[BlockOutputs, int]
+
+
+def kept_index(kept: Kept) -> int:
+    return kept.index if isinstance(kept, FrameOutput) else kept[0].index(kept[1])
+
+
+def kept_bytes(kept: Kept) -> int:
+    if isinstance(kept, FrameOutput):
+        return sum(a.nbytes for a in kept.outputs)
+    block = kept[0]
+    return sum(a.nbytes for a in block.outputs) // max(1, len(block))
+
+
+def kept_output(kept: Kept) -> FrameOutput:
+    return kept if isinstance(kept, FrameOutput) else kept[0].row(kept[1])

@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from rnnstream.server.core._results import FrameOutput
+from rnnstream.server.core._batch import Batch
+from rnnstream.server.core._results import BlockOutputs, FrameOutput
 from rnnstream.server.core._run_timing import RunTimes
 from rnnstream.server.core._runtime import OrtModel
 from rnnstream.server.core._state_pool import StatePool
 from rnnstream.server.core._validation import nonfinite_rows
-from rnnstream.server.core._work import Arrays, BatchKey, FrameWork, inputs_digest
+from rnnstream.server.core._work import Arrays, BatchKey, inputs_digest
 
 __all__ = ["BatchRunner", "Feeds", "Slots"]
 
@@ -42,19 +43,33 @@ class BatchRunner:
         self._executor = executor
         self.run_times = RunTimes(inline_run_seconds)
         self._output_names = tuple(t.name for t in self.spec.outputs)
+        self._input_axes = tuple(t.batch_axis for t in self.spec.inputs)
+        self._output_axes = tuple(t.batch_axis for t in self.spec.outputs)
 
-    def feeds(self, frames: list[FrameWork], slots: Slots) -> Feeds:
+    def feeds(self, batch: Batch, slots: Slots) -> Feeds:
         feeds: Feeds = {}
-        for i, spec in enumerate(self.spec.inputs):
-            feeds[spec.name] = np.stack([f.inputs[i] for f in frames], axis=spec.batch_axis)
+        inputs = self.spec.inputs
+        sole = batch.sole_block()
+        if sole is not None:  # a whole block and nothing else: its inputs are the feeds
+            for spec, array in zip(inputs, sole.inputs, strict=True):
+                feeds[spec.name] = array
+        else:
+            parts = [part.inputs(self._input_axes) for part in batch.parts]
+            frames = batch.frames
+            for i, spec in enumerate(inputs):
+                pieces = [p[i] for p in parts]
+                if frames:
+                    pieces.insert(0, np.stack([f.inputs[i] for f in frames], axis=spec.batch_axis))
+                joined = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, spec.batch_axis)
+                feeds[spec.name] = joined
         for state, array in zip(self.spec.states, self._pool.gather(slots), strict=True):
             feeds[state.input_name] = array
         return feeds
 
-    def nonfinite(self, frames: list[FrameWork], feeds: Feeds) -> dict[int, str]:
+    def nonfinite(self, rows: int, feeds: Feeds) -> dict[int, str]:
         """Batch row -> the input holding a NaN or infinity (it would poison the state for
         good); one vector check per batch, not one per frame."""
-        return nonfinite_rows(self.spec, feeds, len(frames))
+        return nonfinite_rows(self.spec, feeds, rows)
 
     def runs_inline(self, key: BatchKey, size: int) -> bool:
         return self.run_times.runs_inline(key, size)
@@ -79,28 +94,48 @@ class BatchRunner:
     def scatter(
         self,
         slots: Slots,
-        frames: list[FrameWork],
+        batch: Batch,
         outputs: Arrays,
         states: Arrays,
         seconds: float,
-    ) -> list[FrameOutput]:
-        """Store the new states; each frame's outputs, copied out of the batch."""
-        self.run_times.record(frames[0].key, len(frames), seconds)
+    ) -> tuple[list[FrameOutput], list[BlockOutputs]]:
+        """Store the new states; each single frame's outputs, copied out of the batch, and each
+        block part's outputs, left in the batch's arrays."""
+        assert batch.key is not None
+        self.run_times.record(batch.key, len(batch), seconds)
         self._pool.scatter(slots, states)
-        per_output = [
-            np.moveaxis(out, spec.batch_axis, 0)
-            for out, spec in zip(outputs, self.spec.outputs, strict=True)
-        ]
         names = self._output_names
-        return [
-            FrameOutput(
-                frame.index,
-                [np.array(out[i]) for out in per_output],
-                names,
-                inputs_digest=inputs_digest(frame.inputs),
+        frames = batch.frames
+        singles: list[FrameOutput] = []
+        if frames:
+            per_output = [
+                np.moveaxis(out, axis, 0)
+                for out, axis in zip(outputs, self._output_axes, strict=True)
+            ]
+            singles = [
+                FrameOutput(
+                    frame.index,
+                    [np.array(out[i]) for out in per_output],
+                    names,
+                    inputs_digest=inputs_digest(frame.inputs),
+                )
+                for i, frame in enumerate(frames)
+            ]
+        blocks: list[BlockOutputs] = []
+        start = len(frames)
+        axes = self._output_axes
+        for part in batch.parts:
+            stop = start + len(part)
+            views = [
+                out[(slice(None),) * axis + (slice(start, stop),)]
+                for out, axis in zip(outputs, axes, strict=True)
+            ]
+            inputs = part.inputs(self._input_axes)
+            blocks.append(
+                BlockOutputs(views, axes, names, part.indices(), inputs, self._input_axes)
             )
-            for i, frame in enumerate(frames)
-        ]
+            start = stop
+        return singles, blocks
 
     def rollout_in_executor(self, work: Any, *args: Any) -> asyncio.Future[Any]:
         """Run `work(model, *args)` in the executor thread (forecast rollouts)."""

@@ -2,7 +2,7 @@
 
 It conducts the rooms that do the work: the sessions' own queues (_session), the ready queue
 (_batcher), the pacing of batches (_arrivals), the ORT runner (_runner), persistence with undo
-(_persistence), controls (_controls) and the counters (_stats)."""
+(_persistence), controls (_controls), the answers (_answers) and the counters (_stats)."""
 
 from __future__ import annotations
 
@@ -15,26 +15,27 @@ from typing import Any
 
 import numpy.typing as npt
 
+from rnnstream.server.core._answers import BatchAnswers
 from rnnstream.server.core._arrivals import Pacer
+from rnnstream.server.core._batch import Batch
 from rnnstream.server.core._batcher import ReadyQueue
 from rnnstream.server.core._controls import Controls
-from rnnstream.server.core._errors import (
-    Internal,
-    InvalidArgument,
-    NotFound,
-    RnnstreamError,
-    Unavailable,
-)
+from rnnstream.server.core._errors import Internal, NotFound, RnnstreamError, Unavailable
 from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._persistence import Persistence
-from rnnstream.server.core._results import FrameOutput
 from rnnstream.server.core._runner import BatchRunner
 from rnnstream.server.core._runtime import OrtModel
 from rnnstream.server.core._session import Session
 from rnnstream.server.core._state_pool import StatePool
 from rnnstream.server.core._stats import ModelCounters
 from rnnstream.server.core._store import StateStore
-from rnnstream.server.core._work import AUTO_INDEX, ControlWork, FrameWork, as_index_array
+from rnnstream.server.core._work import (
+    AUTO_INDEX,
+    ControlWork,
+    FrameBlock,
+    FrameWork,
+    as_index_array,
+)
 
 __all__ = ["ModelScheduler"]
 
@@ -75,6 +76,7 @@ class ModelScheduler:
         self.controls = Controls(self)
         self.pacer = Pacer(self, busy_poll_seconds, gather_seconds)
         self._expected = self.pacer.expected
+        self.answers = BatchAnswers(self.spec.name, self.counters, self.ready, self._expected)
         self.max_batch_size = self.ready.max_batch_size
         self.queued_frames = 0
         self.submitted = 0  # items submitted so far (the pacer watches it grow)
@@ -135,6 +137,18 @@ class ModelScheduler:
         session.push(work)
         self.ready.mark_ready(session)
 
+    def submit_block(self, block: FrameBlock) -> None:
+        """Queue a block of frames, one per session, whose sessions had nothing else queued or
+        running (Session.clean_for): it runs whole, or split over batches, with no object per
+        frame. Not told to the pacer's ExpectedFrames: a block's frames come together."""
+        if self._halted:  # the server is stopping: nothing would run it
+            self.answers.fail_block(block, Unavailable(_STOPPING))
+            return
+        self.submitted += 1
+        self.queued_frames += len(block)
+        Session.start_block(block.sessions)
+        self.ready.add_block(block)
+
     def read_state(self, session: Session) -> list[npt.NDArray[Any]]:
         return self.pool.read(session.slot)
 
@@ -164,6 +178,9 @@ class ModelScheduler:
                 at = None if index == AUTO_INDEX else index
                 self._refuse(work, Unavailable(message, session_id=session.id, frame_index=at))
             self.queued_frames -= before - session.frames_queued
+        for block in self.ready.take_blocks():
+            self.queued_frames -= len(block) - block.taken
+            self.answers.fail_block(block, Unavailable(message))
 
     def _refuse(self, work: FrameWork | ControlWork, error: RnnstreamError) -> None:
         if isinstance(work, FrameWork):
@@ -197,11 +214,12 @@ class ModelScheduler:
             await self.pacer.gather_arrivals()
             if self.holding:  # shutting down: what waits is refused in order, by stop's caller
                 await asyncio.Event().wait()
-            sessions, frames = ready.take(self._head)
-            self.queued_frames -= len(frames)
-            self.pacer.last_batch_size = len(frames)
-            if frames:
-                await self._run_batch(sessions, frames)
+            batch = ready.take(self._head)
+            size = len(batch)
+            self.queued_frames -= size
+            self.pacer.last_batch_size = size
+            if size:
+                await self._run_batch(batch)
 
     def _head(self, session: Session) -> FrameWork | None:
         """The session's runnable frame, once the controls and stale frames before it are done
@@ -211,109 +229,54 @@ class ModelScheduler:
         self.queued_frames -= before - session.frames_queued
         return frame
 
-    async def _run_batch(self, sessions: list[Session], frames: list[FrameWork]) -> None:
-        runner = self.runner
+    async def _run_batch(self, batch: Batch) -> None:
+        runner, answers = self.runner, self.answers
         try:
+            sessions = batch.sessions()
             slots = as_index_array([s.slot for s in sessions])
-            feeds = runner.feeds(frames, slots)
-            bad = runner.nonfinite(frames, feeds)
+            feeds = runner.feeds(batch, slots)
+            bad = runner.nonfinite(len(sessions), feeds)
             if bad:
-                sessions, frames = self._refuse_rows(sessions, frames, bad)
-                if not frames:
+                batch = answers.refuse_nonfinite(batch, bad)
+                if not batch:
                     return
+                sessions = batch.sessions()
                 slots = as_index_array([s.slot for s in sessions])
-                feeds = runner.feeds(frames, slots)
+                feeds = runner.feeds(batch, slots)
         except Exception as exc:
-            self._batch_failed(sessions, frames, exc)
+            self._batch_failed(batch, exc)
             return
         started = time.perf_counter()
         try:
-            if runner.runs_inline(frames[0].key, len(frames)):
+            assert batch.key is not None
+            if runner.runs_inline(batch.key, len(sessions)):
                 outputs, states, seconds = runner.run_inline(feeds)
             else:
                 outputs, states, seconds = await runner.run_in_executor(feeds)
         except asyncio.CancelledError:
             # Nothing was applied: the client sends the frame again, to another replica.
-            self._fail(sessions, frames, Unavailable(_STOPPED))
+            answers.fail(batch, Unavailable(_STOPPED))
             raise
         except Exception as exc:
-            self._batch_failed(sessions, frames, exc)
+            self._batch_failed(batch, exc)
             return
-        results = runner.scatter(slots, frames, outputs, states, seconds)
+        singles, blocks = runner.scatter(slots, batch, outputs, states, seconds)
         if self.persistence.store is not None:
             old_states = [feeds[st.input_name] for st in self.spec.states]
+            results = singles + [b.row(i) for b in blocks for i in range(len(b))]
             try:
                 error = await self.persistence.save_batch(
-                    sessions, frames, results, slots, old_states, states
+                    sessions, results, slots, old_states, states
                 )
             except asyncio.CancelledError:  # the states were put back
-                self._fail(sessions, frames, Unavailable(_STOPPED))
+                answers.fail(batch, Unavailable(_STOPPED))
                 raise
             if error is not None:
-                self._fail(sessions, frames, error)
+                answers.fail(batch, error)
                 return
-        self._answer(sessions, frames, results, started, seconds)
+        answers.applied(batch, singles, blocks, started, seconds)
 
-    def _refuse_rows(
-        self, sessions: list[Session], frames: list[FrameWork], bad: dict[int, str]
-    ) -> tuple[list[Session], list[FrameWork]]:
-        """Answer the frames holding a NaN or infinity before the batch runs; the rest go on."""
-        kept_sessions, kept_frames = [], []
-        for row, (session, frame) in enumerate(zip(sessions, frames, strict=True)):
-            if row not in bad:
-                kept_sessions.append(session)
-                kept_frames.append(frame)
-                continue
-            session.released()
-            message = f"model {self.spec.name!r} input {bad[row]!r} contains NaN or infinity"
-            self.counters.reject(
-                frame, InvalidArgument(message, session_id=session.id, frame_index=frame.index)
-            )
-            self.ready.mark_ready(session)
-        return kept_sessions, kept_frames
-
-    def _answer(
-        self,
-        sessions: list[Session],
-        frames: list[FrameWork],
-        results: list[FrameOutput],
-        started: float,
-        elapsed: float,
-    ) -> None:
-        """The batch is applied (and stored, with a store): advance and answer its sessions."""
-        done_at = time.perf_counter()
-        now = time.monotonic()
-        cancelled = 0
-        ready, expected = self.ready, self._expected
-        for session, frame, result in zip(sessions, frames, results, strict=True):
-            session.applied(result, now)
-            if frame.reply.done():
-                cancelled += 1  # its caller stopped waiting; the frame is applied all the same
-            else:
-                frame.reply.set_result(result if frame.emit else None)
-            if session.has_work():
-                ready.mark_ready(session)
-            else:
-                expected.answered(session, done_at)
-        self.counters.count("OK", len(frames) - cancelled)
-        if cancelled:
-            self.counters.count("CANCELLED", cancelled)
-        self.counters.batch_done(frames, started, elapsed, done_at)
-
-    def _batch_failed(
-        self, sessions: list[Session], frames: list[FrameWork], exc: Exception
-    ) -> None:
-        self.counters.batch_failed(len(frames))
-        log.exception("model %s failed on a batch of %d", self.spec.name, len(frames))
-        self._fail(sessions, frames, Internal(f"model {self.spec.name!r} failed: {exc}"))
-
-    def _fail(
-        self, sessions: list[Session], frames: list[FrameWork], error: RnnstreamError
-    ) -> None:
-        """A failed run leaves every state as it was: the frames may be sent again."""
-        for session, frame in zip(sessions, frames, strict=True):
-            session.released()
-            self.counters.reject(
-                frame, type(error)(error.message, session_id=session.id, frame_index=frame.index)
-            )
-            self.ready.mark_ready(session)
+    def _batch_failed(self, batch: Batch, exc: Exception) -> None:
+        self.counters.batch_failed(len(batch))
+        log.exception("model %s failed on a batch of %d", self.spec.name, len(batch))
+        self.answers.fail(batch, Internal(f"model {self.spec.name!r} failed: {exc}"))

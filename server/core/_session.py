@@ -10,7 +10,15 @@ from collections.abc import Callable
 from typing import Protocol
 
 from rnnstream.server.core._errors import FailedPrecondition, RnnstreamError
-from rnnstream.server.core._results import Emit, FrameOutput
+from rnnstream.server.core._results import (
+    BlockOutputs,
+    Emit,
+    FrameOutput,
+    Kept,
+    kept_bytes,
+    kept_index,
+    kept_output,
+)
 from rnnstream.server.core._work import (
     AUTO_INDEX,
     ControlWork,
@@ -38,6 +46,7 @@ class Session:
     """A client's stream of frames through one model, and where its state lives (its slot)."""
 
     __slots__ = (
+        "_last",
         "_pending",
         "_space_waiters",
         "closed",
@@ -46,7 +55,6 @@ class Session:
         "id",
         "in_flight",
         "instance",
-        "last",
         "last_active",
         "listener",
         "model",
@@ -86,9 +94,9 @@ class Session:
         self.frames_queued = 0
         self.in_flight = 0  # 0, FRAME or CONTROL
         self.closed = False
-        self.ring: deque[FrameOutput] | None = None  # made on first output: idle ones stay small
+        self.ring: deque[Kept] | None = None  # made on first output: idle ones stay small
         self.ring_size = ring_size
-        self.last: FrameOutput | None = None  # the latest output since open or reset
+        self._last: Kept | None = None  # the latest output since open or reset
         self.last_active = time.monotonic()
         # Told when the server ends the session (expired, evicted, shutdown): its stream.
         self.listener: EndListener | None = None
@@ -121,7 +129,7 @@ class Session:
         for result in ring:
             self.remember(result)
         if ring and ring[-1].index == next_index - 1:
-            self.last = ring[-1]
+            self._last = ring[-1]
 
     # -- the queue ---------------------------------------------------------------------------
     def push(self, work: FrameWork | ControlWork) -> None:
@@ -140,7 +148,11 @@ class Session:
     def held_bytes(self) -> int:
         """Bytes of queued inputs and kept outputs (its state lives in the model's pool)."""
         queued = sum(a.nbytes for w in self._pending if isinstance(w, FrameWork) for a in w.inputs)
-        return queued + sum(a.nbytes for r in self.ring or () for a in r.outputs)
+        return queued + self.ring_bytes()
+
+    def ring_bytes(self) -> int:
+        """Bytes of the outputs its ring keeps (a block row counts its share of the block)."""
+        return sum(kept_bytes(kept) for kept in self.ring or ())
 
     def runnable(self) -> bool:
         """Work waits and nothing of the session is in flight: it belongs in the ready queue."""
@@ -224,6 +236,33 @@ class Session:
         self.in_flight = 0
         self.last_active = now
 
+    @staticmethod
+    def apply_block(sessions: list[Session], outputs: BlockOutputs, now: float) -> None:
+        """Each session's row of a block was applied (and stored, with a store): row i of
+        `outputs` is sessions[i]'s. One loop with no object per session but its ring entry."""
+        for row, session in enumerate(sessions):
+            session.next_index += 1
+            kept = (outputs, row)
+            session._last = kept
+            if session.ring_size > 0:
+                ring = session.ring
+                if ring is None:
+                    ring = session.ring = deque(maxlen=session.ring_size)
+                ring.append(kept)
+            session.in_flight = 0
+            session.last_active = now
+
+    @staticmethod
+    def start_block(sessions: list[Session]) -> None:
+        """Their next frames joined a block (FrameBlock): in flight until applied."""
+        for session in sessions:
+            session.in_flight = FRAME
+
+    def clean_for(self, index: int) -> bool:
+        """Nothing queued or running, and `index` is the next frame: a frame may skip the queue
+        and join a block."""
+        return not self._pending and not self.in_flight and index == self.next_index
+
     def released(self) -> None:
         """The running frame failed or was refused: nothing was applied."""
         self.in_flight = 0
@@ -272,7 +311,7 @@ class Session:
 
     # -- outputs -------------------------------------------------------------------------------
     def remember(self, result: FrameOutput) -> None:
-        self.last = result
+        self._last = result
         if self.ring_size <= 0:
             return
         if self.ring is None:
@@ -280,11 +319,21 @@ class Session:
         self.ring.append(result)
 
     def replay(self, index: int) -> FrameOutput | None:
-        for result in reversed(self.ring or ()):
-            if result.index == index:
+        for kept in reversed(self.ring or ()):
+            if kept_index(kept) == index:
+                result = kept_output(kept)
                 return FrameOutput(index, result.outputs, result.names, True, result.inputs_digest)
         return None
 
+    @property
+    def last(self) -> FrameOutput | None:
+        """The latest output since open or reset."""
+        kept = self._last
+        if kept is None or isinstance(kept, FrameOutput):
+            return kept
+        self._last = result = kept_output(kept)  # read once, kept as a frame's own
+        return result
+
     def set_last(self, last: FrameOutput | None) -> None:
         """Its latest output, as a reset (None), a committed forecast or an undo leaves it."""
-        self.last = last
+        self._last = last

@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from rnnstream.server.core._batch import Batch
 from rnnstream.server.core._errors import RnnstreamError
-from rnnstream.server.core._instruments import CoreMetrics, Counter, Observer
+from rnnstream.server.core._instruments import CoreMetrics, Counter, Observer, observe_many
 from rnnstream.server.core._results import ModelStats
 from rnnstream.server.core._work import FrameWork
 
@@ -74,16 +75,16 @@ class ModelCounters:
     def batch_failed(self, frames: int) -> None:
         self.stats.failed_frames += frames
 
-    def batch_done(
-        self, frames: list[FrameWork], started: float, elapsed: float, done_at: float
-    ) -> None:
+    def batch_done(self, batch: Batch, started: float, elapsed: float, done_at: float) -> None:
         """A batch's frames were answered: `started`/`done_at` on the perf_counter clock."""
         stats = self.stats
-        size = len(frames)
+        frames, parts = batch.frames, batch.parts
+        size = len(batch)
         stats.batches += 1
         stats.frames += size
         stats.frame_run_seconds += elapsed * size
         stats.queue_seconds += sum(started - f.enqueued_at for f in frames)
+        stats.queue_seconds += sum((started - p.block.enqueued_at) * len(p) for p in parts)
         stats.last_batch_unix = time.time()
         by_size = stats.by_size.setdefault(size, [0, 0.0])
         by_size[0] += 1
@@ -94,3 +95,5 @@ class ModelCounters:
             batch_size.observe(size)
             for frame in frames:
                 latency.observe(done_at - frame.enqueued_at)
+            for part in parts:  # a block's rows arrived together: one value, many frames
+                observe_many(latency, done_at - part.block.enqueued_at, len(part))

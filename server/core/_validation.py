@@ -26,6 +26,13 @@ def describe_shape(spec: TensorSpec) -> str:
     return "[" + ", ".join(dims) + "]"
 
 
+def _batched_shape(spec: TensorSpec) -> str:
+    """The shape a frame group sends for `spec`, e.g. [T, K, 16]."""
+    dims = describe_shape(spec)[1:-1].split(", ")
+    dims.insert(spec.batch_axis, "K")
+    return "[" + ", ".join(dims) + "]"
+
+
 def _check_one(spec: TensorSpec, array: npt.NDArray[Any], model: str, max_steps: int) -> int | None:
     label = f"model {model!r} input {spec.name!r}"
     if array.dtype != spec.dtype:
@@ -126,11 +133,13 @@ class FrameValidator:
         self,
         spec: ModelSpec,
         max_steps: int,
-        check_shapes: Callable[[tuple[tuple[int, ...], ...]], None] = lambda shapes: None,
+        check_shapes: Callable[..., None] = lambda shapes, rows=1: None,
     ) -> None:
         self._spec = spec
         self._max_steps = max_steps
-        self._check_shapes = check_shapes  # further checks of a new signature (output size)
+        # Further checks of a signature (the outputs' size), given the frames' shapes and how
+        # many of them one answer carries.
+        self._check_shapes = check_shapes
         # signature -> (where each model input sits among the tensors, the batching key)
         self._known: dict[Signature, tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]] = {}
 
@@ -138,6 +147,45 @@ class FrameValidator:
         self, tensors: Sequence[NamedArray]
     ) -> tuple[list[npt.NDArray[Any]], tuple[tuple[int, ...], ...]]:
         """The frame's arrays in input order and its batching key (their shapes)."""
+        positions, key = self._layout(tensors)
+        return [tensors[i][1] for i in positions], key
+
+    def validate_group(
+        self, tensors: Sequence[NamedArray], rows: int
+    ) -> tuple[list[npt.NDArray[Any]], tuple[tuple[int, ...], ...]]:
+        """A frame group's stacked arrays (`rows` frames on each input's batch axis) in input
+        order, and the batching key of each row's frame: every row passes validate's checks."""
+        spec = self._spec
+        inputs = {t.name: t for t in spec.inputs}
+        if not tensors:
+            names = list(inputs)
+            raise InvalidArgument(
+                f"frame group carries no tensors; model {spec.name!r} expects {names}"
+            )
+        frames: list[NamedArray] = []
+        for name, array in tensors:
+            tensor = inputs.get(name)
+            if tensor is None and not name and len(spec.inputs) == 1 and len(tensors) == 1:
+                tensor = spec.inputs[0]
+            if tensor is None:  # validate names the problem
+                frames.append((name, array))
+                continue
+            axis = tensor.batch_axis
+            if array.ndim <= axis or array.shape[axis] != rows:
+                raise InvalidArgument(
+                    f"model {spec.name!r} input {tensor.name!r} of a frame group must carry its "
+                    f"{rows} sessions' frames on the batch axis {axis} (shape "
+                    f"{_batched_shape(tensor)}), got shape {list(array.shape)}"
+                )
+            frames.append((name, array[(slice(None),) * axis + (0,)]))
+        positions, key = self._layout(frames)
+        self._check_shapes(key, rows)  # the answer carries every row's outputs
+        return [tensors[i][1] for i in positions], key
+
+    def _layout(
+        self, tensors: Sequence[NamedArray]
+    ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+        """Where each model input sits among `tensors`, and the batching key."""
         signature = tuple((name, array.dtype, array.shape) for name, array in tensors)
         known = self._known.get(signature)
         if known is None:
@@ -148,5 +196,4 @@ class FrameValidator:
             if len(self._known) >= 1024:  # many distinct shapes: start over, stay small
                 self._known.clear()
             known = self._known[signature] = (positions, key)
-        positions, key = known
-        return [tensors[i][1] for i in positions], key
+        return known

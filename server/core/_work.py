@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -12,7 +11,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from rnnstream.server.core._results import Ended, FrameOutput
+from rnnstream.server.core._results import Ended, FrameOutput, inputs_digest
 
 __all__ = [
     "AUTO_INDEX",
@@ -22,8 +21,11 @@ __all__ = [
     "EndListener",
     "ForecastParams",
     "FrameAnswer",
+    "FrameBlock",
     "FrameReply",
     "FrameWork",
+    "GroupReply",
+    "Rows",
     "as_index_array",
     "inputs_digest",
 ]
@@ -67,6 +69,30 @@ class FrameAnswer:
         self._future.set_exception(exception)
 
 
+# Rows of a frame group: a contiguous range, or the row numbers themselves.
+Rows = slice | npt.NDArray[np.intp]
+
+
+class GroupReply(Protocol):
+    """Whoever waits for the answers of a frame group's rows (one frame for each of K sessions).
+    Rows are answered in blocks (`rows_applied`) when they ran together, else one by one."""
+
+    def done(self) -> bool:
+        """True when no one waits any more (the stream is gone): rows still apply."""
+        ...
+
+    def rows_applied(self, rows: Rows, outputs: Arrays, /) -> None:
+        """`rows` (of the group) were applied; `outputs` hold their outputs, in that order, on
+        each output's batch axis."""
+        ...
+
+    def row_reply(self, row: int, /) -> FrameReply:
+        """A FrameReply for one row that is queued as a frame of its own."""
+        ...
+
+    def row_failed(self, row: int, error: BaseException, /) -> None: ...
+
+
 @dataclass(slots=True)
 class FrameWork:
     """One frame waiting to be applied: its inputs in the model's input order."""
@@ -77,6 +103,40 @@ class FrameWork:
     reply: FrameReply
     emit: bool = True  # False: answered with None (the outputs wait for a flush or the end)
     enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+class FrameBlock:
+    """Rows of a frame group whose sessions had nothing else queued or running, each with its
+    next frame: they wait as one item and run as one block, with no object per frame. Their
+    sessions count as in flight from the moment the block is queued, so anything they send
+    meanwhile waits behind it in their own queues."""
+
+    __slots__ = ("enqueued_at", "indices", "inputs", "key", "reply", "rows", "sessions", "taken")
+
+    def __init__(
+        self,
+        sessions: list[Any],
+        indices: npt.NDArray[np.int64],
+        inputs: Arrays,
+        key: BatchKey,
+        reply: GroupReply,
+        rows: npt.NDArray[np.intp] | None,
+    ) -> None:
+        self.sessions = sessions  # Session objects, one per row
+        self.indices = indices  # each row's frame index (its session's next one)
+        self.inputs = inputs  # per model input, the rows on its batch axis
+        self.key = key
+        self.reply = reply
+        self.rows = rows  # the group's row number of each row (None: the same numbers)
+        self.taken = 0  # rows already taken into batches (a block may span several)
+        self.enqueued_at = time.perf_counter()
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def group_rows(self, rows: Rows) -> Rows:
+        """The group's row numbers of these block rows."""
+        return rows if self.rows is None else self.rows[rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,16 +160,6 @@ class ControlWork:
     reset_after: bool = False  # flush: back to the initial state once answered
     forecast: ForecastParams | None = None
     enqueued_at: float = field(default_factory=time.perf_counter)  # orders the ready sessions
-
-
-def inputs_digest(inputs: Arrays) -> bytes:
-    """A CRC-32 of a frame's input bytes: tells a resend that carries other inputs from a true
-    one (the model fixes dtypes and every axis but T, and the CRC covers the length)."""
-    crc = 0
-    for array in inputs:
-        contiguous = array if array.flags.c_contiguous else np.ascontiguousarray(array)
-        crc = zlib.crc32(contiguous.data, crc)
-    return crc.to_bytes(4, "little")
 
 
 def as_index_array(slots: list[int]) -> npt.NDArray[np.intp]:

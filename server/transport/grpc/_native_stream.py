@@ -20,6 +20,7 @@ from rnnstream.server.core import (
     NotFound,
     ResourceExhausted,
 )
+from rnnstream.server.transport.grpc._group_reply import GroupAnswer, OutputLayout
 from rnnstream.server.transport.grpc._native_messages import (
     emit_name,
     ended,
@@ -64,6 +65,7 @@ class StreamCall:
         self._max_steps = settings.max_steps_per_frame
         self._bytes_in = metrics.bytes_received
         self._bytes_out = metrics.bytes_sent
+        self._layouts: dict[str, OutputLayout] = {}  # model -> its outputs' names and batch axes
 
     # -- replies ---------------------------------------------------------------------------
     def _track(
@@ -123,21 +125,20 @@ class StreamCall:
                     await self._open(request.open)
                     continue
                 await keep_pace(self.engine, self.owner, stream_frames(request, self._max_steps))
-                waiting_on = self.dispatch(request)
-                if waiting_on:
+                for session_id in self.dispatch(request):
                     # Stop reading while this session's queue is full: flow control pushes back.
-                    await self.engine.wait_for_space(self.owner, waiting_on)
+                    await self.engine.wait_for_space(self.owner, session_id)
                 if self.outbox.qsize() >= self._pending_limit:
                     await self.outbox.wait_for_room(self._pending_limit)
         finally:
             self.reading = False
             self.finish_if_done()
 
-    def dispatch(self, request: pb.StreamRequest | BadRequest) -> str:
-        """Hand one message to the engine; returns a session id whose queue is full, else ''."""
+    def dispatch(self, request: pb.StreamRequest | BadRequest) -> list[str]:
+        """Hand one message to the engine; returns the sessions whose queue is now full."""
         if isinstance(request, BadRequest):
             self.outbox.put_nowait(stream_error(InvalidArgument(request.message)))
-            return ""
+            return []
         kind = request.WhichOneof("kind")
         session_id = ""
         frame_index: int | None = None
@@ -146,6 +147,8 @@ class StreamCall:
                 frame = request.frame
                 session_id, frame_index = frame.session_id, frame.frame_index
                 return self._frame(frame)
+            if kind == "frame_group":
+                return self._group(request.frame_group)
             if kind == "reset":
                 reset = request.reset
                 session_id = reset.session_id
@@ -186,13 +189,14 @@ class StreamCall:
                 )
             else:
                 raise InvalidArgument(
-                    "empty StreamRequest: set one of open, frame, reset, end, flush, forecast"
+                    "empty StreamRequest: set one of open, frame, frame_group, reset, end, "
+                    "flush, forecast"
                 )
         except Exception as exc:
             self.outbox.put_nowait(stream_error(exc, session_id, frame_index))
-        return ""
+        return []
 
-    def _frame(self, frame: pb.Frame) -> str:
+    def _frame(self, frame: pb.Frame) -> list[str]:
         session_id = frame.session_id
         arrays = []
         try:
@@ -206,7 +210,42 @@ class StreamCall:
         reply = _FrameReply(self, session_id, frame.frame_index)
         full = self.engine.submit(self.owner, session_id, frame.frame_index, arrays, reply)
         self.outstanding += 1
-        return session_id if full else ""
+        return [session_id] if full else []
+
+    def _group(self, group: pb.FrameGroup) -> list[str]:
+        """One frame for each of many sessions: answered by one GroupOutputs, whatever
+        happens to each row."""
+        ids, indices = group.session_ids, group.frame_indices
+        reply = GroupAnswer(self, group.request_id, ids, indices, self._layout(group.model))
+        self.outstanding += 1
+        arrays = []
+        try:
+            for tensor in group.inputs:
+                self._bytes_in.value += len(tensor.data)
+                arrays.append((tensor.name, decode(tensor)))
+        except Exception as exc:
+            # Undecodable tensors never reach the engine, which counts every other row.
+            self.engine.groups.refuse(group.model, len(ids), as_rnnstream_error(exc))
+            reply.fail_all(exc)
+            return []
+        try:
+            return self.engine.groups.submit(self.owner, group.model, ids, indices, arrays, reply)
+        except Exception as exc:
+            reply.fail_all(exc)
+            return []
+
+    def _layout(self, model: str) -> OutputLayout:
+        layout = self._layouts.get(model)
+        if layout is None:
+            try:
+                outputs = self.engine.model(model).spec.outputs
+            except NotFound:
+                return ()  # the group is refused: it answers no tensors
+            layout = self._layouts[model] = tuple((t.name, t.batch_axis) for t in outputs)
+        return layout
+
+    def count_bytes_out(self, count: int) -> None:
+        self._bytes_out.value += count
 
     def answer(self, response: pb.StreamResponse | None) -> None:
         """A frame's answer, called by the scheduler as soon as the frame is done."""
@@ -268,7 +307,7 @@ class _FrameReply:
             output.frame_index = result.index
             for array, name in zip(result.outputs, result.names, strict=True):
                 encode_into(output.outputs.add(), array, name)
-                call._bytes_out.value += array.nbytes
+                call.count_bytes_out(array.nbytes)
         except Exception as exc:  # never let one answer break the scheduler's turn
             response = stream_error(as_rnnstream_error(exc), self._session_id, self._index)
         call.answer(response)

@@ -18,12 +18,15 @@ def forecast_frames(steps: int, max_steps: int) -> int:
 
 
 def stream_frames(request: pb.StreamRequest | object, max_steps: int) -> int:
-    """Frames one Stream message brings: a frame 1, a forecast its steps, anything else 0."""
+    """Frames one Stream message brings: a frame 1, a frame group one per session, a forecast
+    its steps, anything else 0."""
     if not isinstance(request, pb.StreamRequest):
         return 0
     kind = request.WhichOneof("kind")
     if kind == "frame":
         return 1
+    if kind == "frame_group":
+        return len(request.frame_group.session_ids)
     if kind == "forecast":
         return forecast_frames(request.forecast.steps, max_steps)
     return 0

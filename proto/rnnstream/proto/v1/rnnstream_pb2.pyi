@@ -144,6 +144,7 @@ class StreamRequest(_message.Message):
     END_FIELD_NUMBER: _builtins.int
     FLUSH_FIELD_NUMBER: _builtins.int
     FORECAST_FIELD_NUMBER: _builtins.int
+    FRAME_GROUP_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___OpenSession: ...
     @_builtins.property
@@ -156,6 +157,10 @@ class StreamRequest(_message.Message):
     def flush(self) -> Global___FlushSession: ...
     @_builtins.property
     def forecast(self) -> Global___ForecastRequest: ...
+    @_builtins.property
+    def frame_group(self) -> Global___FrameGroup:
+        """One frame for each of many sessions, answered by one `group_outputs`."""
+
     def __init__(
         self,
         *,
@@ -165,12 +170,13 @@ class StreamRequest(_message.Message):
         end: Global___EndSessionRequest | None = ...,
         flush: Global___FlushSession | None = ...,
         forecast: Global___ForecastRequest | None = ...,
+        frame_group: Global___FrameGroup | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "flush", b"flush", "forecast", b"forecast", "frame", b"frame", "kind", b"kind", "open", b"open", "reset", b"reset"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "flush", b"flush", "forecast", b"forecast", "frame", b"frame", "frame_group", b"frame_group", "kind", b"kind", "open", b"open", "reset", b"reset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "flush", b"flush", "forecast", b"forecast", "frame", b"frame", "kind", b"kind", "open", b"open", "reset", b"reset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "flush", b"flush", "forecast", b"forecast", "frame", b"frame", "frame_group", b"frame_group", "kind", b"kind", "open", b"open", "reset", b"reset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "frame", "reset", "end", "flush", "forecast"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "frame", "reset", "end", "flush", "forecast", "frame_group"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -189,6 +195,7 @@ class StreamResponse(_message.Message):
     FLUSHED_FIELD_NUMBER: _builtins.int
     FORECAST_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    GROUP_OUTPUTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def opened(self) -> Global___SessionOpened: ...
     @_builtins.property
@@ -211,6 +218,10 @@ class StreamResponse(_message.Message):
         `rnnstream-pack-outputs: 1`; other streams get one `output` message per frame.
         """
 
+    @_builtins.property
+    def group_outputs(self) -> Global___GroupOutputs:
+        """The answer to a FrameGroup."""
+
     def __init__(
         self,
         *,
@@ -223,12 +234,13 @@ class StreamResponse(_message.Message):
         flushed: Global___SessionFlushed | None = ...,
         forecast: Global___ForecastResponse | None = ...,
         outputs: Global___FrameOutputs | None = ...,
+        group_outputs: Global___GroupOutputs | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "flushed", b"flushed", "forecast", b"forecast", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "outputs", b"outputs", "reset", b"reset"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "flushed", b"flushed", "forecast", b"forecast", "group_outputs", b"group_outputs", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "outputs", b"outputs", "reset", b"reset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "flushed", b"flushed", "forecast", b"forecast", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "outputs", b"outputs", "reset", b"reset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "flushed", b"flushed", "forecast", b"forecast", "group_outputs", b"group_outputs", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "outputs", b"outputs", "reset", b"reset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "output", "error", "reset", "ended", "notice", "flushed", "forecast", "outputs"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "output", "error", "reset", "ended", "notice", "flushed", "forecast", "outputs", "group_outputs"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -420,6 +432,96 @@ class FrameOutput(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FrameOutput: _TypeAlias = FrameOutput  # noqa: Y015
+
+@_typing.final
+class FrameGroup(_message.Message):
+    """One frame for each of K sessions of one model in one message, so a client that carries many
+    sessions (a gateway, a sensor hub, a load generator) pays for one message instead of K. Each
+    row is applied exactly as a Frame with the same session_id, frame_index and inputs would be
+    (indices, resends answered from the output ring, limits, state store), and the server may step
+    the rows in one batch. Answered by one GroupOutputs once every row is done.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    SESSION_IDS_FIELD_NUMBER: _builtins.int
+    FRAME_INDICES_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    """The client's number for this message, echoed in its answer."""
+    model: _builtins.str
+    """The model every session of the group runs."""
+    @_builtins.property
+    def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """K distinct sessions: row k of every tensor is the frame of session_ids[k]."""
+
+    @_builtins.property
+    def frame_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """K frame indices, one per session, as in Frame.frame_index."""
+
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """One tensor per data input: the model input's shape with K on its batch axis (gru's x,
+        [T, batch, 16], travels as [T, K, 16]). Every row carries the same T.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        model: _builtins.str = ...,
+        session_ids: _abc.Iterable[_builtins.str] | None = ...,
+        frame_indices: _abc.Iterable[_builtins.int] | None = ...,
+        inputs: _abc.Iterable[Global___Tensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame_indices", b"frame_indices", "inputs", b"inputs", "model", b"model", "request_id", b"request_id", "session_ids", b"session_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FrameGroup: _TypeAlias = FrameGroup  # noqa: Y015
+
+@_typing.final
+class GroupOutputs(_message.Message):
+    """The answer to a FrameGroup: one message for all of its rows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """One tensor per data output: the model output's shape with K on its batch axis, rows in the
+        request's order. A row that failed (see errors), or whose session emits only on flush and
+        end (EMIT_LAST), holds zeros.
+        """
+
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamError]:
+        """One error per failed row, naming its session_id and frame_index; every other row was
+        applied (or answered from the output ring, for a resent frame). One bad row never fails
+        the others.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        outputs: _abc.Iterable[Global___Tensor] | None = ...,
+        errors: _abc.Iterable[Global___StreamError] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "outputs", b"outputs", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupOutputs: _TypeAlias = GroupOutputs  # noqa: Y015
 
 @_typing.final
 class ResetSession(_message.Message):
