@@ -15,7 +15,7 @@ from rnnstream._version import __version__
 
 if TYPE_CHECKING:
     from rnnstream._aio import AsyncClient
-    from rnnstream._errors import RnnstreamError, SessionLost
+    from rnnstream._errors import FrameGroupError, RnnstreamError, SessionLost
     from rnnstream._frames import FrameInput, Outputs
     from rnnstream._info import (
         ModelInfo,
@@ -34,6 +34,7 @@ __all__ = [
     "AsyncClient",
     "AsyncSession",
     "Client",
+    "FrameGroupError",
     "FrameInput",
     "ModelInfo",
     "ModelVersion",
@@ -54,6 +55,7 @@ _HOMES = {
     "AsyncClient": "rnnstream._aio",
     "AsyncSession": "rnnstream._session",
     "Client": "rnnstream._sync",
+    "FrameGroupError": "rnnstream._errors",
     "FrameInput": "rnnstream._frames",
     "ModelInfo": "rnnstream._info",
     "ModelVersion": "rnnstream._info",

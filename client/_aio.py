@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
 
 from rnnstream._errors import RnnstreamError, SessionLost
 from rnnstream._frames import EMIT, FrameInput, Outputs, decode_outputs, encode_frame
+from rnnstream._group import step_many
 from rnnstream._info import (
     STATE_NUMBERS,
     ModelInfo,
@@ -61,12 +62,16 @@ class AsyncClient:
         stream_per_session: bool = False,
         options: Sequence[tuple[str, Any]] = DEFAULT_OPTIONS,
         pack_outputs: bool = True,
+        pack_frames: bool = True,
     ) -> None:
         """`token` is sent as a bearer token. `retry=None` turns reconnect-and-resume off.
         `stream_per_session` gives each session its own stream carrying the session id as
         `rnnstream-session-id` metadata, so a proxy can route every session by it.
         `pack_outputs` lets the server answer frames that are ready together in one message
-        (FrameOutputs); off, every frame's output comes in a message of its own."""
+        (FrameOutputs); off, every frame's output comes in a message of its own.
+        `pack_frames` sends the frames that several sessions of a stream queue in the same
+        turn of the event loop as one FrameGroup; off, every frame goes in a message of its
+        own."""
         self.target = target
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
@@ -81,6 +86,7 @@ class AsyncClient:
             ((PACK_OUTPUTS_METADATA_KEY, "1"),) if pack_outputs else ()
         )
         self._stream_per_session = stream_per_session
+        self._pack_frames = pack_frames
         self._models: dict[tuple[str, int], ModelInfo] = {}
         self._mux: StreamMux | None = None
         self._own_muxes: list[StreamMux] = []
@@ -151,11 +157,12 @@ class AsyncClient:
     def _stream(self, session_id: str) -> StreamMux:
         if self._stream_per_session:
             metadata = (*self._stream_metadata, (SESSION_ID_METADATA_KEY, session_id))
-            mux = StreamMux(self._connect(metadata), self._retry)
+            mux = StreamMux(self._connect(metadata), self._retry, self._pack_frames)
             self._own_muxes.append(mux)
             return mux
         if self._mux is None or self._mux.failure is not None:
-            self._mux = StreamMux(self._connect(self._stream_metadata), self._retry)
+            connect = self._connect(self._stream_metadata)
+            self._mux = StreamMux(connect, self._retry, self._pack_frames)
         return self._mux
 
     def _connect(self, metadata: Sequence[tuple[str, str]]) -> Connect:
@@ -199,6 +206,17 @@ class AsyncClient:
             raise
         info = await self.get_model(model, opened.model_version)
         return AsyncSession(mux, info, opened, emit)
+
+    async def step_many(
+        self, frames: Mapping[AsyncSession, FrameInput]
+    ) -> dict[AsyncSession, Outputs]:
+        """One frame for each of many sessions, sent as one FrameGroup message per stream and
+        model and answered by one message: a gateway carrying many sessions pays for one
+        message instead of one per session. Each frame is applied exactly as `session.step`
+        would apply it. Frames of one model must agree on their shapes (the same T). When some
+        frames fail, the others are applied all the same, and FrameGroupError holds both the
+        outputs and the errors."""
+        return await step_many(frames)
 
     async def infer(
         self,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
-__all__ = ["RnnstreamError", "SessionLost"]
+__all__ = ["FrameGroupError", "RnnstreamError", "SessionLost"]
 
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -39,3 +41,21 @@ class RnnstreamError(Exception):
 
 class SessionLost(RnnstreamError):
     """The session can no longer be resumed: it expired, was evicted, or the retries ran out."""
+
+
+class FrameGroupError(RnnstreamError):
+    """Some frames of a `step_many` failed; the others were applied. `outputs` holds the
+    answered sessions' outputs and `errors` each failed session's error (the first one's code
+    and message are this error's)."""
+
+    def __init__(self, outputs: dict[Any, Any], errors: dict[Any, RnnstreamError]) -> None:
+        first = next(iter(errors.values()))
+        total = len(outputs) + len(errors)
+        super().__init__(
+            first.code,
+            f"{len(errors)} of {total} frames failed; the first: {first.message}",
+            session_id=first.session_id,
+            frame_index=first.frame_index,
+        )
+        self.outputs = outputs
+        self.errors = errors

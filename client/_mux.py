@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from typing import Protocol
 import grpc
 
 from rnnstream._errors import RnnstreamError, SessionLost
+from rnnstream._group import GroupCall, PendingFrame, Queued, Settles, pack_frames
+from rnnstream._info import ModelInfo
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 
 __all__ = ["Connect", "MuxedSession", "RetryPolicy", "StreamCall", "StreamMux"]
@@ -89,9 +92,15 @@ class MuxedSession(Protocol):
 class StreamMux:
     """Routes each response to its session; on a broken stream, reconnects with backoff, resumes
     every session (OpenSession with resume) and resends what was not yet answered, in order. The
-    server applies each frame index once and answers resent ones from its output ring."""
+    server applies each frame index once and answers resent ones from its output ring.
 
-    def __init__(self, connect: Connect, retry: RetryPolicy | None) -> None:
+    With `pack_frames`, frames that several sessions queue in the same turn of the event loop
+    (a batch's answers wake them together) travel as one FrameGroup per model; a lone frame
+    still goes out alone, at once."""
+
+    def __init__(
+        self, connect: Connect, retry: RetryPolicy | None, pack_frames: bool = True
+    ) -> None:
         self._connect = connect
         self._retry = retry
         self._sessions: dict[str, MuxedSession] = {}
@@ -107,6 +116,11 @@ class StreamMux:
         self._opening_id = ""
         self.failure: RnnstreamError | None = None
         self.reconnects = 0
+        self.pack_frames = pack_frames
+        self._outgoing: list[Queued] = []  # frames queued this turn, written together
+        self._groups: dict[int, GroupCall] = {}  # FrameGroups on the wire, by request id
+        self._request_ids = itertools.count(1)
+        self.groups_sent = 0  # FrameGroup messages written
         self._closing = False
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -120,6 +134,41 @@ class StreamMux:
     # -- sending ---------------------------------------------------------------------------
     async def send(self, request: pb.StreamRequest) -> None:
         """Write now, or after the reconnect under way (the request is resent on resume)."""
+        await self._write(request)
+
+    async def send_frame(self, model: ModelInfo, frame: PendingFrame, waiters: Settles) -> None:
+        """Write a session's frame, with the frames other sessions queue in this turn."""
+        if not self.pack_frames:
+            await self._write(frame.request())
+            return
+        self._outgoing.append((model, frame, waiters))
+        if len(self._outgoing) > 1:
+            return  # the sender of the first frame queued writes this one with it
+        if len(self._sessions) > 1:
+            await asyncio.sleep(0)  # one turn: the other sessions woken with this one queue
+        await self._write(None)
+
+    async def send_group(self, group: GroupCall) -> None:
+        """Write an explicit FrameGroup (its rows wait in their sessions already)."""
+        await self._write(group)
+
+    def _messages(self, item: pb.StreamRequest | GroupCall | None) -> list[pb.StreamRequest]:
+        """The frames queued so far, then `item`: every write goes out in the order queued."""
+        queued, self._outgoing = self._outgoing, []
+        messages = pack_frames(queued) if queued else []
+        if item is not None:
+            messages.append(item)
+        out = []
+        for message in messages:
+            if isinstance(message, GroupCall):
+                message.request_id = next(self._request_ids)
+                self._groups[message.request_id] = message
+                self.groups_sent += 1
+                message = message.request()
+            out.append(message)
+        return out
+
+    async def _write(self, item: pb.StreamRequest | GroupCall | None) -> None:
         while True:
             if self.failure is not None:
                 raise self.failure
@@ -129,7 +178,8 @@ class StreamMux:
                 async with self._write_lock:
                     if call is not self._call or call is None:
                         continue
-                    await call.write(request)
+                    for message in self._messages(item):
+                        await call.write(message)
                 return
             except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                 if self._retry is None:
@@ -206,6 +256,10 @@ class StreamMux:
         assert call is not None
         # Holding the write lock: grpc allows one write at a time on a call.
         async with self._write_lock:
+            # Frames queued or grouped before are among the sessions' unanswered requests: they
+            # are resent below, one by one.
+            self._outgoing.clear()
+            self._groups.clear()
             for session_id, session in list(self._sessions.items()):
                 self._resuming.add(session_id)
                 await call.write(pb.StreamRequest(open=session.resume_request()))
@@ -233,6 +287,8 @@ class StreamMux:
         elif kind == "outputs":
             for output in response.outputs.outputs:
                 self._route_output(output)
+        elif kind == "group_outputs":
+            self._route_group(response.group_outputs)
         elif kind == "opened":
             opened = response.opened
             if opened.session_id in self._sessions and opened.session_id in self._resuming:
@@ -258,6 +314,20 @@ class StreamMux:
             self._recovering.discard(ended.session_id)
             if session is not None:
                 session.on_ended(ended)
+
+    def _route_group(self, answer: pb.GroupOutputs) -> None:
+        """A FrameGroup's answer: each failed row's error goes to its session as an in-band
+        error would (an UNAVAILABLE one resumes and resends it), the other rows' outputs to
+        their waiters."""
+        group = self._groups.pop(answer.request_id, None)
+        failed: set[int] = set()
+        for error in answer.errors:
+            row = group.row_of(error.session_id) if group is not None else None
+            if row is not None:
+                failed.add(row)
+            self._route_error(error)
+        if group is not None:
+            group.answered(answer, failed)
 
     def _route_output(self, output: pb.FrameOutput) -> None:
         session = self._sessions.get(output.session_id)

@@ -10,7 +10,15 @@ from typing import Any
 import grpc
 
 from rnnstream._errors import RnnstreamError, SessionLost
-from rnnstream._frames import EMIT, FrameInput, Outputs, decode_outputs, encode_frame
+from rnnstream._frames import (
+    EMIT,
+    FrameInput,
+    Outputs,
+    decode_outputs,
+    encode_frame,
+    frame_arrays,
+)
+from rnnstream._group import GroupCall, GroupRow, PendingFrame, RowEntry
 from rnnstream._info import ModelInfo
 from rnnstream._mux import StreamMux
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
@@ -56,22 +64,21 @@ class AsyncSession:
     async def send(self, frame: FrameInput, index: int | None = None) -> asyncio.Future[Outputs]:
         """Send one frame now; the returned future resolves with its outputs."""
         self._waiters.check_open()
-        tensors, squeeze = encode_frame(self.model, frame)
+        arrays, squeeze = frame_arrays(self.model, frame)
         if index is None:
             index = self.next_index
         self.next_index = max(self.next_index, index + 1)
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        request = pb.StreamRequest(
-            frame=pb.Frame(session_id=self.id, frame_index=index, inputs=tensors)
-        )
+        pending = PendingFrame(self.id, index, arrays, squeeze, future)
         if self.emit == "last":
             # No answer will come: the frame counts as done once sent; errors wait for flush.
-            await self._mux.send(request)
+            await self._mux.send(pending.request())
             future.set_result({})
             return future
-        self._waiters.add_frame(index, request, future, squeeze)
+        self._waiters.add_frame(pending)
         try:
-            await self._mux.send(request)
+            # Frames of other sessions queued in the same turn may travel with it (FrameGroup).
+            await self._mux.send_frame(self.model, pending, self._waiters)
         except BaseException:
             self._waiters.drop_frame(index)
             raise
@@ -79,6 +86,29 @@ class AsyncSession:
 
     async def step(self, frame: FrameInput) -> Outputs:
         return await (await self.send(frame))
+
+    def _group_index(self) -> int:
+        """The index this session's row of a FrameGroup takes."""
+        self._waiters.check_open()
+        if self.emit != "every":
+            raise ValueError(
+                f"session {self.id} emits only on flush and end: send its frames with send()"
+            )
+        index = self.next_index
+        self.next_index += 1
+        return index
+
+    async def _send_group(self, group: GroupCall, sessions: list[AsyncSession]) -> None:
+        """Write `group` (this session's stream carries it), its rows waiting in `sessions`."""
+        group.waiters = [s._waiters for s in sessions]
+        for row, (session, index) in enumerate(zip(sessions, group.indices, strict=True)):
+            session._waiters.add_frame(GroupRow(group, row, index))
+        try:
+            await self._mux.send_group(group)
+        except BaseException:
+            for session, index in zip(sessions, group.indices, strict=True):
+                session._waiters.drop_frame(index)
+            raise
 
     async def stream(
         self, frames: Iterable[FrameInput], inflight: int = 8
@@ -148,10 +178,11 @@ class _Waiters:
 
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
-        self._frames: dict[int, tuple[pb.StreamRequest, asyncio.Future[Outputs], bool]] = {}
+        self._frames: dict[int, RowEntry] = {}
         self._controls: deque[tuple[pb.StreamRequest, asyncio.Future[Any]]] = deque()
-        # Every unanswered request in send order: resent as it is after a reconnect.
-        self._order: dict[object, pb.StreamRequest] = {}
+        # Every unanswered request in send order: resent after a reconnect (a frame that went
+        # out in a FrameGroup is resent alone).
+        self._order: dict[object, pb.StreamRequest | RowEntry] = {}
         self._ended_error: RnnstreamError | None = None  # what later calls raise once ended
         self._frame_errors: list[RnnstreamError] = []  # emit-last frame errors, raised by flush
 
@@ -164,19 +195,18 @@ class _Waiters:
                 grpc.StatusCode.NOT_FOUND, "session ended", session_id=self._session.id
             )
 
-    def add_frame(
-        self,
-        index: int,
-        request: pb.StreamRequest,
-        future: asyncio.Future[Outputs],
-        squeeze: bool,
-    ) -> None:
-        self._frames[index] = (request, future, squeeze)
-        self._order[("frame", index)] = request
+    def add_frame(self, entry: RowEntry) -> None:
+        self._frames[entry.index] = entry
+        self._order[("frame", entry.index)] = entry
 
     def drop_frame(self, index: int) -> None:
         self._frames.pop(index, None)
         self._order.pop(("frame", index), None)
+
+    def settle(self, index: int) -> RowEntry | None:
+        """The frame's answer came (in a GroupOutputs): it no longer waits."""
+        self._order.pop(("frame", index), None)
+        return self._frames.pop(index, None)
 
     def add_control(self, request: pb.StreamRequest, future: asyncio.Future[Any]) -> None:
         self._controls.append((request, future))
@@ -195,18 +225,18 @@ class _Waiters:
         )
 
     def unanswered(self) -> list[pb.StreamRequest]:
-        return list(self._order.values())
+        return [r if isinstance(r, pb.StreamRequest) else r.request() for r in self._order.values()]
 
     def on_output(self, output: pb.FrameOutput) -> None:
         entry = self._frames.pop(output.frame_index, None)
         self._order.pop(("frame", output.frame_index), None)
-        if entry is None or entry[1].done():
+        if entry is None:
             return
         try:
-            outputs = decode_outputs(self._session.model, output.outputs, entry[2])
+            outputs = decode_outputs(self._session.model, output.outputs, entry.squeeze)
         except ValueError as exc:
             # A bad tensor fails its frame only; raised here it would kill the stream's reader.
-            entry[1].set_exception(
+            entry.fail(
                 RnnstreamError(
                     grpc.StatusCode.INTERNAL,
                     f"undecodable output: {exc}",
@@ -217,7 +247,7 @@ class _Waiters:
             return
         if output.restored and self._session.on_restore is not None:
             self._session.on_restore(output.frame_index)
-        entry[1].set_result(outputs)
+        entry.resolve(outputs)
 
     def on_frame_error(self, index: int, error: RnnstreamError) -> None:
         session = self._session
@@ -226,9 +256,9 @@ class _Waiters:
             session.next_index = min(session.next_index, index)
         entry = self._frames.pop(index, None)
         self._order.pop(("frame", index), None)
-        if entry is not None and not entry[1].done():
-            entry[1].set_exception(error)
-        elif entry is None and session.emit == "last":
+        if entry is not None:
+            entry.fail(error)
+        elif session.emit == "last":
             self._frame_errors.append(error)
 
     def _pop_control(self) -> tuple[pb.StreamRequest, asyncio.Future[Any]] | None:
@@ -279,10 +309,10 @@ class _Waiters:
         self.on_failed(error)
 
     def on_failed(self, error: RnnstreamError) -> None:
-        for _, future, _ in self._frames.values():
-            if not future.done():
-                future.set_exception(error)
+        frames = list(self._frames.values())
         self._frames.clear()
+        for frame in frames:
+            frame.fail(error)
         while (entry := self._pop_control()) is not None:
             if not entry[1].done():
                 entry[1].set_exception(error)

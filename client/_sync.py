@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import grpc
 
 from rnnstream._aio import DEFAULT_OPTIONS, DEFAULT_RETRY, AsyncClient
+from rnnstream._errors import FrameGroupError
 from rnnstream._frames import FrameInput, Outputs
 from rnnstream._info import ModelInfo, SessionEnded, SessionInfo, SessionPage
 from rnnstream._mux import RetryPolicy
@@ -135,6 +136,7 @@ class Client:
         stream_per_session: bool = False,
         options: Sequence[tuple[str, Any]] = DEFAULT_OPTIONS,
         pack_outputs: bool = True,
+        pack_frames: bool = True,
     ) -> None:
         self._runner = _LoopThread()
 
@@ -149,6 +151,7 @@ class Client:
                 stream_per_session=stream_per_session,
                 options=options,
                 pack_outputs=pack_outputs,
+                pack_frames=pack_frames,
             )
 
         try:
@@ -215,6 +218,19 @@ class Client:
         """See AsyncClient.open; `resume=True` raises SessionLost when the server lacks it."""
         opening = self._inner.open(model, session_id, emit, resume=resume, version=version)
         return Session(self._runner, self._runner.run(opening))
+
+    def step_many(self, frames: Mapping[Session, FrameInput]) -> dict[Session, Outputs]:
+        """See AsyncClient.step_many: one frame for each session, in one message."""
+        inner = {session._inner: frame for session, frame in frames.items()}
+        by_inner = {session._inner: session for session in frames}
+        try:
+            answered = self._runner.run(self._inner.step_many(inner))
+        except FrameGroupError as exc:
+            raise FrameGroupError(
+                {by_inner[s]: o for s, o in exc.outputs.items()},
+                {by_inner[s]: e for s, e in exc.errors.items()},
+            ) from None
+        return {by_inner[s]: outputs for s, outputs in answered.items()}
 
     def infer(
         self,

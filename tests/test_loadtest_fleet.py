@@ -32,11 +32,20 @@ def test_each_session_sends_at_its_own_rate(server: RunningServer) -> None:
         sent[session_id] += 1
         return original(principal, session_id, *args, **kwargs)  # type: ignore[arg-type]
 
+    groups = server.engine.groups
+    original_group = groups.submit
+
+    def counting_group(principal: str, model: str, ids: list[str], *args: object) -> list[str]:
+        sent.update(ids)  # frames due together travel in one FrameGroup
+        return original_group(principal, model, ids, *args)  # type: ignore[arg-type]
+
     server.engine.submit = counting  # type: ignore[method-assign]
+    groups.submit = counting_group  # type: ignore[method-assign]
     try:
         report = run_loadtest(options)
     finally:
         del server.engine.submit
+        del groups.submit
     assert report.frames_failed == 0 and report.sent == report.answered
     # Due times are origin + n / (sessions * rate), handed to the sessions in turn.
     assert abs(report.answered - sessions * per_session * seconds) <= 1
