@@ -44,6 +44,7 @@ class LoadtestOptions:
     arrivals: Literal["constant", "poisson"] = "constant"
     connections: int = 1
     processes: int = 1
+    sessions_per_message: int = 1
     pack_outputs: bool = True
     seed: int = 0
     frames_file: Path | None = None
@@ -115,6 +116,7 @@ class LoadtestOptions:
             "sessions": self.sessions,
             "connections": self.connections,
             "processes": self.processes,
+            "sessions-per-message": self.sessions_per_message,
         }
         for name, value in positive_ints.items():
             if value < 1:
@@ -144,6 +146,16 @@ class LoadtestOptions:
             raise OptionsError(f"--drain must be zero or more seconds, got {self.drain}")
         if not 0 <= self.max_error_rate <= 1:
             raise OptionsError(f"--max-error-rate must be within [0, 1], got {self.max_error_rate}")
+        if self.sessions_per_message > 1 and self.open_loop:
+            raise OptionsError(
+                "--sessions-per-message drives each group of sessions in a closed loop (one "
+                "message in flight per group); it does not go with --rate or --session-rate"
+            )
+        if self.sessions_per_message > 1 and self.inflight not in (None, 1):
+            raise OptionsError(
+                "--sessions-per-message keeps one message in flight per group of sessions; "
+                f"--inflight {self.inflight} does not go with it"
+            )
         if self.arrivals not in ("constant", "poisson"):
             raise OptionsError(f"--arrivals must be constant or poisson, got {self.arrivals!r}")
         if self.processes > self.sessions:
@@ -252,6 +264,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=_DEFAULTS["processes"],
         help="client processes, each driving its share of sessions (default %(default)s)",
+    )
+    load.add_argument(
+        "--sessions-per-message",
+        type=int,
+        default=_DEFAULTS["sessions_per_message"],
+        metavar="K",
+        help="send one frame for each of K sessions in one message (FrameGroup), each group of "
+        "K sessions in a closed loop on one connection (default %(default)s: a message per "
+        "frame)",
     )
     load.add_argument(
         "--no-pack-outputs",

@@ -149,6 +149,8 @@ def render_table(report: Report) -> Table:
         mode = f"open loop, {o.session_rate:g} frames/s per session ({o.total_rate:g} in all)"
     elif o.rate is not None:
         mode = f"open loop, {o.rate:g} frames/s {o.arrivals}"
+    elif o.sessions_per_message > 1:
+        mode = f"closed loop, one message in flight per {o.sessions_per_message} sessions"
     else:
         mode = f"closed loop, {o.window} in flight per session"
     title = f"rnnstream loadtest: {o.model} @ {o.target}"

@@ -31,9 +31,9 @@ def new_histogram() -> HdrHistogram:
     return HdrHistogram(_LOWEST_US, _HIGHEST_US, _DIGITS)
 
 
-def record_seconds(histogram: HdrHistogram, seconds: float) -> None:
+def record_seconds(histogram: HdrHistogram, seconds: float, count: int = 1) -> None:
     micros = min(max(round(seconds * 1e6), _LOWEST_US), _HIGHEST_US)
-    histogram.record_value(micros)
+    histogram.record_value(micros, count)
 
 
 def decode_histogram(encoded: str | bytes) -> HdrHistogram:
@@ -96,17 +96,18 @@ class WorkerStats:
             bucket = self.seconds[index] = Second()
         return bucket
 
-    def answer(self, latency: float, now: float, restored: bool = False) -> None:
-        self.answered += 1
+    def answer(self, latency: float, now: float, restored: bool = False, count: int = 1) -> None:
+        """`count` frames answered at `now` after `latency` seconds (a group's, together)."""
+        self.answered += count
         self.last_answer = max(self.last_answer, now)
         bucket = self._second(now)
-        bucket.answered += 1
-        record_seconds(bucket.histogram, latency)
+        bucket.answered += count
+        record_seconds(bucket.histogram, latency, count)
         if restored:
-            self.restores += 1
-            record_seconds(self.restored_latency, latency)
+            self.restores += count
+            record_seconds(self.restored_latency, latency, count)
         else:
-            record_seconds(self.resident_latency, latency)
+            record_seconds(self.resident_latency, latency, count)
 
     def fail(self, code: str, now: float) -> None:
         self.failed[code] += 1

@@ -15,11 +15,12 @@ from rnnstream._connection import diagnose
 from rnnstream._errors import RnnstreamError
 from rnnstream._session import AsyncSession
 from rnnstream.loadtest._driver import RunClock, SessionDriver, clock
-from rnnstream.loadtest._frames import FrameSource
+from rnnstream.loadtest._frames import FrameSource, SessionFrames
+from rnnstream.loadtest._group_driver import GroupDriver
 from rnnstream.loadtest._options import LoadtestOptions
 from rnnstream.loadtest._schedule import arrival_times, run_schedule
 from rnnstream.loadtest._stats import WorkerStats, encode_histogram
-from rnnstream.loadtest._verify import Reference, Verifier, VerifyStats
+from rnnstream.loadtest._verify import Reference, SessionCheck, Verifier, VerifyStats
 
 __all__ = ["Link", "Share", "WorkerFailed", "WorkerResult", "run_worker"]
 
@@ -84,13 +85,18 @@ async def _watch(
     return False
 
 
+def _client_of(k: int, clients: int, per_message: int) -> int:
+    """The connection of session k: round robin, a group of sessions sharing one message on one."""
+    return (k // per_message) % clients
+
+
 async def _open_sessions(
-    clients: list[AsyncClient], model: str, count: int, stats: WorkerStats
+    clients: list[AsyncClient], model: str, count: int, stats: WorkerStats, per_message: int
 ) -> list[tuple[int, AsyncSession]]:
     async def open_one(k: int) -> tuple[int, AsyncSession] | None:
         started = clock()
         try:
-            session = await clients[k % len(clients)].open(model)
+            session = await clients[_client_of(k, len(clients), per_message)].open(model)
         except RnnstreamError as exc:
             stats.sessions_failed[exc.code.name] += 1
             return None
@@ -167,7 +173,10 @@ async def _run(
             )
         )
 
-    opening = asyncio.ensure_future(_open_sessions(clients, options.model, share.sessions, stats))
+    per_message = options.sessions_per_message
+    opening = asyncio.ensure_future(
+        _open_sessions(clients, options.model, share.sessions, stats, per_message)
+    )
     if await _watch(opening, link, lambda: None):
         opening.cancel()
         await asyncio.wait([opening])
@@ -184,24 +193,44 @@ async def _run(
         ),
         stopping=link.stop_requested(),
     )
-    drivers = [
-        SessionDriver(
-            session,
-            source.session(share.first_session + k),
-            run,
-            stats,
-            verifier.session() if verifier is not None else None,
-            options.window,
-            options.frames_per_session,
-        )
-        for k, session in sessions
-    ]
+    drivers: list[SessionDriver] = []
+    groups: list[GroupDriver] = []
+    if per_message > 1:
+        members: dict[int, list[tuple[AsyncSession, SessionFrames, SessionCheck | None]]] = {}
+        for k, session in sessions:
+            check = verifier.session() if verifier is not None else None
+            frames = source.session(share.first_session + k)
+            members.setdefault(k // per_message, []).append((session, frames, check))
+        groups = [
+            GroupDriver(
+                clients[_client_of(g * per_message, len(clients), per_message)],
+                group,
+                run,
+                stats,
+                options.frames_per_session,
+            )
+            for g, group in members.items()
+        ]
+    else:
+        drivers = [
+            SessionDriver(
+                session,
+                source.session(share.first_session + k),
+                run,
+                stats,
+                verifier.session() if verifier is not None else None,
+                options.window,
+                options.frames_per_session,
+            )
+            for k, session in sessions
+        ]
     await asyncio.sleep(max(0.0, start - clock()))
     tasks = [asyncio.ensure_future(_drive(drivers, run, share, options))]
     tasks += [
         asyncio.ensure_future(d.open_loop() if share.rate is not None else d.closed_loop())
         for d in drivers
     ]
+    tasks += [asyncio.ensure_future(g.closed_loop()) for g in groups]
     sending = asyncio.ensure_future(asyncio.gather(*tasks))
     stopped = await _watch(sending, link, tick, run.send_until) or link.stop_requested()
     sending_ended = clock() - stats.origin
@@ -211,8 +240,13 @@ async def _run(
     async def settle() -> None:
         # Open-loop sessions may still owe frames that fell due before the end: they go out.
         await asyncio.wait([sending])
-        while pending := [f for d in drivers for f, _, _ in d.window if not f.done()]:
+        while pending := unanswered():
             await asyncio.wait(pending)
+
+    def unanswered() -> list[asyncio.Future[Any]]:
+        pending: list[asyncio.Future[Any]] = [f for d in drivers for f, _, _ in d.window]
+        pending += [f for g in groups for f, _, _ in g.window]
+        return [f for f in pending if not f.done()]
 
     drain = asyncio.ensure_future(settle())
     stopped = await _watch(drain, link, tick, clock() + options.drain) or stopped
@@ -221,7 +255,10 @@ async def _run(
     await asyncio.wait([drain, sending])  # type: ignore[type-var]
     for d in drivers:
         d.abandon(count_unsent=not stopped)
-    await _bounded([d.session.end() for d in drivers if not d.session.ended], 5)
+    for g in groups:
+        g.abandon(count_unsent=not stopped)
+    open_sessions = [d.session for d in drivers] + [s for g in groups for s in g.sessions]
+    await _bounded([s.end() for s in open_sessions if not s.ended], 5)
     verify = await verifier.finish() if verifier is not None else None
     last = max((stats.last_answer - stats.origin), 0.0) if stats.last_answer else 0.0
     return WorkerResult(
