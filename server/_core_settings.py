@@ -40,4 +40,6 @@ def core_settings(s: Settings) -> EngineSettings:
         load_model=s.load_model,
         repository_poll_seconds=s.repository_poll_secs,
         drain_timeout=s.drain_timeout,
+        spill_after=s.spill_after,
+        store_ttl=s.store_ttl,
     )

@@ -156,6 +156,18 @@ class Settings:
         "in Redis so any replica can resume a session.",
         prefixes=("redis://", "rediss://", "unix://"),
     )
+    spill_after: float = _setting(
+        0.0,
+        "With --state-store: an idle session leaves memory after this many seconds, its state "
+        "kept in the store; its next request, on any replica, brings it back. 0: never.",
+        minimum=0,
+    )
+    store_ttl: float = _setting(
+        0.0,
+        "Seconds a spilled session's state stays in the store before the session expires "
+        "(0: its session TTL; that 0 too: for good).",
+        minimum=0,
+    )
     state_store_legacy_keys: str = _setting(
         "refuse",
         "Sessions a Redis store holds under the old key layout (rnnstream:session:*, "
@@ -280,6 +292,8 @@ class Settings:
                 f"serves the example models, not {str(self.model_repository)!r}: give "
                 "--example-models or --model-repository, not both",
             )
+        if self.spill_after and not self.state_store:
+            raise refusal(_field("spill_after"), "", "spills to a state store: give --state-store")
         if self.metrics_port and self.metrics_port + self.workers - 1 > 65535:
             raise refusal(
                 _field("metrics_port"),

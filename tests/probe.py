@@ -64,3 +64,14 @@ def polls_started(engine: Engine) -> int:
 def session_options(engine: Engine, model: str) -> Any:
     """The ONNX Runtime session options the model's newest version really runs with."""
     return engine._models.pick(model).model.session.get_session_options()
+
+
+def held(engine: Engine, principal: str, session_id: str) -> bool:
+    """Whether the session is in this server's memory (not spilled, not ended)."""
+    return engine._sessions.find(session_id, principal) is not None
+
+
+def spill_in_flight(engine: Engine, principal: str, session_id: str) -> bool:
+    """Whether the session is being marked spilled in the store right now."""
+    session = engine._sessions.find(session_id, principal)
+    return session is not None and session.in_flight == 3  # _session.SPILL

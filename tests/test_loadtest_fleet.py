@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rnnstream.loadtest import LoadtestOptions, run_loadtest
 from rnnstream.loadtest._options import OptionsError
+from rnnstream.loadtest._stats import decode_histogram
 from tests.conftest import MODELS, RunningServer
+from tests.services import RedisServer
 from tests.test_loadtest import cli
 
 
@@ -69,3 +73,36 @@ def test_session_rate_is_checked_and_reported(server: RunningServer, tmp_path: o
     )  # fmt: skip
     assert rc == 0, stderr + stdout
     assert "open loop, 10 frames/s per session (40 in all)" in stdout
+
+
+def test_restores_are_counted_and_verified(make_server: Any, tmp_path: Path) -> None:
+    store = RedisServer(tmp_path)
+    try:
+        server = make_server(
+            state_store=store.url, spill_after=0.1, session_ttl=60, models=("gru",)
+        )
+        options = LoadtestOptions(
+            model="gru",
+            target=server.target,
+            sessions=20,
+            session_rate=2.0,  # a frame every 0.5 s: each session spills between its frames
+            duration=3.0,
+            warmup=0.5,
+            verify=True,
+            verify_model=MODELS / "gru" / "model.onnx",
+            progress=False,
+        )
+        report = run_loadtest(options)
+    finally:
+        store.stop()
+    assert report.frames_failed == 0 and report.answered == 120
+    assert report.verify is not None and report.verify.mismatched_frames == 0
+    assert report.restores > 0
+    assert report.restores <= report.answered
+    latency = report.to_dict()["restores"]
+    assert latency["frames"] == report.restores
+    assert latency["latency_ms"]["p50"] is not None
+    restored = decode_histogram(report.histograms["restored_latency_us"])
+    resident = decode_histogram(report.histograms["resident_latency_us"])
+    assert restored.get_total_count() == report.restores
+    assert restored.get_total_count() + resident.get_total_count() == report.answered

@@ -3,6 +3,7 @@ and ends everyone's, and `rnnstream sessions list|show|end` drives it from a she
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 from rnnstream.server import GrpcServer
 from tests.conftest import RunningServer, test_settings
-from tests.services import free_port
+from tests.services import RedisServer, free_port
 from tests.streaming import HIDDEN, sequence
 
 TOKENS = ("alice=alice-token", "bob=bob-token", "ops=ops-token")
@@ -234,3 +235,68 @@ async def test_sessions_by_state_metric(make_server: Callable[..., RunningServer
             assert time.monotonic() < deadline, _gauge(running.server.metrics_port)
             time.sleep(0.1)
         assert _gauge(running.server.metrics_port) == {"active": 0, "idle": 5, "spilled": 0}
+
+
+async def test_spilled_sessions_are_listed_after_those_in_memory(
+    make_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    store = RedisServer(tmp_path)
+    try:
+        running = make_server(
+            auth_tokens=TOKENS,
+            admin_principals=("ops",),
+            state_store=store.url,
+            spill_after=0.2,
+            session_ttl=60,
+            metrics_port=free_port(),
+        )
+        async with (
+            AsyncClient(running.target, token="alice-token") as alice,
+            AsyncClient(running.target, token="bob-token") as bob,
+            AsyncClient(running.target, token="ops-token") as ops,
+        ):
+            spilled = [await alice.open("gru") for _ in range(5)]
+            theirs = [await bob.open("lstm") for _ in range(3)]
+            await spilled[1].step(X[0])
+            deadline = time.monotonic() + 30
+            while len((await ops.list_sessions(state="spilled", page_size=100)).sessions) < 8:
+                assert time.monotonic() < deadline, "the idle sessions never spilled"
+                await asyncio.sleep(0.05)
+            live = [await alice.open("gru") for _ in range(2)]
+
+            pages = await _all_pages(alice, 2)
+            assert [sid for p in pages for sid in p] == [s.id for s in live] + sorted(
+                s.id for s in spilled
+            )  # memory first (opened order), then the store (by id)
+            listed = (await alice.list_sessions(page_size=100)).sessions
+            states = {s.session_id: s.state for s in listed}
+            assert all(states[s.id] == "spilled" for s in spilled)
+            assert all(states[s.id] == "idle" for s in live)
+            one = next(s for s in listed if s.session_id == spilled[1].id)
+            assert (one.next_frame_index, one.memory_bytes, one.principal) == (1, 0, "alice")
+            assert one.store_bytes > 0 and one.idle_seconds > 0 and one.expires_in_seconds > 0
+
+            assert [s for p in await _all_pages(alice, 3, state="spilled") for s in p] == sorted(
+                s.id for s in spilled
+            )
+            assert [s for p in await _all_pages(alice, 3, state="idle") for s in p] == [
+                s.id for s in live
+            ]
+            assert [s for p in await _all_pages(bob, 2) for s in p] == sorted(t.id for t in theirs)
+            assert await _all_pages(alice, 10, model="lstm") == [[]]
+            everyone = [s for p in await _all_pages(ops, 3) for s in p]
+            assert sorted(everyone) == sorted(s.id for s in spilled + theirs + live)
+            only_bob = [s for p in await _all_pages(ops, 2, principal="bob") for s in p]
+            assert only_bob == sorted(t.id for t in theirs)
+            assert await _code(bob.list_sessions(principal="alice")) == (
+                grpc.StatusCode.PERMISSION_DENIED
+            )
+            # An operator ends a spilled session: gone from the store, its owner told why.
+            ended = await ops.end_session(theirs[0].id, "bob")
+            assert ended.reason == "operator"
+            with pytest.raises(RnnstreamError, match="ended by an operator"):
+                await bob.get_session(theirs[0].id)
+            metric = _gauge(running.server.metrics_port)
+            assert metric.get("spilled", 0) >= 7
+    finally:
+        store.stop()

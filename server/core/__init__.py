@@ -37,7 +37,15 @@ from rnnstream.server.core._results import (
 )
 from rnnstream.server.core._runtime import DeviceError
 from rnnstream.server.core._serving import GRAPH_LEVELS, ServingConfig, VersionPolicy
-from rnnstream.server.core._store import SessionRecord, SpecOf, StateStore, StepRecord
+from rnnstream.server.core._store import (
+    Gone,
+    SessionRecord,
+    SpecOf,
+    SpilledSession,
+    SpillRecord,
+    StateStore,
+    StepRecord,
+)
 from rnnstream.server.core._work import FrameReply
 
 __all__ = [
@@ -56,6 +64,7 @@ __all__ = [
     "Forecasted",
     "FrameOutput",
     "FrameReply",
+    "Gone",
     "Internal",
     "InvalidArgument",
     "ModelConfigError",
@@ -74,6 +83,8 @@ __all__ = [
     "SessionPage",
     "SessionRecord",
     "SpecOf",
+    "SpillRecord",
+    "SpilledSession",
     "StateSpec",
     "StateStore",
     "StepRecord",

@@ -10,9 +10,7 @@ from typing import Any, Literal
 from rnnstream.server.core._admission import SHUTTING_DOWN, FrameDoor
 from rnnstream.server.core._engine_settings import EngineSettings
 from rnnstream.server.core._errors import (
-    InvalidArgument,
     RnnstreamError,
-    quoted,
 )
 from rnnstream.server.core._forecast import forecast_params
 from rnnstream.server.core._groups import FrameGroups
@@ -22,6 +20,7 @@ from rnnstream.server.core._listing import SessionViews
 from rnnstream.server.core._model_loader import ModelLoader
 from rnnstream.server.core._model_registry import ModelRegistry
 from rnnstream.server.core._principals import PrincipalLimits
+from rnnstream.server.core._reach import SessionReach, forward, runs_on
 from rnnstream.server.core._registry import SessionManager
 from rnnstream.server.core._results import (
     Emit,
@@ -37,15 +36,12 @@ from rnnstream.server.core._results import (
     SessionPage,
     VersionState,
 )
+from rnnstream.server.core._session import Session
+from rnnstream.server.core._spill import Spiller, SpillingStore, SpillPolicy
 from rnnstream.server.core._store import StateStore
 from rnnstream.server.core._stored_sessions import StoredSessions
 from rnnstream.server.core._validation import NamedArray
-from rnnstream.server.core._work import (
-    ControlWork,
-    EndListener,
-    FrameAnswer,
-    FrameReply,
-)
+from rnnstream.server.core._work import ControlWork, EndListener, FrameAnswer, FrameReply
 
 __all__ = ["Engine", "NamedArray"]
 
@@ -74,7 +70,8 @@ class Engine:
         self._loader = ModelLoader(self._models, settings, metrics)
         self._sessions = SessionManager.from_settings(self._models, settings, metrics)
         self._idle = IdleSweep(self._sessions, metrics)
-        self._views = SessionViews(self._sessions.order, self._models)
+        self._views = SessionViews(self._sessions, self._models, settings.spill_after)
+        self._reach = SessionReach(self._sessions)  # in memory, or back from the store
         # What each principal may send (pace a stream, admit a unary call): one bucket each.
         self.limits = PrincipalLimits.from_settings(settings, metrics)
         self._door = FrameDoor(self._models)
@@ -82,17 +79,25 @@ class Engine:
         self.groups = FrameGroups(self._sessions, self._models, limit, lambda: self._door.accepting)
         self._store: StateStore | None = None  # closed by stop(), even after a failed start
         self._stored: StoredSessions | None = None
+        self._spiller: Spiller | None = None
         self._tasks: list[asyncio.Task[None]] = []  # expiry, and the repository poll
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self, store: StateStore | None = None) -> None:
         """Load the models and start serving; with `store`, session state is persisted there
-        (the engine closes it on stop)."""
-        self._store = store
-        self._models.store = store
+        (the engine closes it on stop), and idle sessions spill to it (EngineSettings)."""
+        policy = SpillPolicy(self._settings.spill_after, self._settings.store_ttl)
+        if store is not None and policy.after > 0:
+            store = SpillingStore(store, policy, self._settings.session_ttl)
+        self._store = self._models.store = self._views.store = store
         await self._loader.start()
         if store is not None:
             self._stored = StoredSessions(store, self._sessions, self._models)
+            if policy.after > 0:
+                self._spiller = Spiller(self._sessions, self._models, store, policy)
+                self._reach.spill_to(self._stored, self._spiller)
+                self.groups.reach = self._reach
+                self._idle.spill_to(self._spiller, store)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._idle.run()))
         if self._settings.model_control_mode == "poll":
@@ -123,6 +128,7 @@ class Engine:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._reach.stop()
         await self._models.stop()
         if self._stored is not None:
             await self._stored.drain()
@@ -180,7 +186,7 @@ class Engine:
         stored = self._stored
         if stored is None or self._sessions.holds(principal, session_id):
             return self._open(principal, session_id, model, emit, resume_only, on_end, version)
-        found = await stored.load(principal, session_id)
+        found = await stored.load(principal, session_id, resume_only)
         opened = self._open(principal, session_id, model, emit, resume_only, on_end, version)
         if not found and not opened.resumed:
             await stored.save_new(principal, opened.session_id)
@@ -198,11 +204,17 @@ class Engine:
         return Opened(session.id, session.model, session.next_index, resumed, session.version)
 
     def detach(self, principal: str, session_id: str, on_end: EndListener) -> None:
-        """Stop telling `on_end` about the session (its stream is gone); NotFound if it is."""
-        self._sessions.get(session_id, principal).unlisten(on_end)
+        """Stop telling `on_end` about the session (its stream is gone)."""
+        if (session := self._sessions.find(session_id, principal)) is not None:
+            session.unlisten(on_end)
+        elif self._spiller is not None:
+            self._spiller.detach(principal, session_id, on_end)
 
-    def session(self, principal: str, session_id: str) -> SessionInfo:
+    def session(self, principal: str, session_id: str) -> SessionInfo:  # in memory only
         return self._views.info(self._sessions.get(session_id, principal))
+
+    async def describe(self, principal: str, session_id: str) -> SessionInfo:  # or spilled
+        return await self._views.describe(principal, session_id)
 
     async def list_sessions(self, principal: str | None, **filters: Any) -> SessionPage:
         """Sessions of `principal` (None: all), filtered (SessionViews.page), a page at a time."""
@@ -220,10 +232,18 @@ class Engine:
         """Queue a frame whose answer goes to `reply` (see FrameReply): its outputs, or None
         for a session that emits only on flush and end; raises if it is refused. `index` None:
         numbered at the head of the queue (no caller shares one; a refusal leaves no gap). True
-        when the session's queue is now full: call wait_for_space before the next frame."""
-        session = self._sessions.get(session_id, principal)
-        self._door.queue(session, index, tensors, reply, session.emit != "last")
-        return session.frames_queued >= self._settings.max_pending_frames
+        when the session's queue is now full: call wait_for_space before the next frame. A
+        spilled session's frame waits until it is back (refusals then go to `reply`)."""
+        full = False
+
+        def use(session: Session, restored: bool) -> None:
+            nonlocal full
+            emit = session.emit != "last"
+            self._door.queue(session, index, tensors, forward(reply, restored), emit)
+            full = session.frames_queued >= self._settings.max_pending_frames
+
+        self._reach.reach(principal, session_id, use, reply.set_exception)
+        return full
 
     def infer(
         self,
@@ -237,21 +257,16 @@ class Engine:
         """One frame whose outputs are always answered: on the session `session_id` names
         (`model` and `version`, when given, must be its own), or, with no session, on a fresh
         state that is dropped after it (stateless), on the newest ready version or `version`."""
-        future: asyncio.Future[FrameOutput] = asyncio.get_running_loop().create_future()
         if session_id:
-            session = self._sessions.get(session_id, principal)
-            if model and session.model != model:
-                raise InvalidArgument(
-                    f"session {session_id!r} runs model {session.model!r}, not {quoted(model)}",
-                    session_id=session_id,
-                )
-            if version and session.version != version:
-                raise InvalidArgument(
-                    f"session {session_id!r} runs version {session.version}, not {version}",
-                    session_id=session_id,
-                )
-            self._door.queue(session, index, tensors, FrameAnswer(future), True)
-            return future
+
+            def start(session: Session) -> asyncio.Future[FrameOutput]:
+                runs_on(session, model, version)
+                answer: asyncio.Future[FrameOutput] = asyncio.get_running_loop().create_future()
+                self._door.queue(session, index, tensors, FrameAnswer(answer), True)
+                return answer
+
+            return self._reach.future(principal, session_id, start)
+        future: asyncio.Future[FrameOutput] = asyncio.get_running_loop().create_future()
         scratch, drop = self._sessions.scratch(principal, model, version)
         try:
             self._door.queue(scratch, 0, tensors, FrameAnswer(future), True)
@@ -263,8 +278,8 @@ class Engine:
 
     def refuse(self, principal: str, session_id: str, error: RnnstreamError) -> None:
         """Count a frame the transport refused before it could submit it (undecodable)."""
-        session = self._sessions.get(session_id, principal)
-        self._models.scheduler_of(session).count(error.code.name)
+        if (session := self._sessions.find(session_id, principal)) is not None:
+            self._models.scheduler_of(session).count(error.code.name)  # not when spilled
 
     async def wait_for_space(self, principal: str, session_id: str) -> None:
         """Return once the session has room for another queued frame (back-pressure)."""
@@ -285,7 +300,9 @@ class Engine:
         """Remove the session now; its queued frames still run, then it ends. An emit-last
         session's end carries its last output. `operator`: the admin principal ending another
         principal's session (its stream hears reason "operator")."""
-        future = self._sessions.end(session_id, principal, operator=operator)
+        future = self._reach.future(
+            principal, session_id, lambda s: self._sessions.end(s.id, s.owner, operator=operator)
+        )
         if self._stored is not None:
             self._stored.forget_once_ended(principal, session_id, future)
         return future
@@ -299,10 +316,14 @@ class Engine:
     def _control(
         self, principal: str, session_id: str, action: Action, **fields: Any
     ) -> asyncio.Future[Any]:
-        session = self._sessions.get(session_id, principal)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._models.scheduler_of(session).submit(session, ControlWork(action, future, **fields))
-        return future
+        def start(session: Session) -> asyncio.Future[Any]:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._models.scheduler_of(session).submit(
+                session, ControlWork(action, future, **fields)
+            )
+            return future
+
+        return self._reach.future(principal, session_id, start)
 
     def forecast(
         self,
@@ -314,10 +335,13 @@ class Engine:
     ) -> asyncio.Future[Forecasted]:
         """Roll the session `steps` steps forward, feeding outputs back as inputs, in order with
         its frames; `tensors` are step 1's inputs (none: the last output feeds step 1)."""
-        session = self._sessions.get(session_id, principal)
-        scheduler = self._models.scheduler_of(session)
-        limits = (self._settings.max_forecast_steps, self._settings.max_message_bytes)
-        params = forecast_params(scheduler.spec, session.id, steps, commit, tensors, *limits)
-        future: asyncio.Future[Forecasted] = asyncio.get_running_loop().create_future()
-        scheduler.submit(session, ControlWork("forecast", future, forecast=params))
-        return future
+
+        def start(session: Session) -> asyncio.Future[Forecasted]:
+            scheduler = self._models.scheduler_of(session)
+            limits = (self._settings.max_forecast_steps, self._settings.max_message_bytes)
+            params = forecast_params(scheduler.spec, session.id, steps, commit, tensors, *limits)
+            future: asyncio.Future[Forecasted] = asyncio.get_running_loop().create_future()
+            scheduler.submit(session, ControlWork("forecast", future, forecast=params))
+            return future
+
+        return self._reach.future(principal, session_id, start)

@@ -39,3 +39,7 @@ class EngineSettings:
     load_model: tuple[str, ...] = ()  # explicit mode: loaded at start ("*": every model)
     repository_poll_seconds: float = 15.0
     drain_timeout: float = 600.0  # a retired version's sessions end after this long; 0: never
+    # With a state store: an idle session leaves memory after spill_after seconds (0: never)
+    # and its state stays in the store store_ttl seconds more (0: its session TTL).
+    spill_after: float = 0.0
+    store_ttl: float = 0.0

@@ -12,6 +12,7 @@ import numpy.typing as npt
 from rnnstream.server.core._errors import InvalidArgument, RnnstreamError, Unavailable, quoted
 from rnnstream.server.core._loading import Served
 from rnnstream.server.core._model_registry import ModelRegistry
+from rnnstream.server.core._reach import SessionReach
 from rnnstream.server.core._registry import SessionManager
 from rnnstream.server.core._session import Session
 from rnnstream.server.core._validation import NamedArray
@@ -36,6 +37,7 @@ class FrameGroups:
         self._models = models
         self._max_pending = max_pending
         self._accepting = accepting
+        self.reach: SessionReach | None = None  # with spilling: brings spilled sessions back
 
     def submit(
         self,
@@ -120,6 +122,9 @@ class FrameGroups:
                 clean_sessions.append(session)
                 continue
             session_id = session_ids[row]
+            if session is None and self.reach is not None and self.reach.spilling:
+                self._later(copy, principal, session_id, row, index, arrays, key, reply)
+                continue
             try:
                 if session is None:
                     session = self._sessions.get(session_id, principal)  # NotFound: why
@@ -158,6 +163,37 @@ class FrameGroups:
             if session.frames_queued >= self._max_pending:
                 full.append(session.id)
         return full
+
+    def _later(
+        self,
+        copy: Served,
+        principal: str,
+        session_id: str,
+        row: int,
+        index: int,
+        arrays: Arrays,
+        key: BatchKey,
+        reply: GroupReply,
+    ) -> None:
+        """A row whose session is not in memory: queued once it is back from the store (it was
+        spilled), or refused alone."""
+        assert self.reach is not None
+        axes = [t.batch_axis for t in copy.scheduler.spec.inputs]
+        frame = [a[(slice(None),) * axis + (row,)] for a, axis in zip(arrays, axes, strict=True)]
+
+        def use(session: Session, _: bool) -> None:
+            if session.model != copy.name:
+                raise InvalidArgument(
+                    f"session {quoted(session_id)} runs model {session.model!r}, not the "
+                    f"group's {copy.name!r}"
+                )
+            self._queue_row(copy, session, row, index, frame, key, reply)
+
+        def fail(exc: RnnstreamError) -> None:
+            exc.session_id, exc.frame_index = session_id, index
+            reply.row_failed(row, exc)
+
+        self.reach.reach(principal, session_id, use, fail)
 
     def _queue_row(
         self,

@@ -1,34 +1,51 @@
-"""Idle sessions: a periodic sweep counts sessions by state and ends those idle past their TTL."""
+"""Idle sessions: a periodic sweep counts sessions by state and ends those idle past their TTL,
+or, with spilling, moves those idle for --spill-after out of memory into the state store."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 
 from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._registry import SessionManager
 from rnnstream.server.core._session import Session
+from rnnstream.server.core._spill import Spiller
+from rnnstream.server.core._store import StateStore
 
 __all__ = ["IdleSweep"]
 
+log = logging.getLogger("rnnstream.sessions")
+
 _CHUNK = 20_000  # sessions looked at between two turns of the event loop
 _SESSIONS_PER_SECOND = 200_000  # a sweep runs at most this often per session held
+_EXPIRE_BATCH = 1000  # spilled sessions whose time ran out, turned into "expired" per call
 
 
 class IdleSweep:
     """Looks at every session held in memory every so often: a quarter of the shortest TTL in
-    force, at least once a second, less often when millions are held (a sweep of a million
-    takes about a tenth of a second of the loop, in chunks that let frames through)."""
+    force (or of --spill-after), at least once a second, less often when millions are held (a
+    sweep of a million takes about a tenth of a second of the loop, in chunks that let frames
+    through). With spilling, sessions spill instead of expiring in memory; their time in the
+    store runs out there (store upkeep, each sweep)."""
 
     def __init__(self, sessions: SessionManager, metrics: CoreMetrics | None = None) -> None:
         self._sessions = sessions
+        self._spiller: Spiller | None = None
+        self._store: StateStore | None = None
+        self._spilled = 0
+        self._store_error = ""
         self.states: Mapping[str, int] = {"active": 0, "idle": 0, "spilled": 0}
         if metrics is not None:
             metrics.watch_session_states(lambda: self.states)
 
+    def spill_to(self, spiller: Spiller, store: StateStore) -> None:
+        self._spiller = spiller
+        self._store = store
+
     def period(self) -> float:
-        ttl = self._sessions.shortest_ttl()
+        ttl = self._sessions.shortest_ttl() if self._spiller is None else self._spiller.policy.after
         base = min(max(ttl / 4, 0.05), 5.0) if ttl > 0 else 1.0
         return max(base, len(self._sessions) / _SESSIONS_PER_SECOND)
 
@@ -38,9 +55,11 @@ class IdleSweep:
             await self.sweep()
 
     async def sweep(self) -> list[Session]:
-        """One pass: count the states, expire the sessions idle past their TTL; returns those."""
+        """One pass: count the states, spill or expire the sessions idle long enough; returns
+        those it spilled or expired."""
         sessions = self._sessions.sessions()
-        expired: list[Session] = []
+        spiller = self._spiller
+        due: list[Session] = []
         active = 0
         for start in range(0, len(sessions), _CHUNK):
             if start:
@@ -49,10 +68,32 @@ class IdleSweep:
             for session in sessions[start : start + _CHUNK]:
                 if session.busy():
                     active += 1
+                elif spiller is not None:
+                    if spiller.due(session, now):
+                        due.append(session)
                 elif 0 < session.ttl < now - session.last_active:
-                    expired.append(session)
-        for session in expired:
-            self._sessions.expire(session)
+                    due.append(session)
+        if spiller is not None:
+            await spiller.spill(due)
+            await self._store_upkeep(spiller)
+        else:
+            for session in due:
+                self._sessions.expire(session)
         held = len(self._sessions)
-        self.states = {"active": active, "idle": max(0, held - active), "spilled": 0}
-        return expired
+        self.states = {"active": active, "idle": max(0, held - active), "spilled": self._spilled}
+        return due
+
+    async def _store_upkeep(self, spiller: Spiller) -> None:
+        """Spilled sessions whose time ran out become "expired" (on every replica's next look);
+        the streams here still attached to them are told."""
+        assert self._store is not None
+        try:
+            await self._store.expire_spilled(_EXPIRE_BATCH)
+            self._spilled = await self._store.spilled_count()
+        except Exception as exc:
+            if str(exc) != self._store_error:  # once per kind of failure, not every sweep
+                log.warning("state store upkeep failed: %s", exc)
+            self._store_error = str(exc)
+        else:
+            self._store_error = ""
+        spiller.notify_expired(time.monotonic())

@@ -7,11 +7,13 @@ import time
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
-from rnnstream.server.core._errors import InvalidArgument, quoted
+from rnnstream.server.core._errors import InvalidArgument, NotFound, quoted
 from rnnstream.server.core._model_registry import ModelRegistry
 from rnnstream.server.core._results import SESSION_STATES, SessionInfo, SessionPage, SessionState
 from rnnstream.server.core._session import Session
+from rnnstream.server.core._store import Gone, SpilledSession, StateStore
 
 __all__ = [
     "DEFAULT_PAGE",
@@ -19,11 +21,13 @@ __all__ = [
     "OpenOrder",
     "SessionViews",
     "session_info",
+    "spilled_info",
 ]
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 _MEMORY = "m:"  # a page token naming the registration number of the last session listed
+_STORE = "s:"  # a page token naming the last spilled session listed (the store's cursor)
 
 
 class OpenOrder:
@@ -67,11 +71,11 @@ class OpenOrder:
 
 
 def session_info(
-    session: Session, principal: str, state_bytes: int, stored: bool, now: float | None = None
+    session: Session, principal: str, state_bytes: int, stored: bool, spill_after: float = 0.0
 ) -> SessionInfo:
     """What a client or an operator sees of a session held in memory."""
-    idle = (time.monotonic() if now is None else now) - session.last_active
-    ttl = session.ttl
+    idle = time.monotonic() - session.last_active
+    ttl = spill_after or session.ttl  # it leaves memory then
     held = session.held_bytes()
     ring = session.ring_bytes()
     return SessionInfo(
@@ -100,13 +104,33 @@ def check_listing(state: str, page_size: int) -> int:
     return page_size or DEFAULT_PAGE
 
 
-def memory_position(token: str) -> int | None:
-    """The registration number a page token continues after; None for a token past memory
-    (InvalidArgument for one no listing gave)."""
+def spilled_info(spilled: SpilledSession) -> SessionInfo:
+    now = time.time()
+    kept = spilled.kept_until
+    return SessionInfo(
+        spilled.session_id,
+        spilled.model,
+        spilled.next_index,
+        0,
+        max(0.0, now - spilled.idle_since),
+        max(0.0, kept - now) if kept else 0.0,
+        spilled.version,
+        spilled.owner,
+        "spilled",
+        0,
+        spilled.store_bytes,
+    )
+
+
+def _position(token: str) -> tuple[int | None, str]:
+    """(the registration number a page token continues after, or None past memory; the
+    store's cursor); InvalidArgument for a token no listing gave."""
     if not token:
-        return -1
+        return -1, ""
     if token.startswith(_MEMORY) and token[len(_MEMORY) :].isdigit():
-        return int(token[len(_MEMORY) :])
+        return int(token[len(_MEMORY) :]), ""
+    if token.startswith(_STORE):
+        return None, token[len(_STORE) :]
     raise InvalidArgument(f"page token {quoted(token)} was not given by a session listing")
 
 
@@ -132,17 +156,45 @@ def page_of(
     return found, ""
 
 
-class SessionViews:
-    """What the Engine answers about sessions: one session's info, and pages of them."""
+class Holder(Protocol):
+    """Where the sessions in memory are (the SessionManager)."""
 
-    def __init__(self, order: OpenOrder, models: ModelRegistry) -> None:
-        self._order = order
+    order: OpenOrder
+
+    def find(self, session_id: str, owner: str) -> Session | None: ...
+
+    def missing(self, session_id: str, owner: str) -> NotFound: ...
+
+
+class SessionViews:
+    """What the Engine answers about sessions: one session's info, and pages of them (those
+    in memory, in the order they were registered; then those spilled to the store)."""
+
+    def __init__(self, sessions: Holder, models: ModelRegistry, spill_after: float) -> None:
+        self._sessions = sessions
+        self._order = sessions.order
         self._models = models
+        self._spill_after = spill_after
+        self.store: StateStore | None = None
 
     def info(self, session: Session) -> SessionInfo:
         pool = self._models.scheduler_of(session).pool
-        stored = self._models.store is not None  # every session has a copy there
-        return session_info(session, session.owner, pool.slot_bytes, stored)
+        stored = self.store is not None  # every session has a copy there
+        spill = self._spill_after if stored else 0.0
+        return session_info(session, session.owner, pool.slot_bytes, stored, spill)
+
+    async def describe(self, principal: str, session_id: str) -> SessionInfo:
+        sessions = self._sessions
+        session = sessions.find(session_id, principal)
+        if session is not None:
+            return self.info(session)
+        if self.store is not None and self._spill_after and session_id:
+            spilled = await self.store.spilled_session(principal, session_id)
+            if isinstance(spilled, Gone):
+                raise NotFound(f"session {quoted(session_id)} {spilled.why}", session_id=session_id)
+            if spilled is not None:
+                return spilled_info(spilled)
+        raise sessions.missing(session_id, principal)
 
     async def page(
         self,
@@ -156,9 +208,8 @@ class SessionViews:
         """A page of the sessions of `principal` (None: every principal), `model` and `state`
         (empty: any) after the one `page_token` names."""
         size = check_listing(state, page_size)
-        after = memory_position(page_token)
+        after, cursor = _position(page_token)
         found: list[SessionInfo] = []
-        token = ""
         if after is not None and state != "spilled":
             found, token = page_of(
                 self._order,
@@ -170,4 +221,12 @@ class SessionViews:
                 self.info,
                 "active" if state == "active" else "idle" if state else None,
             )
-        return SessionPage(tuple(found), token)
+            if token:
+                return SessionPage(tuple(found), token)
+        if self.store is None or not self._spill_after or state not in ("", "spilled"):
+            return SessionPage(tuple(found), "")
+        if len(found) == size:
+            return SessionPage(tuple(found), _STORE)
+        spilled, cursor = await self.store.spilled_page(principal, cursor, size - len(found))
+        found += [spilled_info(s) for s in spilled if not model or s.model == model]
+        return SessionPage(tuple(found), _STORE + cursor if cursor else "")

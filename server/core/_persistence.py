@@ -96,9 +96,10 @@ class Persistence:
             session.emit,
             session.next_index,
             self._pool.read(session.slot),
-            None,
+            session.last,
             session.version,
             session.ttl,
+            control=True,
         )
         try:
             await self.store.save(self._spec, [step])

@@ -143,7 +143,7 @@ class SessionManager:
                 return existing, True
             if resume_only:
                 self._models.pick(model, version)  # an unknown model is named first
-                raise self._missing(session_id, owner)
+                raise self.missing(session_id, owner)
         copy = self._models.pick(model, version)
         if not self.accepting:
             raise Unavailable("server is shutting down and opens no new sessions")
@@ -207,6 +207,8 @@ class SessionManager:
         copy.scheduler.attach(session)
         copy.scheduler.write_state(session, record.states)
         session.restore(record.next_index, record.ring)
+        if record.last_kept:
+            session.set_last(record.last)
         self._register(session)
         log.info(
             "session restored from the state store",
@@ -251,7 +253,10 @@ class SessionManager:
         self._end(victim, "evicted")
         return True
 
-    def _missing(self, session_id: str, owner: str) -> NotFound:
+    def find(self, session_id: str, owner: str) -> Session | None:
+        return self._sessions.get((owner, session_id))
+
+    def missing(self, session_id: str, owner: str) -> NotFound:
         why = self._expired.get((owner, session_id))
         if why is not None:
             return NotFound(f"session {quoted(session_id)} {why}", session_id=session_id)
@@ -260,7 +265,7 @@ class SessionManager:
     def get(self, session_id: str, owner: str) -> Session:
         session = self._sessions.get((owner, session_id))
         if session is None:
-            raise self._missing(session_id, owner)
+            raise self.missing(session_id, owner)
         return session
 
     def find_many(self, session_ids: Iterable[str], owner: str) -> list[Session | None]:
@@ -284,7 +289,15 @@ class SessionManager:
         for session in [s for s in self._sessions.values() if s.instance == instance]:
             self._end(session, "unloaded", message)
 
-    def _end(self, session: Session, reason: str, message: str = "") -> asyncio.Future[Ended]:
+    def spill(self, session: Session) -> None:
+        """The idle session left memory, its state in the store: forget it here and free its
+        slot (no end: its next request, here or on another replica, brings it back)."""
+        self._unregister(session)
+        self._models.scheduler_of(session).release(session)
+        if self.metrics is not None:
+            self.metrics.session_spilled(session.model)
+
+    def _unregister(self, session: Session) -> None:
         del self._sessions[(session.owner, session.id)]
         self.order.remove(session)
         self._per_model[session.model] -= 1
@@ -292,6 +305,9 @@ class SessionManager:
             del self._per_owner[session.owner]  # principals come and go: no entry per past one
         else:
             self._per_owner[session.owner] -= 1
+
+    def _end(self, session: Session, reason: str, message: str = "") -> asyncio.Future[Ended]:
+        self._unregister(session)
         if reason != "client":
             # Remembered so a later request hears why the session is gone, not just "unknown".
             why = f"was {reason}" + (f": {message}" if message else "")

@@ -56,6 +56,7 @@ class FrameOutput:
     # A digest of the inputs that made it: a resend of its index must carry the same inputs to
     # be answered from the output ring (empty: not known, as in rings stored by older servers).
     inputs_digest: bytes = b""
+    restored: bool = False  # its session was brought back from the state store for it
 
 
 def inputs_digest(inputs: Arrays) -> bytes:

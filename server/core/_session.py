@@ -27,11 +27,12 @@ from rnnstream.server.core._work import (
     inputs_digest,
 )
 
-__all__ = ["CONTROL", "FRAME", "Answers", "Session"]
+__all__ = ["CONTROL", "FRAME", "SPILL", "Answers", "Session"]
 
 # What a session has in flight (Session.in_flight): nothing else of it runs meanwhile.
 FRAME = 1  # a frame in a batch
 CONTROL = 2  # a forecast, or a control whose new state is being stored
+SPILL = 3  # being marked spilled in the store: what arrives meanwhile waits, and keeps it here
 
 
 class Answers(Protocol):
@@ -269,6 +270,13 @@ class Session:
 
     def start_control(self) -> None:
         self.in_flight = CONTROL
+
+    def start_spill(self) -> None:
+        self.in_flight = SPILL
+
+    def spill_done(self) -> None:
+        """The spill write is over (whatever came of it); idle time goes on counting."""
+        self.in_flight = 0
 
     def control_done(self) -> None:
         self.in_flight = 0

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
+from rnnstream.server.core._errors import NotFound, quoted
 from rnnstream.server.core._model_registry import ModelRegistry
 from rnnstream.server.core._registry import SessionManager
 from rnnstream.server.core._results import Ended
-from rnnstream.server.core._store import StateStore, StepRecord
+from rnnstream.server.core._store import Gone, StateStore, StepRecord
 
 __all__ = ["StoredSessions"]
 
@@ -21,19 +23,34 @@ class StoredSessions:
         self._store = store
         self._sessions = sessions
         self._models = models
+        self._metrics = sessions.metrics
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def load(self, principal: str, session_id: str) -> bool:
-        """Take over the session `session_id` names if the store holds it (another replica
-        held it, or this one before a restart); True if it does."""
+    async def load(
+        self, principal: str, session_id: str, resume_only: bool = False, spilled_only: bool = False
+    ) -> bool:
+        """Take over the session `session_id` names if the store holds it (it was spilled, or
+        another replica held it, or this one before a restart); True if it does. A spilled
+        session whose time in the store ran out is NotFound, saying so, for `resume_only`
+        (an open without it makes a new session of that id). `spilled_only`: only a spilled
+        session (a frame or control for a session another replica holds live is refused as
+        before: the client resumes it explicitly)."""
         if not session_id:
             return False
+        started = time.perf_counter()
         # A session of a version this replica lacks is refused (FailedPrecondition) by spec_of.
-        record = await self._store.load(self._models.spec_of, principal, session_id)
+        specs = self._models.spec_of
+        record = await self._store.load(specs, principal, session_id, None, spilled_only)
+        if isinstance(record, Gone):
+            if resume_only:
+                raise NotFound(f"session {quoted(session_id)} {record.why}", session_id=session_id)
+            return False
         if record is None:
             return False
         if not self._sessions.holds(principal, session_id):  # opened meanwhile: keep that one
             self._sessions.restore(session_id, principal, record)
+            if self._metrics is not None:
+                self._metrics.session_restored(record.model, time.perf_counter() - started)
         return True
 
     async def save_new(self, principal: str, session_id: str) -> None:

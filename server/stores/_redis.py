@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from urllib.parse import quote
 
 import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -11,9 +10,12 @@ from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rnnstream.server.core import (
+    Gone,
     ModelSpec,
     SessionRecord,
     SpecOf,
+    SpilledSession,
+    SpillRecord,
     StateStore,
     StepRecord,
     Unavailable,
@@ -24,6 +26,7 @@ from rnnstream.server.stores._encoding import (
     encode_result,
     encode_states,
 )
+from rnnstream.server.stores._redis_spill import PREFIX, SpillScripts, member
 
 __all__ = ["LEGACY_KEYS", "RedisStore", "open_store"]
 
@@ -33,15 +36,23 @@ _LEGACY_PATTERN = "rnnstream:session:*"
 LEGACY_KEYS = ("refuse", "ignore", "delete")
 
 # One call per batch: for each session, its hash gets the new state, next index and the step's
-# output in ring slot index % K, and its idle TTL (its model's) is renewed. Atomic: a script
-# runs whole.
+# output in ring slot index % K, its idle TTL (its model's) is renewed, and a spill mark left by
+# a spill that a frame overtook is dropped (_redis_spill.py). A control's save (reset, committed
+# forecast) keeps the session's latest output in 'last' instead ('' for none); a step drops it
+# (the latest output is then the ring's newest). Atomic: a script runs whole.
 _SAVE_STEPS = """
 for i, key in ipairs(KEYS) do
-  local b = (i - 1) * 8
+  local b = (i - 1) * 9
   redis.call('HSET', key, 'model', ARGV[b + 1], 'version', ARGV[b + 2], 'emit', ARGV[b + 3],
              'next', ARGV[b + 4], 'state', ARGV[b + 5])
-  if ARGV[b + 6] ~= '' then
-    redis.call('HSET', key, ARGV[b + 6], ARGV[b + 7])
+  if ARGV[b + 9] == '1' then
+    redis.call('HSET', key, 'last', ARGV[b + 7])
+    redis.call('HDEL', key, 'spilled', 'idle', 'why')
+  else
+    if ARGV[b + 6] ~= '' then
+      redis.call('HSET', key, ARGV[b + 6], ARGV[b + 7])
+    end
+    redis.call('HDEL', key, 'last', 'spilled', 'idle', 'why')
   end
   local ttl = tonumber(ARGV[b + 8])
   if ttl > 0 then
@@ -62,10 +73,6 @@ def _unavailable(exc: RedisError | OSError) -> Unavailable:
     return Unavailable(f"session state store unreachable: {exc}")
 
 
-def _raw(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else value.encode()
-
-
 class RedisStore:
     """StateStore on a Redis server. Keys: rnnstream:v2:session:<owner>:<session id>, each part
     percent-encoded (':' and '%' included), so no two (owner, id) pairs share a key."""
@@ -76,10 +83,11 @@ class RedisStore:
         self._ttl_ms = int(ttl_seconds * 1000)
         self._ring = max(1, ring_size)
         self._save = client.register_script(_SAVE_STEPS)
+        self._spills = SpillScripts(client)
 
     @staticmethod
     def key(owner: str, session_id: str) -> str:
-        return f"rnnstream:v2:session:{quote(owner, safe='')}:{quote(session_id, safe='')}"
+        return PREFIX + member(owner, session_id)
 
     async def save(self, spec: ModelSpec, steps: Sequence[StepRecord]) -> None:
         keys: list[str] = []
@@ -87,27 +95,37 @@ class RedisStore:
         for step in steps:
             keys.append(self.key(step.owner, step.session_id))
             ring_field, entry = "", b""
-            if step.result is not None:
+            if step.control:
+                entry = b"" if step.result is None else encode_result(step.result)
+            elif step.result is not None:
                 ring_field = f"r{step.result.index % self._ring}"
                 entry = encode_result(step.result)
             args += [step.model, step.version, step.emit, step.next_index]
             args.append(encode_states(step.states))
             ttl_ms = self._ttl_ms if step.ttl is None else int(step.ttl * 1000)
-            args += [ring_field, entry, ttl_ms]
+            args += [ring_field, entry, ttl_ms, "1" if step.control else ""]
         try:
             await self._save(keys=keys, args=args)
         except _UNREACHABLE as exc:
             raise _unavailable(exc) from exc
 
-    async def load(self, specs: SpecOf, owner: str, session_id: str) -> SessionRecord | None:
+    async def load(
+        self,
+        specs: SpecOf,
+        owner: str,
+        session_id: str,
+        ttl: float | None = None,
+        spilled_only: bool = False,
+    ) -> SessionRecord | Gone | None:
+        ttl_ms = self._ttl_ms if ttl is None else int(ttl * 1000)
         try:
-            raw = await self._redis.hgetall(self.key(owner, session_id))
+            kind, fields = await self._spills.claim(owner, session_id, ttl_ms, spilled_only)
         except _UNREACHABLE as exc:
             raise _unavailable(exc) from exc
-        if not raw:
+        if isinstance(fields, str):
+            return Gone(fields)
+        if not fields:  # bytes: the client is made without decode_responses
             return None
-        # The client is made without decode_responses: every field and value is bytes.
-        fields: dict[bytes, bytes] = {_raw(k): _raw(v) for k, v in raw.items()}
         model = fields[b"model"].decode()
         version = int(fields.get(b"version", b"1"))  # stored before versions: version 1
         spec = specs(model, version)
@@ -124,11 +142,46 @@ class RedisStore:
             states=decode_states(spec, fields[b"state"]),
             ring=[r for r in ring if oldest <= r.index < next_index],
             version=version,
+            spilled=kind == "spilled",
+            last=decode_result(spec, fields[b"last"]) if fields.get(b"last") else None,
+            last_kept=b"last" in fields,
         )
 
     async def delete(self, owner: str, session_id: str) -> None:
         try:
             await self._redis.delete(self.key(owner, session_id))
+        except _UNREACHABLE as exc:
+            raise _unavailable(exc) from exc
+
+    async def spill(self, spills: Sequence[SpillRecord]) -> list[bool]:
+        try:
+            return await self._spills.spill(spills)
+        except _UNREACHABLE as exc:
+            raise _unavailable(exc) from exc
+
+    async def expire_spilled(self, limit: int) -> int:
+        try:
+            return await self._spills.expire(limit)
+        except _UNREACHABLE as exc:
+            raise _unavailable(exc) from exc
+
+    async def spilled_count(self) -> int:
+        try:
+            return await self._spills.count()
+        except _UNREACHABLE as exc:
+            raise _unavailable(exc) from exc
+
+    async def spilled_page(
+        self, owner: str | None, after: str, count: int
+    ) -> tuple[list[SpilledSession], str]:
+        try:
+            return await self._spills.page(owner, after, count)
+        except _UNREACHABLE as exc:
+            raise _unavailable(exc) from exc
+
+    async def spilled_session(self, owner: str, session_id: str) -> SpilledSession | Gone | None:
+        try:
+            return await self._spills.session(owner, session_id)
         except _UNREACHABLE as exc:
             raise _unavailable(exc) from exc
 

@@ -245,7 +245,7 @@ class NativeServicer:
     @unary
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.SessionInfo:
         holder, _ = self._holder(request.principal)
-        return session_info(self._engine.session(holder, request.session_id))
+        return session_info(await self._engine.describe(holder, request.session_id))
 
     @unary
     async def ListSessions(

@@ -305,6 +305,8 @@ class _FrameReply:
             output = response.output
             output.session_id = self._session_id
             output.frame_index = result.index
+            if result.restored:
+                output.restored = True
             for array, name in zip(result.outputs, result.names, strict=True):
                 encode_into(output.outputs.add(), array, name)
                 call.count_bytes_out(array.nbytes)
