@@ -244,3 +244,22 @@ def test_spilling_needs_a_store() -> None:
 
     with pytest.raises(ValueError, match=r"--spill-after .*give --state-store"):
         Settings(spill_after=5)
+
+
+async def test_a_frame_group_brings_its_spilled_sessions_back(
+    make_server: Make, store: RedisServer
+) -> None:
+    server = _spilling(make_server, store)
+    x = sequence(MODEL, 6, seed=194)
+    async with AsyncClient(server.target, retry=None) as client:
+        sessions = [await client.open(MODEL) for _ in range(4)]
+        ys: dict[str, list[np.ndarray]] = {s.id: [] for s in sessions}
+        for t in range(6):
+            if t in (2, 4):  # every session spills before these steps
+                for s in sessions:
+                    await _until(_gone_from(server, s.id), "spilled")
+            outs = await client.step_many({s: x[t] for s in sessions})
+            for s in sessions:
+                ys[s.id].append(outs[s]["y"])
+    for s in sessions:
+        assert_matches_references(MODEL, x, np.stack(ys[s.id]))
