@@ -37,6 +37,9 @@ async def _serve(settings: Settings) -> None:
 def serve(settings: Settings) -> int:
     """Run one server until SIGTERM/SIGINT; returns the process exit status."""
     log.debug("event loop: %s", loop_name())
+    # SIGHUP rescans the repository once the server serves; until then (models loading) its
+    # default action would end the process: a rescan asked for at start has nothing to do.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         run_event_loop(_serve(settings))
     except (DeviceError, ModelConfigError, OSError, ValueError) as exc:

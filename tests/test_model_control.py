@@ -7,6 +7,9 @@ import asyncio
 import re
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,3 +107,54 @@ def test_sighup_rescans_a_running_server(tmp_path: Path) -> None:
         assert info.version == 2
     finally:
         server.close()
+
+
+def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    write_version(repo, "gru", 1, seed=101)
+    server = ServerProcess("--model-repository", str(repo), "--workers", "2")
+    try:
+        serving = re.compile(r"rnnstream.server serving \['gru'\]")
+        deadline = time.monotonic() + 60
+        while sum(bool(serving.search(line)) for line in list(server.lines)) < 2:
+            assert time.monotonic() < deadline, "\n".join(server.lines)
+            time.sleep(0.05)
+        write_version(repo, "gru", 2, seed=202)
+        server.signal(signal.SIGHUP)  # to the supervisor, which passes it on
+        reloaded = re.compile(r"model gru: versions \[2\] take new sessions")
+        while sum(bool(reloaded.search(line)) for line in list(server.lines)) < 2:
+            assert time.monotonic() < deadline, "\n".join(server.lines)
+            time.sleep(0.05)
+        server.signal(signal.SIGTERM)  # passed on too: every worker stops
+        assert server.wait(30) == 0
+    finally:
+        server.close()
+
+
+def test_a_sighup_while_models_load_does_not_end_the_server(tmp_path: Path) -> None:
+    """SIGHUP's default action ends a process: until the server handles it (once it serves),
+    it is ignored."""
+    repo = tmp_path / "models"
+    write_version(repo, "gru", 1, seed=101, hidden=512)
+    (repo / "gru" / "config.toml").write_text("[serving]\nwarmup = " + str([256] * 40) + "\n")
+    port_file = tmp_path / "port"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rnnstream.server", "--host", "127.0.0.1", "--port", "0",
+         "--port-file", str(port_file), "--metrics-port", "0", "--model-repository", str(repo)],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:  # the graph is loaded; timing and warm-up go on
+            if "loaded model gru" in line:
+                break
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            assert process.poll() is None, "the server ended on SIGHUP"
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        assert port_file.read_text().strip().isdigit()
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
