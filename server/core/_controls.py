@@ -14,9 +14,10 @@ from rnnstream.server.core._errors import (
     RnnstreamError,
     Unavailable,
 )
-from rnnstream.server.core._forecast import check_answer_size, first_from_last, rollout
+from rnnstream.server.core._forecast import check_answer_size, first_from_last
 from rnnstream.server.core._persistence import Persistence, Undo
 from rnnstream.server.core._results import Ended, Flushed, Forecasted, FrameOutput, Reset
+from rnnstream.server.core._rollouts import RolloutQueue, Stepper
 from rnnstream.server.core._runner import BatchRunner
 from rnnstream.server.core._session import Session
 from rnnstream.server.core._state_pool import StatePool
@@ -33,6 +34,7 @@ class Host(Protocol):
     pool: StatePool
     runner: BatchRunner
     persistence: Persistence
+    rollouts: RolloutQueue
 
     def mark_ready(self, session: Session) -> None: ...
 
@@ -130,7 +132,9 @@ class Controls:
             if first is None:
                 first = first_from_last(spec, session.last)
             states = host.pool.read(session.slot)
-            rolled = await host.runner.rollout_in_executor(rollout, states, first, params.steps)
+            # Run a slice at a time between batches: other sessions' frames do not wait for it.
+            stepper = Stepper(host.runner.model, states, first, params.steps)
+            rolled = await host.rollouts.run(stepper)
             if params.answer_limit:  # checked before it ran when the model fixes the sizes
                 size = sum(a.nbytes for a in rolled.outputs)
                 check_answer_size(size, params.answer_limit, session.id)

@@ -13,17 +13,17 @@ import numpy.typing as npt
 from rnnstream.server.core._errors import FailedPrecondition, InvalidArgument
 from rnnstream.server.core._models import ModelSpec, TensorSpec, step_shape
 from rnnstream.server.core._results import FrameOutput
-from rnnstream.server.core._runtime import OrtModel
 from rnnstream.server.core._validation import NamedArray, validate_frame
 from rnnstream.server.core._work import ForecastParams
 
 __all__ = [
     "Rollout",
     "check_answer_size",
+    "check_fed",
     "first_from_frame",
     "first_from_last",
     "forecast_params",
-    "rollout",
+    "last_step",
 ]
 
 Arrays = list[npt.NDArray[Any]]
@@ -36,12 +36,12 @@ class Rollout:
     last_step: Arrays  # the final step's outputs, shaped as a one-step frame's outputs
 
 
-def _last_step(spec: TensorSpec, frame: npt.NDArray[Any]) -> npt.NDArray[Any]:
+def last_step(spec: TensorSpec, frame: npt.NDArray[Any]) -> npt.NDArray[Any]:
     axis = spec.frame_time_axis
     return frame if axis is None else np.take(frame, frame.shape[axis] - 1, axis=axis)
 
 
-def _check_fed(model: ModelSpec, i: int, value: npt.NDArray[Any], step: int) -> None:
+def check_fed(model: ModelSpec, i: int, value: npt.NDArray[Any], step: int) -> None:
     """A value about to be fed back must fit the input, and be finite."""
     spec = model.inputs[i]
     where = "the session's last output" if step == 1 else f"the output of step {step - 1}"
@@ -70,7 +70,7 @@ def first_from_last(model: ModelSpec, last: FrameOutput | None) -> Arrays:
         )
     first: Arrays = [np.empty(0)] * len(model.inputs)
     for i, o in model.feedback:
-        first[i] = _last_step(model.outputs[o], last.outputs[o])
+        first[i] = last_step(model.outputs[o], last.outputs[o])
     return first
 
 
@@ -145,42 +145,3 @@ def forecast_params(
             exc.session_id = session_id
             raise
     return ForecastParams(steps, commit, first, max_message_bytes)
-
-
-def rollout(model: OrtModel, states: Arrays, first: Arrays, steps: int) -> Rollout:
-    """Run `steps` one-step calls on copies of one session's states (in an executor thread)."""
-    spec = model.spec
-    state_feeds = [
-        np.expand_dims(s, st.batch_axis) for s, st in zip(states, spec.states, strict=True)
-    ]
-    current = first
-    collected: list[Arrays] = [[] for _ in spec.outputs]
-    frame_outputs: Arrays = []
-    for step in range(1, steps + 1):
-        feeds: dict[str, npt.NDArray[Any]] = {}
-        for i, (inp, value) in enumerate(zip(spec.inputs, current, strict=True)):
-            _check_fed(spec, i, value, step)
-            time_axis = inp.frame_time_axis
-            frame = value if time_axis is None else np.expand_dims(value, time_axis)
-            feeds[inp.name] = np.expand_dims(frame, inp.batch_axis)
-        for st, array in zip(spec.states, state_feeds, strict=True):
-            feeds[st.input_name] = array
-        outputs, state_feeds = model.run(feeds)
-        frame_outputs = [
-            np.take(out, 0, axis=o.batch_axis) for out, o in zip(outputs, spec.outputs, strict=True)
-        ]
-        for bucket, frame in zip(collected, frame_outputs, strict=True):
-            bucket.append(frame)
-        current = list(current)
-        for i, o in spec.feedback:
-            current[i] = _last_step(spec.outputs[o], frame_outputs[o])
-    joined = [
-        np.concatenate(parts, axis=o.frame_time_axis)
-        if o.frame_time_axis is not None
-        else np.stack(parts, axis=0)
-        for parts, o in zip(collected, spec.outputs, strict=True)
-    ]
-    final_states = [
-        np.take(s, 0, axis=st.batch_axis) for s, st in zip(state_feeds, spec.states, strict=True)
-    ]
-    return Rollout(joined, final_states, frame_outputs)

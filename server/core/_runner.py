@@ -136,8 +136,3 @@ class BatchRunner:
             )
             start = stop
         return singles, blocks
-
-    def rollout_in_executor(self, work: Any, *args: Any) -> asyncio.Future[Any]:
-        """Run `work(model, *args)` in the executor thread (forecast rollouts)."""
-        loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._executor, work, self.model, *args)

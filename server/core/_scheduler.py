@@ -23,6 +23,7 @@ from rnnstream.server.core._controls import Controls
 from rnnstream.server.core._errors import Internal, NotFound, RnnstreamError, Unavailable
 from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._persistence import Persistence
+from rnnstream.server.core._rollouts import RolloutQueue
 from rnnstream.server.core._runner import BatchRunner
 from rnnstream.server.core._runtime import OrtModel
 from rnnstream.server.core._session import Session
@@ -72,6 +73,7 @@ class ModelScheduler:
         self.stats = self.counters.stats
         self.ready = ReadyQueue(max_batch_size)
         self.runner = BatchRunner(model, self.pool, executor, inline_run_seconds)
+        self.rollouts = RolloutQueue(executor, self.ready.wake)
         self.persistence = Persistence(store, self.spec, self.pool)
         self.controls = Controls(self)
         self.pacer = Pacer(self, busy_poll_seconds, gather_seconds)
@@ -204,7 +206,12 @@ class ModelScheduler:
     async def _loop(self) -> None:
         ready = self.ready
         while True:
-            if not len(ready):
+            if not len(ready) or self.holding:
+                if self.rollouts:  # nothing else to run: the forecasts' turn
+                    await self.rollouts.step()
+                    continue
+                if self.holding:  # shutting down: what waits is refused by stop's caller
+                    await asyncio.Event().wait()
                 if await self.pacer.poll_for_work():
                     continue
                 ready.wake.clear()
@@ -212,14 +219,14 @@ class ModelScheduler:
                 await ready.wake.wait()
                 continue
             await self.pacer.gather_arrivals()
-            if self.holding:  # shutting down: what waits is refused in order, by stop's caller
-                await asyncio.Event().wait()
             batch = ready.take(self._head)
             size = len(batch)
             self.queued_frames -= size
             self.pacer.last_batch_size = size
             if size:
                 await self._run_batch(batch)
+            if self.rollouts:  # one slice of a forecast between two batches
+                await self.rollouts.step()
 
     def _head(self, session: Session) -> FrameWork | None:
         """The session's runnable frame, once the controls and stale frames before it are done
