@@ -42,4 +42,7 @@ def core_settings(s: Settings) -> EngineSettings:
         drain_timeout=s.drain_timeout,
         spill_after=s.spill_after,
         store_ttl=s.store_ttl,
+        max_buffered_bytes=s.max_buffered_bytes,
+        max_buffered_bytes_per_principal=s.max_buffered_bytes_per_principal,
+        output_ring_bytes=s.output_ring_bytes,
     )

@@ -232,6 +232,16 @@ class Metrics:
             ["model", "version", "state"],
             registry=r,
         )
+        self.buffered = Gauge(
+            "rnnstream_buffered_bytes",
+            "Tensor bytes held for clients, of --max-buffered-bytes: work (frames read and not "
+            "yet answered, answers not yet taken, unary calls) and rings (outputs kept)",
+            ["kind"],
+            registry=r,
+        )
+        self.buffered_limit = Gauge(
+            "rnnstream_buffered_bytes_limit", "--max-buffered-bytes", registry=r
+        )
         self.bytes_received = LoopCounter("rnnstream_bytes_received", "Tensor bytes received")
         self.bytes_sent = LoopCounter("rnnstream_bytes_sent", "Tensor bytes sent")
         r.register(_LoopCounters([self.bytes_received, self.bytes_sent]))
@@ -260,6 +270,13 @@ class Metrics:
 
     def session_ended(self, model: str, reason: str) -> None:
         self.sessions_ended.labels(model, reason).inc()
+
+    def watch_buffered_bytes(
+        self, work: Callable[[], float], rings: Callable[[], float], limit: int
+    ) -> None:
+        self.buffered.labels("work").set_function(work)
+        self.buffered.labels("rings").set_function(rings)
+        self.buffered_limit.set(limit)
 
     def watch_session_states(self, read: Callable[[], Mapping[str, int]]) -> None:
         self._states.watch(read)

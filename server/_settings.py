@@ -145,6 +145,9 @@ class Settings:
         minimum=0,
         maximum=1_000_000,
     )
+    output_ring_bytes: int = _setting(
+        4 * 2**20, "Most bytes of outputs one session's ring keeps (its newest always).", minimum=0
+    )
     max_steps_per_frame: int = _setting(4096, "Most time steps (T) one frame may carry.", minimum=1)
     max_forecast_steps: int = _setting(4096, "Most steps one Forecast may roll forward.", minimum=1)
     max_message_bytes: int = _setting(
@@ -192,6 +195,10 @@ class Settings:
         64,
         "Frames queued per session before the server stops reading that stream (back-pressure).",
         minimum=1,
+    )
+    max_buffered_bytes: int = _setting(256 * 2**20, "Most bytes held for clients.", minimum=2**20)
+    max_buffered_bytes_per_principal: int = _setting(
+        0, "Of --max-buffered-bytes, most one principal's work holds; 0: all of it.", minimum=0
     )
     pack_outputs: bool = _setting(
         True,

@@ -16,6 +16,7 @@ CORE = "rnnstream.server.core"
 # Where the core's public names may be defined: the Engine, its results, its errors, and the
 # value types those carry (model specs, the state store interface, a frame's tensors).
 PUBLIC_HOMES = {
+    f"{CORE}._budget",
     f"{CORE}._engine",
     f"{CORE}._engine_settings",
     f"{CORE}._instruments",

@@ -28,6 +28,8 @@ MODEL = "gru"
 FRAMES = 48
 STEPS = 4096  # the most one frame may carry: frames that take a while to run
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+# The tests hold dozens of 2 MB answers unread: a budget that lets one stream do so.
+ROOMY = ("--max-buffered-bytes", str(2 * 1024**3))
 
 
 def _health(target: str) -> int:
@@ -67,7 +69,7 @@ async def _read_to_the_end(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_graceful_shutdown(sig: signal.Signals) -> None:
-    server = ServerProcess("--models", MODEL, "--grace", str(GRACE))
+    server = ServerProcess("--models", MODEL, "--grace", str(GRACE), *ROOMY)
     try:
         x = sequence(MODEL, FRAMES * STEPS, seed=90)
         async with RawStream(server.target) as raw:
@@ -128,7 +130,7 @@ async def test_frames_read_are_answered_at_any_grace(grace: str) -> None:
     stream and OIP stream alike) is still answered before the stream closes: run, or refused
     in-band with UNAVAILABLE; then the stream ends with UNAVAILABLE."""
     frames = 24
-    server = ServerProcess("--models", MODEL, "--grace", grace)
+    server = ServerProcess("--models", MODEL, "--grace", grace, *ROOMY)
     try:
         x = sequence(MODEL, STEPS, seed=92)
         async with RawStream(server.target) as raw:

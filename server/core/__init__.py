@@ -1,6 +1,7 @@
 """Transport-neutral core. Its one way in is the Engine: calls that name sessions by (principal,
 session_id) and answer with the typed results below or raise the errors below."""
 
+from rnnstream.server.core._budget import Holding, MemoryBudget
 from rnnstream.server.core._engine import Engine, NamedArray
 from rnnstream.server.core._engine_settings import EngineSettings
 from rnnstream.server.core._errors import (
@@ -65,8 +66,10 @@ __all__ = [
     "FrameOutput",
     "FrameReply",
     "Gone",
+    "Holding",
     "Internal",
     "InvalidArgument",
+    "MemoryBudget",
     "ModelConfigError",
     "ModelInfo",
     "ModelSpec",

@@ -20,10 +20,13 @@ class ReadyQueue:
     """Ready sessions in a heap keyed by the arrival of their head item, and frame blocks in
     arrival order. A batch takes the oldest first, at most one frame per session, all with the
     same shapes (the oldest frame's T leads; the others wait for a later batch); a block larger
-    than the room left is split over batches."""
+    than the room left is split over batches. Single frames holding more than `max_batch_bytes`
+    together (inputs and outputs: ORT's buffers for a batch grow with them) wait for the next
+    batch; one frame goes alone whatever its size (0: no limit)."""
 
-    def __init__(self, max_batch_size: int) -> None:
+    def __init__(self, max_batch_size: int, max_batch_bytes: int = 0) -> None:
         self.max_batch_size = max(1, max_batch_size)
+        self.max_batch_bytes = max_batch_bytes
         self._heap: list[tuple[float, int, Session]] = []
         self._ties = itertools.count()
         self._queued: set[Session] = set()  # in the heap
@@ -63,6 +66,7 @@ class ReadyQueue:
         skipped: list[Session] = []
         heap, blocks = self._heap, self._blocks
         blocks_fit = True  # False once the head block's shapes differ from the batch's
+        held = 0  # bytes of the single frames taken
         while room > 0:
             block = blocks[0] if blocks and blocks_fit else None
             if heap and (block is None or heap[0][0] <= block.enqueued_at):
@@ -76,6 +80,10 @@ class ReadyQueue:
                 elif frame.key != batch.key:
                     skipped.append(session)  # a different T: it leads a later batch
                     continue
+                elif self.max_batch_bytes and held + frame.cost > self.max_batch_bytes:
+                    skipped.append(session)  # the batch is full by bytes: it leads the next one
+                    break
+                held += frame.cost
                 session.start(frame)
                 batch.add_frame(session, frame)
                 room -= 1

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from rnnstream.server.core._admission import SHUTTING_DOWN, FrameDoor
+from rnnstream.server.core._budget import Holding, MemoryBudget
 from rnnstream.server.core._engine_settings import EngineSettings
-from rnnstream.server.core._errors import (
-    RnnstreamError,
-)
+from rnnstream.server.core._errors import RnnstreamError
 from rnnstream.server.core._forecast import forecast_params
 from rnnstream.server.core._groups import FrameGroups
 from rnnstream.server.core._idle import IdleSweep
@@ -46,12 +44,8 @@ from rnnstream.server.core._work import ControlWork, EndListener, FrameAnswer, F
 __all__ = ["Engine", "NamedArray"]
 
 Action = Literal["reset", "flush"]
-
-
-async def _until(done: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not done():
-        await asyncio.sleep(0.01)
+Items = Sequence[Sequence[NamedArray]]  # the frames of a stateless batch
+Hold = Holding | None  # a stream's share of the memory budget; None: a unary call
 
 
 class Engine:
@@ -74,7 +68,10 @@ class Engine:
         self._reach = SessionReach(self._sessions)  # in memory, or back from the store
         # What each principal may send (pace a stream, admit a unary call): one bucket each.
         self.limits = PrincipalLimits.from_settings(settings, metrics)
-        self._door = FrameDoor(self._models)
+        # The bytes held for clients: frames, answers not yet taken, unary work, output rings.
+        self.budget = MemoryBudget.from_settings(settings, metrics)
+        self._sessions.rings = self.budget.rings
+        self._door = FrameDoor(self._models, self.budget, settings.max_message_bytes)
         limit = settings.max_pending_frames
         self.groups = FrameGroups(self._sessions, self._models, limit, lambda: self._door.accepting)
         self._store: StateStore | None = None  # closed by stop(), even after a failed start
@@ -118,11 +115,7 @@ class Engine:
         `finish`): then start nothing more, give what runs `finish` seconds, abandon what still
         runs and refuse everything left (UNAVAILABLE, nothing of it applied), in order: every
         frame received is answered, whatever the grace."""
-        await _until(self._models.idle, timeout)
-        if finish is not None:
-            self._models.hold()
-            await _until(self._models.quiet, finish)
-            await self._models.halt(SHUTTING_DOWN)
+        await self._models.drain(timeout, finish, SHUTTING_DOWN)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -228,18 +221,20 @@ class Engine:
         index: int | None,
         tensors: Sequence[NamedArray],
         reply: FrameReply,
+        holding: Hold = None,
     ) -> bool:
         """Queue a frame whose answer goes to `reply` (see FrameReply): its outputs, or None
         for a session that emits only on flush and end; raises if it is refused. `index` None:
         numbered at the head of the queue (no caller shares one; a refusal leaves no gap). True
         when the session's queue is now full: call wait_for_space before the next frame. A
-        spilled session's frame waits until it is back (refusals then go to `reply`)."""
+        spilled session's frame waits until it is back (refusals then go to `reply`). A stream's
+        `holding` counts the frame's bytes (MemoryBudget)."""
         full = False
 
         def use(session: Session, restored: bool) -> None:
             nonlocal full
             emit = session.emit != "last"
-            self._door.queue(session, index, tensors, forward(reply, restored), emit)
+            self._door.queue(session, index, tensors, forward(reply, restored), emit, holding)
             full = session.frames_queued >= self._settings.max_pending_frames
 
         self._reach.reach(principal, session_id, use, reply.set_exception)
@@ -253,28 +248,38 @@ class Engine:
         index: int | None,
         tensors: Sequence[NamedArray],
         version: int | None = None,
+        holding: Hold = None,
     ) -> asyncio.Future[FrameOutput]:
         """One frame whose outputs are always answered: on the session `session_id` names
         (`model` and `version`, when given, must be its own), or, with no session, on a fresh
-        state that is dropped after it (stateless), on the newest ready version or `version`."""
+        state that is dropped after it (stateless), on the newest ready version or `version`.
+        Without a `holding` (a stream's), a frame over the memory budget is refused."""
         if session_id:
 
             def start(session: Session) -> asyncio.Future[FrameOutput]:
                 runs_on(session, model, version)
                 answer: asyncio.Future[FrameOutput] = asyncio.get_running_loop().create_future()
-                self._door.queue(session, index, tensors, FrameAnswer(answer), True)
+                self._door.queue(session, index, tensors, FrameAnswer(answer), True, holding)
                 return answer
 
             return self._reach.future(principal, session_id, start)
         future: asyncio.Future[FrameOutput] = asyncio.get_running_loop().create_future()
         scratch, drop = self._sessions.scratch(principal, model, version)
         try:
-            self._door.queue(scratch, 0, tensors, FrameAnswer(future), True)
+            self._door.queue(scratch, 0, tensors, FrameAnswer(future), True, holding)
         except BaseException:
             drop()
             raise
         future.add_done_callback(drop)
         return future
+
+    def infer_batch(
+        self, principal: str, model: str, items: Items, version: int | None, holding: Hold
+    ) -> list[asyncio.Future[FrameOutput]]:
+        """Stateless frames of one request, checked whole (size, answer, budget) before any runs."""
+        copy = self._models.pick(model, version)
+        self._door.check_batch(copy, items, principal, holding is None)
+        return [self.infer(principal, "", model, None, i, copy.version, holding) for i in items]
 
     def refuse(self, principal: str, session_id: str, error: RnnstreamError) -> None:
         """Count a frame the transport refused before it could submit it (undecodable)."""
@@ -283,10 +288,8 @@ class Engine:
 
     async def wait_for_space(self, principal: str, session_id: str) -> None:
         """Return once the session has room for another queued frame (back-pressure)."""
-        if self._sessions.holds(principal, session_id):  # else ended meanwhile
-            await self._sessions.get(session_id, principal).wait_for_space(
-                self._settings.max_pending_frames
-            )
+        if (session := self._sessions.find(session_id, principal)) is not None:  # else gone
+            await session.wait_for_space(self._settings.max_pending_frames)
 
     # -- controls, in order with the session's frames ----------------------------------------
     def reset(

@@ -43,3 +43,8 @@ class EngineSettings:
     # and its state stays in the store store_ttl seconds more (0: its session TTL).
     spill_after: float = 0.0
     store_ttl: float = 0.0
+    # The memory budget (_budget.py): tensors held for clients, server-wide and per principal
+    # (0: the server's), and the bytes of outputs one session's ring keeps.
+    max_buffered_bytes: int = 256 * 1024 * 1024
+    max_buffered_bytes_per_principal: int = 0
+    output_ring_bytes: int = 4 * 1024 * 1024

@@ -211,7 +211,7 @@ class FrameGroups:
             own = self._models.served(session.instance)
             named = [(t.name, a) for t, a in zip(copy.scheduler.spec.inputs, frame, strict=True)]
             try:
-                frame, key = own.validator.validate(named)
+                frame, key, _ = own.validator.validate(named)
             except RnnstreamError as exc:
                 exc.session_id, exc.frame_index = session.id, index
                 own.scheduler.count(exc.code.name)

@@ -49,6 +49,12 @@ class CoreMetrics(Protocol):
 
     def session_ended(self, model: str, reason: str) -> None: ...
 
+    def watch_buffered_bytes(
+        self, work: Callable[[], float], rings: Callable[[], float], limit: int
+    ) -> None:
+        """The memory budget: bytes held for work and for output rings, and its limit."""
+        ...
+
     def watch_session_states(self, read: Callable[[], Mapping[str, int]]) -> None:
         """Sessions by state (active, idle, spilled), as the latest sweep counted them."""
         ...

@@ -107,6 +107,7 @@ async def load_version(
         busy_poll_seconds=settings.busy_poll_seconds,
         gather_seconds=settings.gather_seconds,
         store=store,
+        max_batch_bytes=max(1, settings.max_buffered_bytes // 8),
     )
     loop = asyncio.get_running_loop()
     try:
@@ -150,11 +151,11 @@ def output_bytes(spec: ModelSpec, shapes: Sequence[tuple[int, ...]]) -> int | No
 
 def _check_output_size(
     spec: ModelSpec, limit: int, shapes: tuple[tuple[int, ...], ...], rows: int = 1
-) -> None:
+) -> int | None:
     # Refused before it runs: once applied, an output too big to send would be lost.
     size = output_bytes(spec, shapes)
     if size is None:
-        return
+        return None
     if rows > 1 and size * rows + _GROUP_ROW_OVERHEAD * rows + _MESSAGE_OVERHEAD > limit:
         raise InvalidArgument(
             f"the frame group's outputs would take {size * rows} bytes, over the server's "
@@ -166,3 +167,4 @@ def _check_output_size(
             f"the frame's outputs would take {size} bytes, over the server's message limit "
             f"of {limit} bytes (--max-message-bytes); send fewer time steps per frame"
         )
+    return size

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -34,6 +35,12 @@ log = logging.getLogger("rnnstream.models")
 
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 EndSessions = Callable[[int, str], None]  # (copy key, why): end every session on that copy
+
+
+async def _until(done: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not done():
+        await asyncio.sleep(0.01)
 
 
 class ModelRegistry:
@@ -271,14 +278,15 @@ class ModelRegistry:
             self._state_metric(copy.name, copy.version, UNAVAILABLE)
         log.info("model %s version %d freed (%s)", copy.name, copy.version, copy.retired)
 
-    def hold(self) -> None:
-        """Start no new batch (shutting down); what runs goes on."""
-        for copy in self._served.values():
-            copy.scheduler.holding = True
-
-    def quiet(self) -> bool:
-        """No batch, forecast or store write is under way."""
-        return not any(s.scheduler.busy() for s in self._served.values())
+    async def drain(self, timeout: float, finish: float | None, message: str) -> None:
+        """Wait until every queued frame is answered, or `timeout` passes; with `finish`
+        (shutting down), start no new batch, give what runs `finish` seconds, then halt."""
+        await _until(self.idle, timeout)
+        if finish is not None:
+            for copy in self._served.values():
+                copy.scheduler.holding = True
+            await _until(lambda: not any(s.scheduler.busy() for s in self._served.values()), finish)
+            await self.halt(message)
 
     async def halt(self, message: str) -> None:
         """Stop every batch loop: what runs is abandoned (its frames refused, nothing of them

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from rnnstream.server.core._budget import RingLedger
 from rnnstream.server.core._engine_settings import EngineSettings
 from rnnstream.server.core._errors import (
     FailedPrecondition,
@@ -60,6 +61,7 @@ class SessionManager:
         self.max_per_owner = max_per_owner
         self.ttl = ttl
         self.ring_size = ring_size
+        self.rings: RingLedger | None = None  # the budget's account of ring bytes
         self.evict_when_full = evict_when_full
         self.metrics = metrics
         self.accepting = True
@@ -157,6 +159,7 @@ class SessionManager:
             version=copy.version,
             instance=copy.key,
             ttl=copy.serving.session_ttl,
+            ledger=self.rings,
         )
         copy.scheduler.attach(session)
         self._register(session)
@@ -203,6 +206,7 @@ class SessionManager:
             version=copy.version,
             instance=copy.key,
             ttl=copy.serving.session_ttl,
+            ledger=self.rings,
         )
         copy.scheduler.attach(session)
         copy.scheduler.write_state(session, record.states)

@@ -38,7 +38,7 @@ class Stepper:
         ]
         self._current = list(first)
         self._collected: list[Arrays] = [[] for _ in spec.outputs]
-        self._last: Arrays = []
+        self._final: Arrays = []
 
     def advance(self, seconds: float) -> bool:
         """Run steps for about `seconds` (one at least); True once every step has run."""
@@ -55,14 +55,14 @@ class Stepper:
             for st, array in zip(spec.states, self._states, strict=True):
                 feeds[st.input_name] = array
             outputs, self._states = self._model.run(feeds)
-            self._last = [
+            self._final = [
                 np.take(out, 0, axis=o.batch_axis)
                 for out, o in zip(outputs, spec.outputs, strict=True)
             ]
-            for bucket, frame in zip(self._collected, self._last, strict=True):
+            for bucket, frame in zip(self._collected, self._final, strict=True):
                 bucket.append(frame)
             for i, o in spec.feedback:
-                self._current[i] = last_step(spec.outputs[o], self._last[o])
+                self._current[i] = last_step(spec.outputs[o], self._final[o])
             self._done = step
             if time.perf_counter() >= until:
                 break
@@ -80,7 +80,7 @@ class Stepper:
             np.take(s, 0, axis=st.batch_axis)
             for s, st in zip(self._states, spec.states, strict=True)
         ]
-        return Rollout(joined, final, self._last)
+        return Rollout(joined, final, self._final)
 
 
 class RolloutQueue:

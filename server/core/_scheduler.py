@@ -65,13 +65,14 @@ class ModelScheduler:
         busy_poll_seconds: float = 0.0,
         gather_seconds: float = 0.0,
         store: StateStore | None = None,
+        max_batch_bytes: int = 0,
     ) -> None:
         self.model = model
         self.spec = model.spec
         self.pool = StatePool(self.spec.states)
         self.counters = ModelCounters(self.spec.name, metrics)
         self.stats = self.counters.stats
-        self.ready = ReadyQueue(max_batch_size)
+        self.ready = ReadyQueue(max_batch_size, max_batch_bytes)
         self.runner = BatchRunner(model, self.pool, executor, inline_run_seconds)
         self.rollouts = RolloutQueue(executor, self.ready.wake)
         self.persistence = Persistence(store, self.spec, self.pool)

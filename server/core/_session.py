@@ -9,16 +9,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from rnnstream.server.core._budget import RingLedger
 from rnnstream.server.core._errors import FailedPrecondition, RnnstreamError
 from rnnstream.server.core._results import (
     BlockOutputs,
     Emit,
     FrameOutput,
     Kept,
-    kept_bytes,
-    kept_index,
     kept_output,
 )
+from rnnstream.server.core._ring import OutputRing
 from rnnstream.server.core._work import (
     AUTO_INDEX,
     ControlWork,
@@ -57,6 +57,7 @@ class Session:
         "in_flight",
         "instance",
         "last_active",
+        "ledger",
         "listener",
         "model",
         "next_index",
@@ -80,6 +81,7 @@ class Session:
         version: int = 1,
         instance: int = 0,
         ttl: float = 0.0,
+        ledger: RingLedger | None = None,
     ) -> None:
         self.id = session_id
         self.model = model
@@ -95,8 +97,9 @@ class Session:
         self.frames_queued = 0
         self.in_flight = 0  # 0, FRAME or CONTROL
         self.closed = False
-        self.ring: deque[Kept] | None = None  # made on first output: idle ones stay small
+        self.ring: OutputRing | None = None  # made on first output: idle ones stay small
         self.ring_size = ring_size
+        self.ledger = ledger  # the server's account of ring bytes, which may trim the ring
         self._last: Kept | None = None  # the latest output since open or reset
         self.last_active = time.monotonic()
         # Told when the server ends the session (expired, evicted, shutdown): its stream.
@@ -153,7 +156,7 @@ class Session:
 
     def ring_bytes(self) -> int:
         """Bytes of the outputs its ring keeps (a block row counts its share of the block)."""
-        return sum(kept_bytes(kept) for kept in self.ring or ())
+        return self.ring.held if self.ring is not None else 0
 
     def runnable(self) -> bool:
         """Work waits and nothing of the session is in flight: it belongs in the ready queue."""
@@ -219,7 +222,8 @@ class Session:
     def _forgotten(self, index: int) -> FailedPrecondition:
         return FailedPrecondition(
             f"frame {index} was already applied and its output is no longer kept (the ring "
-            f"holds the last {self.ring_size}); next expected frame is {self.next_index}",
+            f"holds at most the last {self.ring_size}, within --output-ring-bytes per session and "
+            f"a share of --max-buffered-bytes); next expected frame is {self.next_index}",
             session_id=self.id,
             frame_index=index,
         )
@@ -245,11 +249,7 @@ class Session:
             session.next_index += 1
             kept = (outputs, row)
             session._last = kept
-            if session.ring_size > 0:
-                ring = session.ring
-                if ring is None:
-                    ring = session.ring = deque(maxlen=session.ring_size)
-                ring.append(kept)
+            session._keep(kept)
             session.in_flight = 0
             session.last_active = now
 
@@ -285,6 +285,9 @@ class Session:
     def close(self) -> list[FrameWork | ControlWork]:
         """Ended: returns what was still queued, for the caller to refuse."""
         self.closed = True
+        if self.ring is not None:
+            self.ring.forget()
+            self.ring = None
         return self.take_queued()
 
     def take_queued(self) -> list[FrameWork | ControlWork]:
@@ -320,18 +323,16 @@ class Session:
     # -- outputs -------------------------------------------------------------------------------
     def remember(self, result: FrameOutput) -> None:
         self._last = result
-        if self.ring_size <= 0:
-            return
-        if self.ring is None:
-            self.ring = deque(maxlen=self.ring_size)
-        self.ring.append(result)
+        self._keep(result)
+
+    def _keep(self, kept: Kept) -> None:
+        if self.ring_size > 0:
+            if self.ring is None:
+                self.ring = OutputRing(self.ring_size, self.ledger)
+            self.ring.keep(kept)
 
     def replay(self, index: int) -> FrameOutput | None:
-        for kept in reversed(self.ring or ()):
-            if kept_index(kept) == index:
-                result = kept_output(kept)
-                return FrameOutput(index, result.outputs, result.names, True, result.inputs_digest)
-        return None
+        return self.ring.find(index) if self.ring is not None else None
 
     @property
     def last(self) -> FrameOutput | None:

@@ -133,22 +133,24 @@ class FrameValidator:
         self,
         spec: ModelSpec,
         max_steps: int,
-        check_shapes: Callable[..., None] = lambda shapes, rows=1: None,
+        check_shapes: Callable[..., int | None] = lambda shapes, rows=1: None,
     ) -> None:
         self._spec = spec
         self._max_steps = max_steps
         # Further checks of a signature (the outputs' size), given the frames' shapes and how
         # many of them one answer carries.
         self._check_shapes = check_shapes
-        # signature -> (where each model input sits among the tensors, the batching key)
-        self._known: dict[Signature, tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]] = {}
+        # signature -> (where each model input sits among the tensors, the batching key, the
+        # bytes the frame holds while queued: its inputs and its expected outputs)
+        self._known: dict[Signature, tuple[tuple[int, ...], tuple[tuple[int, ...], ...], int]] = {}
 
     def validate(
         self, tensors: Sequence[NamedArray]
-    ) -> tuple[list[npt.NDArray[Any]], tuple[tuple[int, ...], ...]]:
-        """The frame's arrays in input order and its batching key (their shapes)."""
-        positions, key = self._layout(tensors)
-        return [tensors[i][1] for i in positions], key
+    ) -> tuple[list[npt.NDArray[Any]], tuple[tuple[int, ...], ...], int]:
+        """The frame's arrays in input order, its batching key (their shapes) and the bytes it
+        holds while queued (inputs and expected outputs)."""
+        positions, key, cost = self._layout(tensors)
+        return [tensors[i][1] for i in positions], key, cost
 
     def validate_group(
         self, tensors: Sequence[NamedArray], rows: int
@@ -178,22 +180,23 @@ class FrameValidator:
                     f"{_batched_shape(tensor)}), got shape {list(array.shape)}"
                 )
             frames.append((name, array[(slice(None),) * axis + (0,)]))
-        positions, key = self._layout(frames)
+        positions, key, _ = self._layout(frames)
         self._check_shapes(key, rows)  # the answer carries every row's outputs
         return [tensors[i][1] for i in positions], key
 
     def _layout(
         self, tensors: Sequence[NamedArray]
-    ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
-        """Where each model input sits among `tensors`, and the batching key."""
+    ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], int]:
+        """Where each model input sits among `tensors`, the batching key, and the bytes the
+        frame holds while queued (its inputs and its expected outputs)."""
         signature = tuple((name, array.dtype, array.shape) for name, array in tensors)
         known = self._known.get(signature)
         if known is None:
             arrays = _check_layout(self._spec, tensors, self._max_steps)
             key = tuple(a.shape for a in arrays)
-            self._check_shapes(key)
+            cost = (self._check_shapes(key) or 0) + sum(a.nbytes for a in arrays)
             positions = tuple(next(i for i, t in enumerate(tensors) if t[1] is a) for a in arrays)
             if len(self._known) >= 1024:  # many distinct shapes: start over, stay small
                 self._known.clear()
-            known = self._known[signature] = (positions, key)
+            known = self._known[signature] = (positions, key, cost)
         return known

@@ -103,6 +103,7 @@ class FrameWork:
     reply: FrameReply
     emit: bool = True  # False: answered with None (the outputs wait for a flush or the end)
     enqueued_at: float = field(default_factory=time.perf_counter)
+    cost: int = 0  # bytes it holds while queued: inputs and expected outputs
 
 
 class FrameBlock:

@@ -15,6 +15,7 @@ from rnnstream.server.core import (
     Ended,
     Engine,
     FrameOutput,
+    Holding,
     InvalidArgument,
     NamedArray,
     NotFound,
@@ -55,8 +56,13 @@ class StreamCall:
     ) -> None:
         self.engine = engine
         self.owner = owner
+        # What this stream holds of the memory budget: its frames in the engine, and answers
+        # its client has not taken.
+        self._budget = engine.budget
+        self.holding = Holding()
+        self.over = False  # the call has ended: answers still coming are dropped
         # Holds responses, None (the call is over) and SHUTDOWN.
-        self.outbox = Outbox(settings.max_message_bytes if pack_outputs else None)
+        self.outbox = Outbox(settings.max_message_bytes if pack_outputs else None, self._written)
         self.outstanding = 0
         self.reading = True
         self.opened: set[str] = set()
@@ -87,7 +93,7 @@ class StreamCall:
                 else:
                     response = respond(f.result())
                     if response is not None:
-                        self.outbox.put_nowait(response)
+                        self._put(response, response.ByteSize())  # controls: rare, maybe big
             self.finish_if_done()
 
         future.add_done_callback(done)
@@ -102,7 +108,12 @@ class StreamCall:
         self.outbox.put_nowait(pb.StreamResponse(ended=ended(result)))
 
     def detach(self) -> None:
-        """The call is over: stop routing server-side session ends to it."""
+        """The call is over: stop routing server-side session ends to it, and give back what
+        its unsent answers held."""
+        self.over = True
+        held = self.outbox.drop_all()
+        if held:
+            self._budget.give(self.owner, held, self.holding)
         for session_id in self.opened:
             try:
                 self.engine.detach(self.owner, session_id, self.notify_ended)
@@ -130,6 +141,10 @@ class StreamCall:
                     await self.engine.wait_for_space(self.owner, session_id)
                 if self.outbox.qsize() >= self._pending_limit:
                     await self.outbox.wait_for_room(self._pending_limit)
+                if not self._budget.has_room(self.owner, self.holding):
+                    # The server, this principal or this stream holds its share of the memory
+                    # budget (answers its client has not taken): read on once it is free.
+                    await self._budget.wait_for_room(self.owner, self.holding)
         finally:
             self.reading = False
             self.finish_if_done()
@@ -208,7 +223,9 @@ class StreamCall:
             self.engine.refuse(self.owner, session_id, as_rnnstream_error(exc))
             raise
         reply = _FrameReply(self, session_id, frame.frame_index)
-        full = self.engine.submit(self.owner, session_id, frame.frame_index, arrays, reply)
+        full = self.engine.submit(
+            self.owner, session_id, frame.frame_index, arrays, reply, self.holding
+        )
         self.outstanding += 1
         return [session_id] if full else []
 
@@ -247,12 +264,23 @@ class StreamCall:
     def count_bytes_out(self, count: int) -> None:
         self._bytes_out.value += count
 
-    def answer(self, response: pb.StreamResponse | None) -> None:
-        """A frame's answer, called by the scheduler as soon as the frame is done."""
+    def answer(self, response: pb.StreamResponse | None, nbytes: int = 0) -> None:
+        """A frame's answer, called by the scheduler as soon as the frame is done: its
+        `nbytes` are held until the writer has sent it."""
         self.outstanding -= 1
         if response is not None:
-            self.outbox.put_nowait(response)
+            self._put(response, nbytes)
         self.finish_if_done()
+
+    def _put(self, response: pb.StreamResponse, nbytes: int) -> None:
+        if self.over:  # nobody will write it
+            return
+        if nbytes:
+            self._budget.take(self.owner, nbytes, self.holding)
+        self.outbox.put_nowait(response, nbytes)
+
+    def _written(self, nbytes: int) -> None:
+        self._budget.give(self.owner, nbytes, self.holding)
 
     async def _open(self, request: pb.OpenSession) -> None:
         try:
@@ -300,6 +328,7 @@ class _FrameReply:
         if result is None:  # an emit-last session: answered by flush or end, not frame by frame
             call.answer(None)
             return
+        nbytes = 0
         try:
             response = pb.StreamResponse()
             output = response.output
@@ -309,10 +338,11 @@ class _FrameReply:
                 output.restored = True
             for array, name in zip(result.outputs, result.names, strict=True):
                 encode_into(output.outputs.add(), array, name)
-                call.count_bytes_out(array.nbytes)
+                nbytes += array.nbytes
+            call.count_bytes_out(nbytes)
         except Exception as exc:  # never let one answer break the scheduler's turn
             response = stream_error(as_rnnstream_error(exc), self._session_id, self._index)
-        call.answer(response)
+        call.answer(response, nbytes)
 
     def set_exception(self, exception: BaseException) -> None:
         self._done = True

@@ -20,6 +20,7 @@ from rnnstream.server._settings import Settings
 from rnnstream.server.core import (
     Engine,
     FrameOutput,
+    Holding,
     InvalidArgument,
     ModelInfo,
     Unavailable,
@@ -82,23 +83,30 @@ class OipServicer(ModelRpcs):
 
     # -- inference ---------------------------------------------------------------------------
     async def submit(
-        self, request: oip.ModelInferRequest, owner: str
+        self, request: oip.ModelInferRequest, owner: str, holding: Holding | None = None
     ) -> tuple[str, asyncio.Future[oip.ModelInferResponse]]:
-        """Check and queue a request now; the future resolves with its response."""
+        """Check and queue a request now; the future resolves with its response. A stream
+        passes its `holding` (see MemoryBudget); without one a request over budget is refused."""
         controls = controls_of(request)
         sid = controls.session_id
         engine = self._engine
         version = parse_version(request.model_version)
         if not sid:
-            return "", self._queue(request, owner, engine.model(request.model_name, version), "")
+            model = engine.model(request.model_name, version)
+            return "", self._queue(request, owner, model, "", holding)
         model = await enter(engine, owner, request.model_name, version, controls)
         try:
-            return sid, self._queue(request, owner, model, sid)
+            return sid, self._queue(request, owner, model, sid, holding)
         finally:
             leave(engine, owner, controls)
 
     def _queue(
-        self, request: oip.ModelInferRequest, owner: str, model: ModelInfo, sid: str
+        self,
+        request: oip.ModelInferRequest,
+        owner: str,
+        model: ModelInfo,
+        sid: str,
+        holding: Holding | None,
     ) -> asyncio.Future[oip.ModelInferResponse]:
         spec = model.spec
         requested = [o.name for o in request.outputs]
@@ -119,8 +127,7 @@ class OipServicer(ModelRpcs):
 
         engine = self._engine
         if not sid:
-            version = model.version
-            frames = [engine.infer(owner, "", spec.name, None, i, version) for i in items]
+            frames = engine.infer_batch(owner, spec.name, items, model.version, holding)
             return chain(asyncio.gather(*frames), respond)
         if len(items) != 1:
             raise InvalidArgument(
@@ -128,7 +135,7 @@ class OipServicer(ModelRpcs):
                 f"got {len(items)}",
                 session_id=sid,
             )
-        frame = engine.infer(owner, sid, spec.name, None, items[0])
+        frame = engine.infer(owner, sid, spec.name, None, items[0], holding=holding)
         return chain(frame, lambda result: respond([result]))
 
     @unary
@@ -143,11 +150,10 @@ class OipServicer(ModelRpcs):
     async def ModelStreamInfer(
         self, requests: AsyncIterator[oip.ModelInferRequest | BadRequest], context: Context
     ) -> AsyncIterator[oip.ModelStreamInferResponse]:
-        stream = Stream(self._settings.max_pending_frames)
+        owner = call_principal()
+        stream = Stream(self._settings.max_pending_frames, self._engine.budget, owner)
         self.streams.add(stream)
-        reader = asyncio.get_running_loop().create_task(
-            self._read(requests, stream, call_principal())
-        )
+        reader = asyncio.get_running_loop().create_task(self._read(requests, stream, owner))
         try:
             while (response := await stream.outbox.get()) is not None:
                 if response is SHUTDOWN:  # after every answer owed: the call ends
@@ -157,6 +163,7 @@ class OipServicer(ModelRpcs):
                 stream.outbox.wrote()
         finally:
             self.streams.discard(stream)
+            stream.close()
             reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
 
@@ -185,8 +192,11 @@ class OipServicer(ModelRpcs):
                     stream.answer("", error_response(None, InvalidArgument(request.message)))
                     continue
                 await keep_pace(self._engine, owner, oip_frames(request))
+                budget = self._engine.budget
+                if not budget.has_room(owner, stream.holding):  # its client takes no answers
+                    await budget.wait_for_room(owner, stream.holding)
                 try:
-                    session_id, future = await self.submit(request, owner)
+                    session_id, future = await self.submit(request, owner, stream.holding)
                 except Exception as exc:
                     stream.answer(sequence_key(request), error_response(request, exc))
                     continue

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rnnstream.proto.inference import grpc_service_pb2 as oip
+from rnnstream.server.core import Holding, MemoryBudget
 from rnnstream.server.transport.grpc._outbox import Outbox
 from rnnstream.server.transport.grpc._status import as_rnnstream_error, clipped
 
@@ -47,8 +48,16 @@ def chain(
 class Stream:
     """One ModelStreamInfer call: responses to write, and the requests still being worked on."""
 
-    def __init__(self, max_unsent: int = READ_AHEAD) -> None:
-        self.outbox = Outbox()  # responses, then None when the call is over
+    def __init__(
+        self, max_unsent: int = READ_AHEAD, budget: MemoryBudget | None = None, owner: str = ""
+    ) -> None:
+        # What it holds of the memory budget: its requests in the engine, and answers its
+        # client has not taken.
+        self.holding = Holding()
+        self._budget = budget
+        self._owner = owner
+        self.over = False  # the call has ended: answers still coming are dropped
+        self.outbox = Outbox(None, self._written)  # responses, then None when the call is over
         self.outstanding = 0
         self.reading = True
         self.room = asyncio.Event()
@@ -66,13 +75,17 @@ class Stream:
         self._hold(session_id, future)
 
         def done(f: asyncio.Future[oip.ModelInferResponse]) -> None:
-            if not f.cancelled():
+            if not f.cancelled() and not self.over:
                 error = f.exception()
-                self.outbox.put_nowait(
-                    error_response(request, error)
-                    if error
-                    else oip.ModelStreamInferResponse(infer_response=f.result())
-                )
+                if error:
+                    self.outbox.put_nowait(error_response(request, error))
+                else:
+                    answer = f.result()
+                    held = sum(len(raw) for raw in answer.raw_output_contents)
+                    if held and self._budget is not None:
+                        self._budget.take(self._owner, held, self.holding)
+                    response = oip.ModelStreamInferResponse(infer_response=answer)
+                    self.outbox.put_nowait(response, held)
             self._release(session_id, f)
 
         future.add_done_callback(done)
@@ -105,6 +118,15 @@ class Stream:
         if self.outstanding < READ_AHEAD:
             self.room.set()
         self.finish_if_done()
+
+    def _written(self, nbytes: int) -> None:
+        if self._budget is not None:
+            self._budget.give(self._owner, nbytes, self.holding)
+
+    def close(self) -> None:
+        """The call is over: give back what its unsent answers held."""
+        self.over = True
+        self._written(self.outbox.drop_all())
 
     def shutdown(self, message: str) -> None:
         self.shutdown_message = message

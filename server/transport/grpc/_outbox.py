@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 
@@ -23,19 +24,37 @@ class Outbox:
     lone output goes out alone, at once.
     """
 
-    def __init__(self, pack_limit_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        pack_limit_bytes: int | None = None,
+        on_written: Callable[[int], None] | None = None,
+    ) -> None:
         self._items: deque[object] = deque()
+        # The bytes each item holds (of the memory budget) until the writer has sent it, and
+        # who hears they are free: put_nowait's charge, given back by wrote().
+        self._charges: deque[int] = deque()
+        self._taken = 0
+        self._on_written = on_written
         self._waiter: asyncio.Future[None] | None = None  # the writer, waiting for an item
         self._room_waiter: asyncio.Future[None] | None = None  # the reader, waiting for room
         self._pack_limit = pack_limit_bytes
         if pack_limit_bytes is not None:
             self._pack_limit = pack_limit_bytes - _PACKING_OVERHEAD
 
-    def put_nowait(self, item: object) -> None:
+    def put_nowait(self, item: object, charge: int = 0) -> None:
         self._items.append(item)
+        self._charges.append(charge)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def drop_all(self) -> int:
+        """The call is over: forget what waits; returns the bytes it held."""
+        held = self._taken + sum(self._charges)
+        self._items.clear()
+        self._charges.clear()
+        self._taken = 0
+        return held
 
     def qsize(self) -> int:
         return len(self._items)
@@ -44,7 +63,11 @@ class Outbox:
         return not self._items
 
     def wrote(self) -> None:
-        """The writer sent what it took: a reader waiting for room may go on."""
+        """The writer sent what it took: its bytes are free, and a reader waiting for room may
+        go on."""
+        if self._taken and self._on_written is not None:
+            self._on_written(self._taken)
+        self._taken = 0
         waiter = self._room_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -73,6 +96,7 @@ class Outbox:
         """The next item, frame outputs queued behind it packed in where allowed (IndexError if
         there is none)."""
         item = self._items.popleft()
+        self._taken += self._charges.popleft()
         if self._pack_limit is None or not self._items or not _is_output(item):
             return item
         if not _is_output(self._items[0]):
@@ -88,6 +112,7 @@ class Outbox:
             if size > self._pack_limit:
                 break
             self._items.popleft()
+            self._taken += self._charges.popleft()
             outputs.append(head.output)
         return packed
 

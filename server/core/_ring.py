@@ -1,0 +1,63 @@
+"""A session's output ring: the outputs it keeps to answer resent frames, within a count and
+the byte limits of the server's ledger (which may drop the oldest, here or in other rings)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from rnnstream.server.core._budget import RingLedger
+from rnnstream.server.core._results import FrameOutput, Kept, kept_bytes, kept_index, kept_output
+
+__all__ = ["OutputRing"]
+
+
+class OutputRing:
+    """At most `size` outputs, oldest first; `held` counts their bytes for the ledger."""
+
+    __slots__ = ("_entries", "_ledger", "held", "size")
+
+    def __init__(self, size: int, ledger: RingLedger | None) -> None:
+        self._entries: deque[Kept] = deque()
+        self._ledger = ledger
+        self.size = size
+        self.held = 0
+
+    def keep(self, kept: Kept) -> None:
+        self._entries.append(kept)
+        size = kept_bytes(kept)
+        self.held += size
+        if len(self._entries) > self.size:
+            self.drop_oldest_output()
+        if self._ledger is not None:  # it may trim this ring (or others) to their byte limits
+            self._ledger.appended(self, size)
+
+    def ring_bytes(self) -> int:
+        return self.held
+
+    def ring_entries(self) -> int:
+        return len(self._entries)
+
+    def drop_oldest_output(self) -> bool:
+        """Forget the oldest output kept; False when none is."""
+        if not self._entries:
+            return False
+        size = kept_bytes(self._entries.popleft())
+        self.held -= size
+        if self._ledger is not None:
+            self._ledger.dropped(self, size)
+        return True
+
+    def find(self, index: int) -> FrameOutput | None:
+        """Frame `index`'s output, marked as replayed, if it is still kept."""
+        for kept in reversed(self._entries):
+            if kept_index(kept) == index:
+                result = kept_output(kept)
+                return FrameOutput(index, result.outputs, result.names, True, result.inputs_digest)
+        return None
+
+    def forget(self) -> None:
+        """Its session ended: everything kept goes."""
+        if self._ledger is not None:
+            self._ledger.forget(self)
+        self._entries.clear()
+        self.held = 0
