@@ -15,7 +15,7 @@ from rnnstream._version import __version__
 
 if TYPE_CHECKING:
     from rnnstream._aio import AsyncClient
-    from rnnstream._errors import FrameGroupError, RnnstreamError, SessionLost
+    from rnnstream._errors import FrameGroupError, OpenManyError, RnnstreamError, SessionLost
     from rnnstream._frames import FrameInput, Outputs
     from rnnstream._info import (
         ModelInfo,
@@ -38,6 +38,7 @@ __all__ = [
     "FrameInput",
     "ModelInfo",
     "ModelVersion",
+    "OpenManyError",
     "Outputs",
     "RetryPolicy",
     "RnnstreamError",
@@ -56,6 +57,7 @@ _HOMES = {
     "AsyncSession": "rnnstream._session",
     "Client": "rnnstream._sync",
     "FrameGroupError": "rnnstream._errors",
+    "OpenManyError": "rnnstream._errors",
     "FrameInput": "rnnstream._frames",
     "ModelInfo": "rnnstream._info",
     "ModelVersion": "rnnstream._info",

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from rnnstream._errors import RnnstreamError, SessionLost
+from rnnstream._errors import OpenManyError, RnnstreamError, SessionLost
 from rnnstream._frames import EMIT, FrameInput, Outputs, decode_outputs, encode_frame
 from rnnstream._group import step_many
 from rnnstream._info import (
@@ -217,6 +217,44 @@ class AsyncClient:
         frames fail, the others are applied all the same, and FrameGroupError holds both the
         outputs and the errors."""
         return await step_many(frames)
+
+    async def open_many(
+        self,
+        model: str,
+        count: int = 0,
+        session_ids: Sequence[str] = (),
+        emit: str = "every",
+        *,
+        resume: bool = False,
+    ) -> list[AsyncSession]:
+        """Open (or resume) many sessions on `model` in one message each way: `count` new ones
+        with ids the server makes, or one per id in `session_ids`. All go on this client's
+        stream. Refusals raise OpenManyError, which holds the sessions that did open."""
+        if emit not in EMIT:
+            raise ValueError(f"emit must be one of {sorted(EMIT)}, not {emit!r}")
+        if count and session_ids:
+            raise ValueError("give count or session_ids, not both")
+        info = await self.get_model(model)
+        ids = list(session_ids) or [""] * count
+        mux = self._stream("")
+        request = pb.OpenSessions(
+            sessions=[
+                pb.OpenSession(model=model, session_id=i, resume=resume, emit=EMIT[emit])
+                for i in ids
+            ]
+        )
+        answer = await mux.open_many(request)
+        sessions: list[AsyncSession] = []
+        errors: dict[int, RnnstreamError] = {}
+        for position, result in enumerate(answer.results):
+            if result.HasField("opened"):
+                sessions.append(AsyncSession(mux, info, result.opened, emit))
+            else:
+                e = result.error
+                errors[position] = RnnstreamError.from_number(e.code, e.message, e.session_id)
+        if errors:
+            raise OpenManyError(sessions, errors)
+        return sessions
 
     async def infer(
         self,

@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 
-__all__ = ["FrameGroupError", "RnnstreamError", "SessionLost"]
+__all__ = ["FrameGroupError", "OpenManyError", "RnnstreamError", "SessionLost"]
 
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -58,4 +58,21 @@ class FrameGroupError(RnnstreamError):
             frame_index=first.frame_index,
         )
         self.outputs = outputs
+        self.errors = errors
+
+
+class OpenManyError(RnnstreamError):
+    """Some sessions of an `open_many` were refused; the others are open. `sessions` holds the
+    opened ones and `errors` each refused one's error by its position in the request (the
+    first one's code and message are this error's)."""
+
+    def __init__(self, sessions: list[Any], errors: dict[int, RnnstreamError]) -> None:
+        first = errors[min(errors)]
+        total = len(sessions) + len(errors)
+        super().__init__(
+            first.code,
+            f"{len(errors)} of {total} sessions were refused; the first: {first.message}",
+            session_id=first.session_id,
+        )
+        self.sessions = sessions
         self.errors = errors

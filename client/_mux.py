@@ -119,6 +119,7 @@ class StreamMux:
         self.pack_frames = pack_frames
         self._outgoing: list[Queued] = []  # frames queued this turn, written together
         self._groups: dict[int, GroupCall] = {}  # FrameGroups on the wire, by request id
+        self._opens: dict[int, asyncio.Future[pb.SessionsOpened]] = {}  # OpenSessions, likewise
         self._request_ids = itertools.count(1)
         self.groups_sent = 0  # FrameGroup messages written
         self._closing = False
@@ -198,6 +199,18 @@ class StreamMux:
             finally:
                 self._opening = None
 
+    async def open_many(self, request: pb.OpenSessions) -> pb.SessionsOpened:
+        """Many opens in one message; its answer has one result per session, in order."""
+        request.request_id = next(self._request_ids)
+        answer: asyncio.Future[pb.SessionsOpened] = asyncio.get_running_loop().create_future()
+        try:
+            await self.send(pb.StreamRequest(open_many=request))
+            # Waited for from here: no answer can be read between the write and this line.
+            self._opens[request.request_id] = answer
+            return await answer
+        finally:
+            self._opens.pop(request.request_id, None)
+
     # -- the connection loop -------------------------------------------------------------
     async def _run(self) -> None:
         attempt = 0
@@ -260,6 +273,7 @@ class StreamMux:
             # are resent below, one by one.
             self._outgoing.clear()
             self._groups.clear()
+            self._fail_opens(RnnstreamError(grpc.StatusCode.UNAVAILABLE, "stream reconnected"))
             for session_id, session in list(self._sessions.items()):
                 self._resuming.add(session_id)
                 await call.write(pb.StreamRequest(open=session.resume_request()))
@@ -271,9 +285,17 @@ class StreamMux:
         if self._call is not None:
             self._call.cancel()
 
+    def _fail_opens(self, error: RnnstreamError) -> None:
+        """OpenSessions whose answer the broken stream took with it: whether they opened is
+        unknown (new sessions the server made are never used and expire)."""
+        for answer in self._opens.values():
+            if not answer.done():
+                answer.set_exception(error)
+
     def _fail(self, error: RnnstreamError) -> None:
         self.failure = error
         self._connected.set()  # wake senders so they see the failure
+        self._fail_opens(error)
         if self._opening is not None and not self._opening.done():
             self._opening.set_exception(error)
         for session in list(self._sessions.values()):
@@ -296,6 +318,10 @@ class StreamMux:
                 self._recovering.discard(opened.session_id)
             elif self._opening is not None and not self._opening.done():
                 self._opening.set_result(opened)
+        elif kind == "opened_many":
+            answer = self._opens.get(response.opened_many.request_id)
+            if answer is not None and not answer.done():
+                answer.set_result(response.opened_many)
         elif kind == "error":
             self._route_error(response.error)
         elif kind == "reset":

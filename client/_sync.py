@@ -232,6 +232,19 @@ class Client:
             ) from None
         return {by_inner[s]: outputs for s, outputs in answered.items()}
 
+    def open_many(
+        self,
+        model: str,
+        count: int = 0,
+        session_ids: Sequence[str] = (),
+        emit: str = "every",
+        *,
+        resume: bool = False,
+    ) -> list[Session]:
+        """See AsyncClient.open_many (OpenManyError's sessions are AsyncSessions)."""
+        opening = self._inner.open_many(model, count, session_ids, emit, resume=resume)
+        return [Session(self._runner, s) for s in self._runner.run(opening)]
+
     def infer(
         self,
         model: str,

@@ -12,7 +12,7 @@ import grpc
 
 from rnnstream._aio import AsyncClient
 from rnnstream._connection import diagnose
-from rnnstream._errors import RnnstreamError
+from rnnstream._errors import OpenManyError, RnnstreamError
 from rnnstream._session import AsyncSession
 from rnnstream.loadtest._driver import RunClock, SessionDriver, clock
 from rnnstream.loadtest._frames import FrameSource, SessionFrames
@@ -90,21 +90,39 @@ def _client_of(k: int, clients: int, per_message: int) -> int:
     return (k // per_message) % clients
 
 
+_OPEN_CHUNK = 256  # sessions opened per OpenSessions message
+
+
 async def _open_sessions(
     clients: list[AsyncClient], model: str, count: int, stats: WorkerStats, per_message: int
 ) -> list[tuple[int, AsyncSession]]:
-    async def open_one(k: int) -> tuple[int, AsyncSession] | None:
-        started = clock()
-        try:
-            session = await clients[_client_of(k, len(clients), per_message)].open(model)
-        except RnnstreamError as exc:
-            stats.sessions_failed[exc.code.name] += 1
-            return None
-        stats.opened(clock() - started)
-        return k, session
+    """Each client opens its sessions, many per message; each session's open latency is its
+    message's."""
+    mine: dict[int, list[int]] = {}
+    for k in range(count):
+        mine.setdefault(_client_of(k, len(clients), per_message), []).append(k)
 
-    opened = await asyncio.gather(*(open_one(k) for k in range(count)))
-    return [entry for entry in opened if entry is not None]
+    async def open_on(client: AsyncClient, numbers: list[int]) -> list[tuple[int, AsyncSession]]:
+        opened: list[tuple[int, AsyncSession]] = []
+        for start in range(0, len(numbers), _OPEN_CHUNK):
+            chunk = numbers[start : start + _OPEN_CHUNK]
+            started = clock()
+            try:
+                sessions = await client.open_many(model, len(chunk))
+            except OpenManyError as exc:
+                sessions = exc.sessions
+                for error in exc.errors.values():
+                    stats.sessions_failed[error.code.name] += 1
+            except RnnstreamError as exc:
+                stats.sessions_failed[exc.code.name] += len(chunk)
+                continue
+            for _ in sessions:
+                stats.opened(clock() - started)
+            opened += zip(chunk, sessions, strict=False)
+        return opened
+
+    found = await asyncio.gather(*(open_on(clients[c], ks) for c, ks in mine.items()))
+    return sorted((entry for entries in found for entry in entries), key=lambda e: e[0])
 
 
 async def _start_time(link: Link) -> float:

@@ -7,14 +7,13 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from rnnstream.proto.tensor_codec import decode, encode_into
+from rnnstream.proto.tensor_codec import decode
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.server._metrics import Metrics
 from rnnstream.server._settings import Settings
 from rnnstream.server.core import (
     Ended,
     Engine,
-    FrameOutput,
     Holding,
     InvalidArgument,
     NamedArray,
@@ -29,6 +28,7 @@ from rnnstream.server.transport.grpc._native_messages import (
     forecasted,
     opened,
 )
+from rnnstream.server.transport.grpc._native_reply import FrameReply
 from rnnstream.server.transport.grpc._outbox import Outbox
 from rnnstream.server.transport.grpc._rate import keep_pace, stream_frames
 from rnnstream.server.transport.grpc._status import BadRequest, as_rnnstream_error, stream_error
@@ -135,6 +135,9 @@ class StreamCall:
                     # and the frames behind it need the session in place.
                     await self._open(request.open)
                     continue
+                if isinstance(request, pb.StreamRequest) and request.HasField("open_many"):
+                    await self._open_many(request.open_many)
+                    continue
                 await keep_pace(self.engine, self.owner, stream_frames(request, self._max_steps))
                 for session_id in self.dispatch(request):
                     # Stop reading while this session's queue is full: flow control pushes back.
@@ -222,7 +225,7 @@ class StreamCall:
             # Undecodable tensors never reach the engine, which counts every other frame.
             self.engine.refuse(self.owner, session_id, as_rnnstream_error(exc))
             raise
-        reply = _FrameReply(self, session_id, frame.frame_index)
+        reply = FrameReply(self, session_id, frame.frame_index)
         full = self.engine.submit(
             self.owner, session_id, frame.frame_index, arrays, reply, self.holding
         )
@@ -288,7 +291,20 @@ class StreamCall:
         except Exception as exc:
             self.outbox.put_nowait(stream_error(exc, request.session_id))
 
-    async def _open_or_raise(self, request: pb.OpenSession) -> None:
+    async def _open_many(self, request: pb.OpenSessions) -> None:
+        """Each session as its own open would be, one answer for all."""
+        answer = pb.StreamResponse()
+        many = answer.opened_many
+        many.request_id = request.request_id
+        for entry in request.sessions:
+            result = many.results.add()
+            try:
+                result.opened.CopyFrom(await self._open_or_raise(entry, reply=False))
+            except Exception as exc:
+                result.error.CopyFrom(stream_error(exc, entry.session_id).error)
+        self.outbox.put_nowait(answer)
+
+    async def _open_or_raise(self, request: pb.OpenSession, reply: bool = True) -> pb.SessionOpened:
         cap = self._max_sessions
         if request.session_id not in self.opened and len(self.opened) >= cap:
             raise ResourceExhausted(
@@ -305,46 +321,7 @@ class StreamCall:
             version=request.model_version or None,
         )
         self.opened.add(result.session_id)
-        self.outbox.put_nowait(pb.StreamResponse(opened=opened(result)))
-
-
-class _FrameReply:
-    """Answers one frame of a stream from within the scheduler's turn (a FrameReply)."""
-
-    __slots__ = ("_call", "_done", "_index", "_session_id")
-
-    def __init__(self, call: StreamCall, session_id: str, index: int) -> None:
-        self._call = call
-        self._session_id = session_id
-        self._index = index
-        self._done = False
-
-    def done(self) -> bool:
-        return self._done
-
-    def set_result(self, result: FrameOutput | None) -> None:
-        self._done = True
-        call = self._call
-        if result is None:  # an emit-last session: answered by flush or end, not frame by frame
-            call.answer(None)
-            return
-        nbytes = 0
-        try:
-            response = pb.StreamResponse()
-            output = response.output
-            output.session_id = self._session_id
-            output.frame_index = result.index
-            if result.restored:
-                output.restored = True
-            for array, name in zip(result.outputs, result.names, strict=True):
-                encode_into(output.outputs.add(), array, name)
-                nbytes += array.nbytes
-            call.count_bytes_out(nbytes)
-        except Exception as exc:  # never let one answer break the scheduler's turn
-            response = stream_error(as_rnnstream_error(exc), self._session_id, self._index)
-        call.answer(response, nbytes)
-
-    def set_exception(self, exception: BaseException) -> None:
-        self._done = True
-        classified = as_rnnstream_error(exception)  # logs an internal error once
-        self._call.answer(stream_error(classified, self._session_id, self._index))
+        message = opened(result)
+        if reply:
+            self.outbox.put_nowait(pb.StreamResponse(opened=message))
+        return message

@@ -145,6 +145,7 @@ class StreamRequest(_message.Message):
     FLUSH_FIELD_NUMBER: _builtins.int
     FORECAST_FIELD_NUMBER: _builtins.int
     FRAME_GROUP_FIELD_NUMBER: _builtins.int
+    OPEN_MANY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___OpenSession: ...
     @_builtins.property
@@ -161,6 +162,10 @@ class StreamRequest(_message.Message):
     def frame_group(self) -> Global___FrameGroup:
         """One frame for each of many sessions, answered by one `group_outputs`."""
 
+    @_builtins.property
+    def open_many(self) -> Global___OpenSessions:
+        """Many sessions opened or resumed, answered by one `opened_many`."""
+
     def __init__(
         self,
         *,
@@ -171,12 +176,13 @@ class StreamRequest(_message.Message):
         flush: Global___FlushSession | None = ...,
         forecast: Global___ForecastRequest | None = ...,
         frame_group: Global___FrameGroup | None = ...,
+        open_many: Global___OpenSessions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "flush", b"flush", "forecast", b"forecast", "frame", b"frame", "frame_group", b"frame_group", "kind", b"kind", "open", b"open", "reset", b"reset"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "flush", b"flush", "forecast", b"forecast", "frame", b"frame", "frame_group", b"frame_group", "kind", b"kind", "open", b"open", "open_many", b"open_many", "reset", b"reset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "flush", b"flush", "forecast", b"forecast", "frame", b"frame", "frame_group", b"frame_group", "kind", b"kind", "open", b"open", "reset", b"reset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "flush", b"flush", "forecast", b"forecast", "frame", b"frame", "frame_group", b"frame_group", "kind", b"kind", "open", b"open", "open_many", b"open_many", "reset", b"reset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "frame", "reset", "end", "flush", "forecast", "frame_group"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "frame", "reset", "end", "flush", "forecast", "frame_group", "open_many"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -196,6 +202,7 @@ class StreamResponse(_message.Message):
     FORECAST_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     GROUP_OUTPUTS_FIELD_NUMBER: _builtins.int
+    OPENED_MANY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def opened(self) -> Global___SessionOpened: ...
     @_builtins.property
@@ -222,6 +229,10 @@ class StreamResponse(_message.Message):
     def group_outputs(self) -> Global___GroupOutputs:
         """The answer to a FrameGroup."""
 
+    @_builtins.property
+    def opened_many(self) -> Global___SessionsOpened:
+        """The answer to an OpenSessions."""
+
     def __init__(
         self,
         *,
@@ -235,12 +246,13 @@ class StreamResponse(_message.Message):
         forecast: Global___ForecastResponse | None = ...,
         outputs: Global___FrameOutputs | None = ...,
         group_outputs: Global___GroupOutputs | None = ...,
+        opened_many: Global___SessionsOpened | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "flushed", b"flushed", "forecast", b"forecast", "group_outputs", b"group_outputs", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "outputs", b"outputs", "reset", b"reset"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "flushed", b"flushed", "forecast", b"forecast", "group_outputs", b"group_outputs", "kind", b"kind", "notice", b"notice", "opened", b"opened", "opened_many", b"opened_many", "output", b"output", "outputs", b"outputs", "reset", b"reset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "flushed", b"flushed", "forecast", b"forecast", "group_outputs", b"group_outputs", "kind", b"kind", "notice", b"notice", "opened", b"opened", "output", b"output", "outputs", b"outputs", "reset", b"reset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "flushed", b"flushed", "forecast", b"forecast", "group_outputs", b"group_outputs", "kind", b"kind", "notice", b"notice", "opened", b"opened", "opened_many", b"opened_many", "output", b"output", "outputs", b"outputs", "reset", b"reset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "output", "error", "reset", "ended", "notice", "flushed", "forecast", "outputs", "group_outputs"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "output", "error", "reset", "ended", "notice", "flushed", "forecast", "outputs", "group_outputs", "opened_many"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -334,6 +346,88 @@ class OpenSession(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OpenSession: _TypeAlias = OpenSession  # noqa: Y015
+
+@_typing.final
+class OpenSessions(_message.Message):
+    """Opens or resumes many sessions in one message (a gateway that carries many pays for one message
+    instead of one per session). Each is opened as its own OpenSession would be, in order, and
+    counts against the stream's --max-sessions-per-stream like one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    """The client's number for this message, echoed in its answer."""
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpenSession]: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        sessions: _abc.Iterable[Global___OpenSession] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenSessions: _TypeAlias = OpenSessions  # noqa: Y015
+
+@_typing.final
+class SessionsOpened(_message.Message):
+    """The answer to an OpenSessions: one result per session it named, in its order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpenResult]: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        results: _abc.Iterable[Global___OpenResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionsOpened: _TypeAlias = SessionsOpened  # noqa: Y015
+
+@_typing.final
+class OpenResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPENED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def opened(self) -> Global___SessionOpened: ...
+    @_builtins.property
+    def error(self) -> Global___StreamError:
+        """Why this one was refused (the others are opened all the same)."""
+
+    def __init__(
+        self,
+        *,
+        opened: Global___SessionOpened | None = ...,
+        error: Global___StreamError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "kind", b"kind", "opened", b"opened"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "kind", b"kind", "opened", b"opened"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "error"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___OpenResult: _TypeAlias = OpenResult  # noqa: Y015
 
 @_typing.final
 class SessionOpened(_message.Message):
