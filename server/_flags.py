@@ -189,20 +189,42 @@ def settings_parser(cls: type[Any], prog: str, description: str) -> argparse.Arg
     """A flag per field of the settings dataclass `cls`, every default left to read_settings
     (so it can tell a flag from a variable from a default)."""
     parser = _Parser(prog=prog, description=description, usage="%(prog)s [options]")
-    for f in dataclasses.fields(cls):
-        rule: Rule = f.metadata.get("rule", Rule())
-        facts = [f"default: {show_default(f)}", describe(rule), f"env {env_name(f.name)}"]
-        kwargs: dict[str, Any] = {
-            "default": None,
-            "dest": f.name,
-            "help": f"{f.metadata['doc']} [{'; '.join(x for x in facts if x)}]".replace("%", "%%"),
-        }
-        if _kind(f) == "bool":
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif rule.choices:
-            kwargs["metavar"] = "{" + ",".join(rule.choices) + "}"
-        parser.add_argument(flag_name(f.name), **kwargs)
+    for title, fields in _topics(cls):
+        group = parser.add_argument_group(title)
+        for f in fields:
+            _add_flag(group, f)
     return parser
+
+
+def _topics(cls: type[Any]) -> list[tuple[str, list[dataclasses.Field[Any]]]]:
+    """The fields of `cls` grouped by the settings class declaring them, in field order; a
+    group's title is the first line of that class's docstring."""
+    declared_by: dict[str, type[Any]] = {}
+    for base in cls.__mro__:
+        for name in vars(base).get("__annotations__", {}):
+            declared_by.setdefault(name, base)
+    groups: dict[type[Any], list[dataclasses.Field[Any]]] = {}
+    for f in dataclasses.fields(cls):
+        groups.setdefault(declared_by[f.name], []).append(f)
+    return [
+        ((base.__doc__ or base.__name__).split("\n")[0].rstrip("."), fs)
+        for base, fs in groups.items()
+    ]
+
+
+def _add_flag(parser: argparse._ArgumentGroup, f: dataclasses.Field[Any]) -> None:
+    rule: Rule = f.metadata.get("rule", Rule())
+    facts = [f"default: {show_default(f)}", describe(rule), f"env {env_name(f.name)}"]
+    kwargs: dict[str, Any] = {
+        "default": None,
+        "dest": f.name,
+        "help": f"{f.metadata['doc']} [{'; '.join(x for x in facts if x)}]".replace("%", "%%"),
+    }
+    if _kind(f) == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif rule.choices:
+        kwargs["metavar"] = "{" + ",".join(rule.choices) + "}"
+    parser.add_argument(flag_name(f.name), **kwargs)
 
 
 def _refuse_unknown_variables(cls: type[Any], env: Mapping[str, str]) -> None:

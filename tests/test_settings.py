@@ -84,6 +84,7 @@ def test_every_flag_has_a_variable() -> None:
         f.name: _sample(f) for f in dataclasses.fields(Settings) if f.name != "example_models"
     }
     assert {"host", "port", "model_repository", "device", "max_batch_size"} <= set(values)
+    values["model_control_mode"] = ("explicit", "explicit")  # --load-model needs explicit mode
     examples = Settings.from_args([], env={"RNNSTREAM_EXAMPLE_MODELS": "1"}, paths=False)
     assert examples.example_models and not Settings().example_models
     env = {f"RNNSTREAM_{name.upper()}": text for name, (text, _) in values.items()}
@@ -133,6 +134,7 @@ MISSING = "/nonexistent/rnnstream"
         (["--model-repository", __file__], {}, ("--model-repository", "is not a folder")),
         (["--metrics-port", "65535", "--workers", "2"], {}, ("--metrics-port", "past port")),
         (["--bogus"], {}, ("unrecognized arguments: --bogus",)),
+        (["--load-model", "gru"], {}, ("--load-model", "with --model-control-mode explicit")),
         ([], {"RNNSTREAM_PORT": "abc"}, ("RNNSTREAM_PORT (--port): 'abc' is not an integer",)),
         ([], {"RNNSTREAM_SESSION_TTL": "soon"}, ("RNNSTREAM_SESSION_TTL", "not a number")),
         ([], {"RNNSTREAM_DEVICE": "gpu"}, ("RNNSTREAM_DEVICE (--device)", "auto, cpu, cuda")),
@@ -242,6 +244,24 @@ def test_help_lists_check_model_and_shows_defaults_as_typed() -> None:
     assert "[default: models; env RNNSTREAM_MODEL_REPOSITORY]" in text
     assert "[default: 256; at least 1; env RNNSTREAM_MAX_BATCH_SIZE]" in text
     assert "--pack-outputs, --no-pack-outputs" in text and "[default: on;" in text
+
+
+def test_help_lists_the_settings_by_topic() -> None:
+    out = _run_server("--help").stdout
+    titles = [line[:-1] for line in out.splitlines() if line and not line[0].isspace()]
+    topics = titles[titles.index("Serving: where the server listens and how its processes run") :]
+    assert [title.split(":")[0] for title in topics] == [
+        "Serving",
+        "Models",
+        "Batching",
+        "Sessions",
+        "Limits",
+        "State store",
+        "Security",
+        "Metrics and logs",
+    ]
+    serving = out[out.index(topics[0]) : out.index(topics[1])]
+    assert "--port PORT" in serving and "--max-batch-size" not in serving
 
 
 def test_version() -> None:
