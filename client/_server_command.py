@@ -21,6 +21,11 @@ def _installed(distribution: str) -> bool:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # says what is installed, with or without the extra
+        from rnnstream import __version__
+
+        print(f"rnnstream-server {__version__}")
+        return
     try:
         require("server", "the server")
     except MissingExtra as exc:

@@ -122,6 +122,13 @@ def test_without_dependencies_the_commands_say_what_to_install(bare_venv: Path) 
         "rnnstream-server: the server needs onnxruntime, grpcio-reflection, prometheus-client, "
         "starlette, uvicorn: pip install 'rnnstream[cpu]' (or 'rnnstream[cuda]' for NVIDIA GPUs)"
     ]
+    server_version = _run(
+        bin_dir / "rnnstream-server", "--version", env=_clean_env(), cwd=bare_venv
+    )
+    assert (server_version.returncode, server_version.stdout.strip()) == (
+        0,
+        f"rnnstream-server {__version__}",
+    ), server_version.stderr
 
 
 @pytest.fixture(scope="module")
