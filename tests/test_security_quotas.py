@@ -3,16 +3,20 @@ pushes out a smaller tenant to make room for a larger one."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 import grpc
 import numpy as np
 
+from rnnstream.proto.tensor_codec import decode
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
+from tests import probe
 from tests.conftest import RunningServer
 from tests.probe import held_by, session_count
-from tests.streaming import RawStream, ort_full, sequence
+from tests.streaming import RawStream, ort_full, sequence, x_tensor
 from tests.tenants import Tenant
 
 MODEL = "gru"
@@ -121,5 +125,51 @@ async def test_over_quota_evicts_only_its_own(make_server: Callable[..., Running
         assert (ended.ended.session_id, ended.ended.reason) == ("b0", "evicted")
         assert running.run(lambda: held_by(running.engine, "bob")) == 3
         await _alice_is_intact(alice, mine, ["a0"])
+    await alice.close()
+    await bob.close()
+
+
+async def test_one_principal_cannot_take_the_whole_memory_budget(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    """bob's concurrent calls stop at his share of the budget (--max-buffered-bytes-per-principal)
+    with RESOURCE_EXHAUSTED naming it, while alice's call, made when bob holds all he may, is
+    admitted and answered exactly."""
+    mib = 1024 * 1024
+    running = make_server(
+        auth_tokens=TOKENS,
+        max_buffered_bytes=64 * mib,
+        max_buffered_bytes_per_principal=8 * mib,
+        inline_run_us=0,
+    )
+    alice, bob = _tenants(running).values()
+    x = sequence(MODEL, 4096, seed=86)  # 256 KiB in, 2 MiB out: about 2.3 MiB held per call
+    request = pb.InferRequest(model=MODEL, inputs=[x_tensor(x)])
+    release = threading.Event()
+    probe.block_ort(running.engine, release)
+    try:
+        bobs = [
+            asyncio.ensure_future(bob.native.Infer(request, metadata=bob.metadata, timeout=60))
+            for _ in range(10)
+        ]
+        await asyncio.sleep(0.5)
+        held = running.run(lambda: running.engine.budget.held_by("bob"))
+        assert 6 * mib < held <= 8 * mib, held
+        alices = asyncio.ensure_future(
+            alice.native.Infer(request, metadata=alice.metadata, timeout=60)
+        )
+        await asyncio.sleep(0.2)
+        assert not alices.done(), "alice was refused while bob held his share"
+        release.set()
+        results = await asyncio.gather(*bobs, return_exceptions=True)
+        answer = await alices
+    finally:
+        release.set()
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(refused) == 7, results
+    assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    assert all("--max-buffered-bytes-per-principal" in (r.details() or "") for r in refused)
+    np.testing.assert_allclose(decode(answer.outputs[0]), ort_full(MODEL, x), atol=1e-4)
+    assert running.run(lambda: running.engine.budget.held()) == 0
     await alice.close()
     await bob.close()
