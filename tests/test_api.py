@@ -41,7 +41,9 @@ async def test_stateless_infer(server: RunningServer, model: str) -> None:
         # Stateless: a second call starts from the initial state again.
         again = await client.infer(model, x)
     assert_matches_references(model, x, first["y"])
-    np.testing.assert_array_equal(first["y"], again["y"])
+    # Not bit for bit: a batch of another size may take another ORT kernel, which rounds
+    # differently; a second call that carried state over would be off by far more.
+    np.testing.assert_allclose(first["y"], again["y"], rtol=0, atol=1e-6)
 
 
 async def test_stateless_infer_keeps_nothing(server: RunningServer) -> None:
