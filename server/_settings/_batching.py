@@ -1,4 +1,4 @@
-"""Batching settings of rnnstream-server."""
+"""How frames are gathered into batches: batch size, waits, where ORT runs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Limits settings of rnnstream-server."""
+"""The memory budget and per-principal frame rates: what one client or tenant may hold and send."""
 
 from __future__ import annotations
 

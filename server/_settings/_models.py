@@ -1,4 +1,4 @@
-"""Models settings of rnnstream-server."""
+"""Which models are served and how: repository, control mode, versions, execution provider."""
 
 from __future__ import annotations
 

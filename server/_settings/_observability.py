@@ -1,4 +1,4 @@
-"""Metrics and logs. settings of rnnstream-server."""
+"""Metrics and logs: the /metrics endpoint, per-principal series, log format."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Security settings of rnnstream-server."""
+"""Who may call: TLS, client certificates, bearer tokens, admin principals, open probes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Serving settings of rnnstream-server."""
+"""Where and how the server listens: address, ports, workers, message size, keepalive, grace."""
 
 from __future__ import annotations
 

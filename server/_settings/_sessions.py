@@ -1,4 +1,4 @@
-"""Sessions settings of rnnstream-server."""
+"""Sessions: how many (server, principal, stream), idle TTL, output rings, frame and queue sizes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""State store settings of rnnstream-server."""
+"""The state store (Redis) that lets sessions survive a replica, and spilling idle ones to it."""
 
 from __future__ import annotations
 
