@@ -115,12 +115,22 @@ class AsyncClient:
         return [model_info(message) for message in response.models]
 
     async def get_model(self, name: str, version: int = 0) -> ModelInfo:
-        """The model's newest ready version, or `version` (kept: versions do not change)."""
+        """The model's newest ready version, or `version` (kept: versions do not change; the
+        newest is asked again once a session opens on a newer one)."""
         key = (name, version)
         if key not in self._models:
             request = pb.GetModelRequest(name=name, version=version)
             self._models[key] = model_info(await self._unary(self._stub.GetModel, request))
         return self._models[key]
+
+    async def _opened_on(self, name: str, version: int) -> ModelInfo:
+        """The model version a session opened on; a newer one than the newest this client knew
+        becomes its newest (a version loaded since), so calls without a version follow it."""
+        info = await self.get_model(name, version)
+        newest = self._models.get((name, 0))
+        if newest is not None and newest.version < version:
+            self._models[(name, 0)] = info
+        return info
 
     async def get_session(self, session_id: str, principal: str = "") -> SessionInfo:
         """A session of this client's principal, or (an admin principal) of `principal`."""
@@ -204,7 +214,7 @@ class AsyncClient:
             if resume and exc.code == grpc.StatusCode.NOT_FOUND:
                 raise SessionLost(exc.code, exc.message, session_id=session_id) from None
             raise
-        info = await self.get_model(model, opened.model_version)
+        info = await self._opened_on(model, opened.model_version)
         return AsyncSession(mux, info, opened, emit)
 
     async def step_many(
@@ -234,7 +244,6 @@ class AsyncClient:
             raise ValueError(f"emit must be one of {sorted(EMIT)}, not {emit!r}")
         if count and session_ids:
             raise ValueError("give count or session_ids, not both")
-        info = await self.get_model(model)
         ids = list(session_ids) or [""] * count
         mux = self._stream("")
         request = pb.OpenSessions(
@@ -248,6 +257,7 @@ class AsyncClient:
         errors: dict[int, RnnstreamError] = {}
         for position, result in enumerate(answer.results):
             if result.HasField("opened"):
+                info = await self._opened_on(model, result.opened.model_version)
                 sessions.append(AsyncSession(mux, info, result.opened, emit))
             else:
                 e = result.error

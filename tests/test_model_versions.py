@@ -338,3 +338,24 @@ async def test_the_python_client_opens_by_version(
             assert (await client.get_session(session.id)).model_version == session.model.version
         stateless = await client.infer(MODEL, x[:1], version=1)
         np.testing.assert_allclose(stateless["y"], reference(101, x[:1]), rtol=0, atol=ATOL)
+
+
+async def test_the_python_client_follows_a_version_loaded_while_it_runs(
+    make_server: Callable[..., RunningServer], repo: Path
+) -> None:
+    """A client that knew version 1 as the newest: sessions it opens after version 2 is loaded
+    describe version 2 (open and open_many), and so does get_model without a version."""
+    server = _explicit(make_server, repo)
+    x = inputs(3, seed=14)
+    async with AsyncClient(server.target) as client:
+        assert (await client.get_model(MODEL)).version == 1
+        write_version(repo, MODEL, 2, seed=202)
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            await pb_grpc.RnnstreamStub(channel).LoadModel(pb.LoadModelRequest(name=MODEL))
+        many = await client.open_many(MODEL, count=2)
+        one = await client.open(MODEL)
+        assert [s.model.version for s in [*many, one]] == [2, 2, 2]
+        assert (await client.get_model(MODEL)).version == 2
+        for session in [*many, one]:
+            y = np.stack([(await session.step(row))["y"] for row in x])
+            np.testing.assert_allclose(y, reference(202, x), rtol=0, atol=ATOL)
