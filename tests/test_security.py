@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +22,9 @@ from rnnstream.server.core import Unauthenticated
 from rnnstream.server.transport.grpc._auth import Authenticator, parse_tokens
 from rnnstream.server.transport.grpc._server import _credentials
 from tests import probe
-from tests.conftest import MODELS, REPO, RunningServer, test_settings
+from tests.conftest import MODELS, RunningServer, test_settings
 from tests.pki import Pki
-from tests.server_process import free_port
+from tests.startup import assert_refused, run_server
 from tests.streaming import ort_full, sequence, x_tensor
 
 MODEL = "gru"
@@ -226,25 +224,11 @@ def test_bad_token_configuration_is_refused(tokens: str, tmp_path: Path) -> None
 
 
 def test_server_with_an_empty_token_does_not_start() -> None:
-    command = [sys.executable, "-m", "rnnstream.server", "--port", str(free_port())]
-    command += ["--model-repository", str(MODELS), "--metrics-port", "0"]
-    process = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env={"RNNSTREAM_AUTH_TOKENS": "alice=,bob=bob-secret-token", "PATH": "/usr/bin:/bin"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _, stderr = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        pytest.fail("rnnstream-server started with an empty token for alice")
-    assert process.returncode == 2, stderr
-    assert "principal 'alice' has an empty auth token" in stderr
-    assert "Traceback" not in stderr
+    result = run_server(
+        "--model-repository", str(MODELS), "--port", "0", "--metrics-port", "0",
+        env={"RNNSTREAM_AUTH_TOKENS": "alice=,bob=bob-secret-token"},
+    )  # fmt: skip
+    assert_refused(result, "principal 'alice' has an empty auth token")
 
 
 @pytest.mark.parametrize(
@@ -267,26 +251,12 @@ def test_misspelt_variable_does_not_start_an_open_server(
 ) -> None:
     # Before: an unknown RNNSTREAM_* variable was ignored, so a typo in the tokens' variable
     # started a server that let everyone in as one anonymous principal.
-    command = [sys.executable, "-m", "rnnstream.server", "--port", str(free_port())]
-    command += ["--model-repository", str(MODELS), "--models", "gru", "--metrics-port", "0"]
     # The command's own variables (the server's container sets them) are not refused.
-    env = {"PATH": "/usr/bin:/bin", "RNNSTREAM_TOKEN": "t", "RNNSTREAM_TLS_SERVER_NAME": "x"}
-    process = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env={**env, **variables},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _, stderr = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        pytest.fail(f"rnnstream-server started with {variables}, ignoring it")
-    assert process.returncode == 2, stderr
-    assert stderr.strip() == f"rnnstream-server: {refusal}"
+    env = {"RNNSTREAM_TOKEN": "t", "RNNSTREAM_TLS_SERVER_NAME": "x"}
+    flags = ["--model-repository", str(MODELS), "--models", "gru", "--port", "0"]
+    result = run_server(*flags, "--metrics-port", "0", env={**env, **variables})
+    assert_refused(result, refusal)
+    assert result.stderr.strip() == f"rnnstream-server: {refusal}"
 
 
 def test_empty_bearer_never_matches() -> None:

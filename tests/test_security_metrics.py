@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import http.client
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -16,8 +14,9 @@ import pytest
 from rnnstream import AsyncClient
 from rnnstream.server import Settings
 from rnnstream.server._metrics_http import check_metrics_exposure, metrics_token
-from tests.conftest import MODELS, REPO, RunningServer, test_settings
+from tests.conftest import MODELS, RunningServer, test_settings
 from tests.server_process import free_port
+from tests.startup import assert_refused, run_server
 
 METRICS_TOKEN = "scrape-secret"
 
@@ -98,23 +97,8 @@ def test_metrics_beyond_loopback_need_a_token_when_the_api_does(tmp_path: Path) 
 
 
 def test_server_refuses_open_metrics_with_a_secured_api() -> None:
-    command = [sys.executable, "-m", "rnnstream.server", "--port", str(free_port())]
-    command += ["--model-repository", str(MODELS), "--models", "gru"]
-    command += ["--metrics-port", str(free_port()), "--metrics-host", "0.0.0.0"]
-    process = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env={"RNNSTREAM_AUTH_TOKENS": "alice=a-token", "PATH": "/usr/bin:/bin"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _, stderr = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        pytest.fail("the server served metrics to the network without a token")
-    assert process.returncode == 2, stderr
-    assert "metrics would be open to anyone reaching 0.0.0.0:" in stderr
-    assert "--metrics-token" in stderr and "Traceback" not in stderr
+    flags = ["--model-repository", str(MODELS), "--models", "gru", "--port", "0"]
+    flags += ["--metrics-port", str(free_port()), "--metrics-host", "0.0.0.0"]
+    result = run_server(*flags, env={"RNNSTREAM_AUTH_TOKENS": "alice=a-token"})
+    line = assert_refused(result, "metrics would be open to anyone reaching 0.0.0.0:")
+    assert "--metrics-token" in line

@@ -4,8 +4,6 @@ keys of the old, ambiguous layout are never read."""
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,9 +14,9 @@ import redis
 
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.server.stores import RedisStore
-from tests.conftest import MODELS, REPO, RunningServer
-from tests.server_process import free_port
+from tests.conftest import MODELS, RunningServer
 from tests.services import RedisServer
+from tests.startup import assert_refused, run_server
 from tests.streaming import frame_request, ort_full, sequence, x_tensor
 from tests.tenants import Tenant
 
@@ -94,21 +92,10 @@ def _store_legacy_session(server: RedisServer) -> None:
 
 def test_old_key_layout_refuses_to_start(redis_server: RedisServer) -> None:
     _store_legacy_session(redis_server)
-    command = [sys.executable, "-m", "rnnstream.server", "--port", str(free_port())]
-    command += ["--model-repository", str(MODELS), "--models", MODEL, "--metrics-port", "0"]
-    command += ["--state-store", redis_server.url]
-    process = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        _, stderr = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        pytest.fail("rnnstream-server started on a Redis holding old-layout session keys")
-    assert process.returncode == 2, stderr
-    assert "holds sessions under the old key layout rnnstream:session:*" in stderr
-    assert "--state-store-legacy-keys delete" in stderr and "Traceback" not in stderr
+    flags = ["--model-repository", str(MODELS), "--models", MODEL, "--metrics-port", "0"]
+    result = run_server(*flags, "--port", "0", "--state-store", redis_server.url)
+    line = assert_refused(result, "holds sessions under the old key layout rnnstream:session:*")
+    assert "--state-store-legacy-keys delete" in line
     with redis.Redis(port=redis_server.port) as conn:
         assert conn.exists(LEGACY_KEY) == 1  # refusing deletes nothing
 

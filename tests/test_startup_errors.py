@@ -3,11 +3,9 @@ no traceback and no teardown noise. Each test runs the real command and reads it
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,33 +16,7 @@ import pytest
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 from tests.conftest import MODELS
-
-SERVER = str(Path(sys.executable).parent / "rnnstream-server")
-NOISE = ("Traceback", "Event loop is closed", "Exception ignored", "Task was destroyed")
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("RNNSTREAM_")}
-
-
-def _run(*flags: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [SERVER, "--host", "127.0.0.1", "--log-level", "WARNING", *flags],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=_env(),
-        cwd=cwd,
-        check=False,
-    )
-
-
-def _refused(result: subprocess.CompletedProcess[str], words: str) -> None:
-    """Exit status 2 and `words` in the one error line, no noise around it."""
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("rnnstream-server: ")]
-    assert len(lines) == 1 and words in lines[0], result.stderr
-    assert not [n for n in NOISE if n in result.stderr], result.stderr
+from tests.startup import NOISE, SERVER, assert_refused, run_server, server_env
 
 
 @pytest.fixture
@@ -57,17 +29,17 @@ def taken_port() -> Iterator[int]:
 
 
 def test_grpc_port_in_use(taken_port: int, tmp_path: Path) -> None:
-    result = _run("--model-repository", str(MODELS), "--models", "gru", "--port", str(taken_port),
-                  "--metrics-port", "0", cwd=tmp_path)  # fmt: skip
-    _refused(result, f"cannot listen for gRPC on 127.0.0.1:{taken_port}: the port is in use")
+    flags = ["--model-repository", str(MODELS), "--models", "gru", "--port", str(taken_port)]
+    result = run_server(*flags, "--metrics-port", "0", cwd=tmp_path)
+    assert_refused(result, f"cannot listen for gRPC on 127.0.0.1:{taken_port}: the port is in use")
     assert "--port (RNNSTREAM_PORT)" in result.stderr
 
 
 def test_metrics_port_in_use(taken_port: int, tmp_path: Path) -> None:
     """A second server on a host with the default metrics port meets this."""
-    result = _run("--model-repository", str(MODELS), "--models", "gru", "--port", "0",
-                  "--metrics-port", str(taken_port), cwd=tmp_path)  # fmt: skip
-    _refused(result, f"cannot serve metrics on 127.0.0.1:{taken_port}: the port is in use")
+    flags = ["--model-repository", str(MODELS), "--models", "gru", "--port", "0"]
+    result = run_server(*flags, "--metrics-port", str(taken_port), cwd=tmp_path)
+    assert_refused(result, f"cannot serve metrics on 127.0.0.1:{taken_port}: the port is in use")
     assert "--metrics-port (RNNSTREAM_METRICS_PORT), or 0" in result.stderr
 
 
@@ -86,9 +58,10 @@ TRUNCATED = (MODELS / "gru" / "model.onnx").read_bytes()[:300]
 
 def test_a_corrupt_model_refuses_the_start_by_default(tmp_path: Path) -> None:
     repository = _repository(tmp_path, TRUNCATED)
-    result = _run("--model-repository", str(repository), "--port", "0", "--metrics-port", "0",
-                  cwd=tmp_path)  # fmt: skip
-    _refused(result, f"ONNX Runtime cannot load {repository / 'bad' / 'model.onnx'}")
+    result = run_server(
+        "--model-repository", str(repository), "--port", "0", "--metrics-port", "0", cwd=tmp_path
+    )
+    assert_refused(result, f"ONNX Runtime cannot load {repository / 'bad' / 'model.onnx'}")
     assert "--bad-models skip" in result.stderr
 
 
@@ -96,20 +69,20 @@ def test_every_model_bad_refuses_even_when_skipping(tmp_path: Path) -> None:
     repository = tmp_path / "models"
     (repository / "bad").mkdir(parents=True)
     (repository / "bad" / "model.onnx").write_bytes(b"not a model")
-    result = _run("--model-repository", str(repository), "--port", "0", "--metrics-port", "0",
-                  "--bad-models", "skip", cwd=tmp_path)  # fmt: skip
-    _refused(result, f"no model under {repository} could be loaded")
+    flags = ["--model-repository", str(repository), "--port", "0", "--metrics-port", "0"]
+    result = run_server(*flags, "--bad-models", "skip", cwd=tmp_path)
+    assert_refused(result, f"no model under {repository} could be loaded")
     assert "skipping model bad: model 'bad': ONNX Runtime cannot load" in result.stderr
 
 
 def test_a_corrupt_model_is_skipped_on_request(tmp_path: Path) -> None:
     repository = _repository(tmp_path, TRUNCATED)
     port_file = tmp_path / "port"
+    flags = ["--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)]
+    flags += ["--metrics-port", "0", "--model-repository", str(repository), "--bad-models", "skip"]
     process = subprocess.Popen(
-        [SERVER, "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-         "--metrics-port", "0", "--model-repository", str(repository), "--bad-models", "skip"],
-        stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path,
-    )  # fmt: skip
+        [SERVER, *flags], stderr=subprocess.PIPE, text=True, env=server_env(), cwd=tmp_path
+    )
     try:
         deadline = time.monotonic() + 60
         while not port_file.exists():
