@@ -75,3 +75,13 @@ def spill_in_flight(engine: Engine, principal: str, session_id: str) -> bool:
     """Whether the session is being marked spilled in the store right now."""
     session = engine._sessions.find(session_id, principal)
     return session is not None and session.in_flight == 3  # _session.SPILL
+
+
+async def sweep(engine: Engine) -> None:
+    """Run one idle sweep now (counts states, shrinks idle sessions, expires or spills)."""
+    await engine._idle.sweep()
+
+
+def holds_queue(engine: Engine, principal: str, session_id: str) -> bool:
+    """Whether the session holds a frame queue (an idle one gives it back at a sweep)."""
+    return engine._sessions.get(session_id, principal)._pending is not None

@@ -13,7 +13,13 @@ __all__ = ["SessionSettings"]
 class SessionSettings:
     """Sessions: how many, how long they live, what one frame or forecast may hold."""
 
-    max_sessions: int = setting(100_000, "Most sessions open at once across all models.", minimum=1)
+    max_sessions: int = setting(
+        1_000_000,
+        "Most sessions open at once across all models. An idle session holds its state and about "
+        "700 bytes (a million idle gru sessions: about 1.2 GB); what sessions queue and keep is "
+        "bounded by --max-buffered-bytes, whatever their number.",
+        minimum=1,
+    )
     session_ttl: float = setting(
         600.0, "Seconds an idle session lives; 0 turns expiry off.", minimum=0
     )
@@ -24,7 +30,12 @@ class SessionSettings:
         "principal's own longest-idle session is evicted; never another principal's.",
         minimum=0,
     )
-    max_sessions_per_stream: int = setting(1024, "Most sessions one stream may open.", minimum=1)
+    max_sessions_per_stream: int = setting(
+        0,
+        "Most sessions one stream may open; 0: no cap of its own, so a gateway's stream may carry "
+        "any number (--max-sessions and --max-sessions-per-principal count them all).",
+        minimum=0,
+    )
     evict_idle_when_full: bool = setting(
         False,
         "At the session cap, evict an idle session instead of refusing the open: the longest-idle "

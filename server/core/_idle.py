@@ -68,7 +68,9 @@ class IdleSweep:
             for session in sessions[start : start + _CHUNK]:
                 if session.busy():
                     active += 1
-                elif spiller is not None:
+                    continue
+                session.shrink()  # its empty queue goes: idle sessions stay small
+                if spiller is not None:
                     if spiller.due(session, now):
                         due.append(session)
                 elif 0 < session.ttl < now - session.last_active:

@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections import deque
 
 from rnnstream.server.core._budget import RingLedger
+from rnnstream.server.core._errors import FailedPrecondition
 from rnnstream.server.core._results import FrameOutput, Kept, kept_bytes, kept_index, kept_output
 
-__all__ = ["OutputRing"]
+__all__ = ["OutputRing", "forgotten", "not_a_resend"]
 
 
 class OutputRing:
@@ -61,3 +62,24 @@ class OutputRing:
             self._ledger.forget(self)
         self._entries.clear()
         self.held = 0
+
+
+def not_a_resend(session_id: str, index: int, next_index: int) -> FailedPrecondition:
+    """A frame resent with inputs other than those it was applied with."""
+    return FailedPrecondition(
+        f"frame {index} was already applied with other inputs: a resent frame must carry the "
+        f"inputs it was first sent with; next expected frame is {next_index}",
+        session_id=session_id,
+        frame_index=index,
+    )
+
+
+def forgotten(session_id: str, index: int, next_index: int, ring_size: int) -> FailedPrecondition:
+    """A frame resent after its output left the ring."""
+    return FailedPrecondition(
+        f"frame {index} was already applied and its output is no longer kept (the ring "
+        f"holds at most the last {ring_size}, within --output-ring-bytes per session and "
+        f"a share of --max-buffered-bytes); next expected frame is {next_index}",
+        session_id=session_id,
+        frame_index=index,
+    )

@@ -18,7 +18,7 @@ from rnnstream.server.core._results import (
     Kept,
     kept_output,
 )
-from rnnstream.server.core._ring import OutputRing
+from rnnstream.server.core._ring import OutputRing, forgotten, not_a_resend
 from rnnstream.server.core._work import (
     AUTO_INDEX,
     ControlWork,
@@ -93,7 +93,9 @@ class Session:
         self.slot = -1
         self.seq = -1  # registration number: listings page in this order
         self.next_index = 0
-        self._pending: deque[FrameWork | ControlWork] = deque()
+        # Its queue, made when work arrives and dropped once idle (shrink): an idle session holds
+        # no queue, ring or waiter list, only its fields and its state slot.
+        self._pending: deque[FrameWork | ControlWork] | None = None
         self.frames_queued = 0
         self.in_flight = 0  # 0, FRAME or CONTROL
         self.closed = False
@@ -104,9 +106,8 @@ class Session:
         self.last_active = time.monotonic()
         # Told when the server ends the session (expired, evicted, shutdown): its stream.
         self.listener: EndListener | None = None
-        # Readers that stopped reading because this session's queue is full: one per stream
-        # feeding it, and every one is woken.
-        self._space_waiters: list[asyncio.Future[None]] = []
+        # Readers stopped while its queue is full (one per stream feeding it; all are woken).
+        self._space_waiters: list[asyncio.Future[None]] | None = None
 
     # -- where it lives and who hears of its end ----------------------------------------------
     def place(self, slot: int) -> None:
@@ -139,8 +140,16 @@ class Session:
     def push(self, work: FrameWork | ControlWork) -> None:
         if isinstance(work, FrameWork):
             self.frames_queued += 1
-        self._pending.append(work)
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = deque()
+        pending.append(work)
         self.last_active = time.monotonic()
+
+    def shrink(self) -> None:
+        """Idle: give back the empty queue (about 700 bytes; the next work makes a new one)."""
+        if not self._pending:
+            self._pending = None
 
     def has_work(self) -> bool:
         return bool(self._pending)
@@ -151,7 +160,8 @@ class Session:
 
     def held_bytes(self) -> int:
         """Bytes of queued inputs and kept outputs (its state lives in the model's pool)."""
-        queued = sum(a.nbytes for w in self._pending if isinstance(w, FrameWork) for a in w.inputs)
+        pending = self._pending or ()
+        queued = sum(a.nbytes for w in pending if isinstance(w, FrameWork) for a in w.inputs)
         return queued + self.ring_bytes()
 
     def ring_bytes(self) -> int:
@@ -164,6 +174,7 @@ class Session:
 
     def head_arrival(self) -> float:
         """When the item at the head arrived: the oldest head runs first."""
+        assert self._pending
         return self._pending[0].enqueued_at
 
     def next_frame(
@@ -191,11 +202,12 @@ class Session:
             elif work.index < self.next_index:
                 replayed = self.replay(work.index)
                 if replayed is None:
-                    answers.reject(work, self._forgotten(work.index))
+                    lost = forgotten(self.id, work.index, self.next_index, self.ring_size)
+                    answers.reject(work, lost)
                 elif replayed.inputs_digest and replayed.inputs_digest != inputs_digest(
                     work.inputs
                 ):
-                    answers.reject(work, self._not_a_resend(work.index))
+                    answers.reject(work, not_a_resend(self.id, work.index, self.next_index))
                 else:
                     work.reply.set_result(replayed if work.emit else None)
                     answers.count("OK")
@@ -211,25 +223,9 @@ class Session:
                 )
         return None
 
-    def _not_a_resend(self, index: int) -> FailedPrecondition:
-        return FailedPrecondition(
-            f"frame {index} was already applied with other inputs: a resent frame must carry the "
-            f"inputs it was first sent with; next expected frame is {self.next_index}",
-            session_id=self.id,
-            frame_index=index,
-        )
-
-    def _forgotten(self, index: int) -> FailedPrecondition:
-        return FailedPrecondition(
-            f"frame {index} was already applied and its output is no longer kept (the ring "
-            f"holds at most the last {self.ring_size}, within --output-ring-bytes per session and "
-            f"a share of --max-buffered-bytes); next expected frame is {self.next_index}",
-            session_id=self.id,
-            frame_index=index,
-        )
-
     def start(self, frame: FrameWork) -> None:
         """The head frame joins a batch."""
+        assert self._pending
         self._pending.popleft()
         self._dequeued()
         self.in_flight = FRAME
@@ -292,8 +288,9 @@ class Session:
 
     def take_queued(self) -> list[FrameWork | ControlWork]:
         """Everything still waiting (not what runs), in order, for the caller to refuse."""
-        dropped = list(self._pending)
-        self._pending.clear()
+        pending, self._pending = self._pending or deque(), None
+        dropped = list(pending)
+        pending.clear()  # next_frame may be looping over it
         self.frames_queued -= sum(isinstance(work, FrameWork) for work in dropped)
         self._wake_waiters()
         return dropped
@@ -304,7 +301,7 @@ class Session:
             self._wake_waiters()
 
     def _wake_waiters(self) -> None:
-        waiters, self._space_waiters = self._space_waiters, []
+        waiters, self._space_waiters = self._space_waiters or [], None
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -313,12 +310,15 @@ class Session:
         """Return once fewer than `limit` frames wait, or the session is closed."""
         while self.frames_queued >= limit and not self.closed:
             waiter = asyncio.get_running_loop().create_future()
+            if self._space_waiters is None:
+                self._space_waiters = []
             self._space_waiters.append(waiter)
             try:
                 await waiter
             finally:
-                if waiter in self._space_waiters:  # cancelled: its stream is gone
-                    self._space_waiters.remove(waiter)
+                waiters = self._space_waiters
+                if waiters is not None and waiter in waiters:  # cancelled: its stream is gone
+                    waiters.remove(waiter)
 
     # -- outputs -------------------------------------------------------------------------------
     def remember(self, result: FrameOutput) -> None:

@@ -72,6 +72,7 @@ class StreamCall:
         self._bytes_in = metrics.bytes_received
         self._bytes_out = metrics.bytes_sent
         self._layouts: dict[str, OutputLayout] = {}  # model -> its outputs' names and batch axes
+        self._on_end = self.notify_ended  # one bound method for all its sessions, not one each
 
     # -- replies ---------------------------------------------------------------------------
     def _track(
@@ -116,7 +117,7 @@ class StreamCall:
             self._budget.give(self.owner, held, self.holding)
         for session_id in self.opened:
             try:
-                self.engine.detach(self.owner, session_id, self.notify_ended)
+                self.engine.detach(self.owner, session_id, self._on_end)
             except NotFound:  # ended meanwhile
                 continue
 
@@ -306,7 +307,7 @@ class StreamCall:
 
     async def _open_or_raise(self, request: pb.OpenSession, reply: bool = True) -> pb.SessionOpened:
         cap = self._max_sessions
-        if request.session_id not in self.opened and len(self.opened) >= cap:
+        if cap and request.session_id not in self.opened and len(self.opened) >= cap:
             raise ResourceExhausted(
                 f"this stream already holds {cap} sessions (--max-sessions-per-stream); "
                 "open another stream"
@@ -317,7 +318,7 @@ class StreamCall:
             request.model,
             emit_name(request.emit),
             resume_only=request.resume,
-            on_end=self.notify_ended,
+            on_end=self._on_end,
             version=request.model_version or None,
         )
         self.opened.add(result.session_id)
