@@ -116,7 +116,21 @@ class OipServicer(ModelRpcs):
                 f"model {spec.name!r} has no output(s) {quoted_list(unknown)}; its outputs are "
                 f"{[t.name for t in spec.outputs]}"
             )
-        items, squeeze = batch_items(spec, decode_inputs(request))
+        most = 1 if sid else model.max_batch_size
+
+        def too_many(size: int) -> InvalidArgument:
+            if sid:
+                return InvalidArgument(
+                    "a sequence request carries batch size 1 (one frame of one sequence), "
+                    f"got {size}",
+                    session_id=sid,
+                )
+            return InvalidArgument(
+                f"the request's batch of {size} is over model {spec.name!r}'s max_batch_size "
+                f"of {most}; split it"
+            )
+
+        items, squeeze = batch_items(spec, decode_inputs(request), most, too_many)
 
         def respond(results: Sequence[FrameOutput]) -> oip.ModelInferResponse:
             response = oip.ModelInferResponse(
@@ -129,12 +143,6 @@ class OipServicer(ModelRpcs):
         if not sid:
             frames = engine.infer_batch(owner, spec.name, items, model.version, holding)
             return chain(asyncio.gather(*frames), respond)
-        if len(items) != 1:
-            raise InvalidArgument(
-                f"a sequence request carries batch size 1 (one frame of one sequence), "
-                f"got {len(items)}",
-                session_id=sid,
-            )
         frame = engine.infer(owner, sid, spec.name, None, items[0], holding=holding)
         return chain(frame, lambda result: respond([result]))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -216,9 +216,13 @@ def encode_outputs(
 
 
 def batch_items(
-    spec: ModelSpec, inputs: list[tuple[str, Any]]
+    spec: ModelSpec,
+    inputs: list[tuple[str, Any]],
+    most: int,
+    too_many: Callable[[int], InvalidArgument],
 ) -> tuple[list[list[NamedArray]], bool]:
-    """Split the request's batch into session frames; True when items left out the time axis."""
+    """Split the request's batch into session frames, refusing a batch of more than `most`
+    (with `too_many(size)`) before any is made; True when items left out the time axis."""
     if not inputs:
         expected = [t.name for t in spec.inputs]
         raise InvalidArgument(f"request carries no inputs; model {spec.name!r} expects {expected}")
@@ -230,6 +234,8 @@ def batch_items(
             f"shapes {[list(a.shape) for _, a in inputs]}"
         )
     size = sizes.pop()
+    if size > most:
+        raise too_many(size)
     items: list[list[NamedArray]] = []
     squeezed: set[bool] = set()
     for i in range(size):
