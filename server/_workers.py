@@ -15,6 +15,7 @@ from types import FrameType
 
 from rnnstream.server._logging import configure_logging
 from rnnstream.server._loop import loop_name, run_event_loop
+from rnnstream.server._malloc import give_back_large_buffers
 from rnnstream.server._settings import Settings
 from rnnstream.server.core import DeviceError, ModelConfigError
 from rnnstream.server.transport.grpc import GrpcServer
@@ -37,6 +38,7 @@ async def _serve(settings: Settings) -> None:
 def serve(settings: Settings) -> int:
     """Run one server until SIGTERM/SIGINT; returns the process exit status."""
     log.debug("event loop: %s", loop_name())
+    give_back_large_buffers()
     # SIGHUP rescans the repository once the server serves; until then (models loading) its
     # default action would end the process: a rescan asked for at start has nothing to do.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
