@@ -107,7 +107,8 @@ async def load_version(
         busy_poll_seconds=settings.busy_poll_seconds,
         gather_seconds=settings.gather_seconds,
         store=store,
-        max_batch_bytes=max(1, settings.max_buffered_bytes // 8),
+        # ORT's arena keeps the size of the largest batch it ran: batches stay small in bytes.
+        max_batch_bytes=max(1, settings.max_buffered_bytes // 32),
     )
     loop = asyncio.get_running_loop()
     try:
