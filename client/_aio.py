@@ -11,7 +11,7 @@ import grpc
 
 from rnnstream._errors import OpenManyError, RnnstreamError, SessionLost
 from rnnstream._frames import EMIT, FrameInput, Outputs, decode_outputs, encode_frame
-from rnnstream._group import step_many
+from rnnstream._group import step_many, step_stacked
 from rnnstream._info import (
     STATE_NUMBERS,
     ModelInfo,
@@ -265,6 +265,13 @@ class AsyncClient:
         if errors:
             raise OpenManyError(sessions, errors)
         return sessions
+
+    async def step_stacked(self, sessions: Sequence[AsyncSession], frames: FrameInput) -> Outputs:
+        """step_many for frames already stacked: `frames` holds sessions[k]'s frame in row k
+        (an array, or arrays by input name, with the K sessions first); the outputs come back
+        the same way, with no array per session. The sessions share one model and stream.
+        FrameGroupError holds these arrays (a failed row zero) and the failed sessions' errors."""
+        return await step_stacked(sessions, frames)
 
     async def infer(
         self,

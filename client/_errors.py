@@ -44,16 +44,16 @@ class SessionLost(RnnstreamError):
 
 
 class FrameGroupError(RnnstreamError):
-    """Some frames of a `step_many` failed; the others were applied. `outputs` holds the
-    answered sessions' outputs and `errors` each failed session's error (the first one's code
-    and message are this error's)."""
+    """Some frames of a `step_many` (or `step_stacked`) failed; the others were applied.
+    `errors` holds each failed session's error (the first one's code and message are this
+    error's); `outputs` the answered sessions' outputs by session (step_stacked: the stacked
+    arrays, failed rows zero)."""
 
     def __init__(self, outputs: dict[Any, Any], errors: dict[Any, RnnstreamError]) -> None:
         first = next(iter(errors.values()))
-        total = len(outputs) + len(errors)
         super().__init__(
             first.code,
-            f"{len(errors)} of {total} frames failed; the first: {first.message}",
+            f"{len(errors)} frames failed; the first: {first.message}",
             session_id=first.session_id,
             frame_index=first.frame_index,
         )

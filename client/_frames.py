@@ -26,6 +26,7 @@ __all__ = [
     "squeeze_time",
     "squeeze_time_axes",
     "stack_frames",
+    "stacked_arrays",
 ]
 
 EMIT = {"every": pb.EMIT_EVERY, "last": pb.EMIT_LAST}
@@ -138,6 +139,30 @@ def stack_frames(
             added_time = True
         stacked.append((name, np.moveaxis(array, 0, batch_axes.get(name, 0))))
     return stacked, added_time
+
+
+def stacked_arrays(
+    model: ModelInfo, frames: FrameInput, rows: int, batch_axes: dict[str, int]
+) -> tuple[NamedArrays, bool]:
+    """K frames already stacked (K first on each input) put on each input's batch axis, and
+    whether they were single time steps given without a time axis (see frame_arrays)."""
+    inputs, single = _layout(model)
+    arrays: NamedArrays = []
+    added_time = False
+    for name, value in _items(model, single, frames):
+        array = _checked(np.asarray(value))
+        if array.ndim == 0 or array.shape[0] != rows:
+            raise ValueError(
+                f"input {name!r} must hold the {rows} sessions' frames on its first axis, got "
+                f"shape {list(array.shape)}"
+            )
+        known = inputs.get(name)
+        if known is not None and array.ndim == known[0] and known[1] is not None:
+            axis = 1 + known[1]
+            array = array.reshape((*array.shape[:axis], 1, *array.shape[axis:]))
+            added_time = True
+        arrays.append((name, np.moveaxis(array, 0, batch_axes.get(name, 0))))
+    return arrays, added_time
 
 
 def _native(dtype: np.dtype[Any]) -> np.dtype[Any]:

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-import grpc
 import numpy as np
 
 from rnnstream._errors import FrameGroupError, RnnstreamError
@@ -17,6 +16,7 @@ from rnnstream._frames import (
     Outputs,
     decode_tensors,
     stack_frames,
+    stacked_arrays,
 )
 from rnnstream._info import ModelInfo
 from rnnstream.proto.tensor_codec import encode, encode_into
@@ -31,10 +31,10 @@ __all__ = [
     "PendingFrame",
     "RowEntry",
     "Settles",
-    "group_result",
     "pack_frames",
     "stack_rows",
     "step_many",
+    "step_stacked",
 ]
 
 
@@ -138,19 +138,22 @@ class GroupCall:
         indices: list[int],
         inputs: NamedArrays,
         squeeze: bool,
+        explicit: bool = False,
     ) -> None:
         self.model = model
         self.session_ids = session_ids
         self.indices = indices
         self.inputs = inputs  # stacked, K on each input's batch axis
         self.squeeze = squeeze
+        # Explicit (step_many, step_stacked): its rows wait in the group, which keeps the answer
+        # whole (`whole`, K first on each output); else each row's own waiter is answered.
+        self.explicit = explicit
         self.waiters: list[Settles] = []  # each row's session's, set by whoever sends it
         self.request_id = 0
-        self._results: list[Outputs | RnnstreamError | None] = [None] * len(session_ids)
+        self.results: list[Outputs | RnnstreamError | None] = [None] * len(session_ids)
+        self.whole: Outputs | None = None
         self._left = len(session_ids)
-        self.done: asyncio.Future[list[Outputs | RnnstreamError | None]] = (
-            asyncio.get_running_loop().create_future()
-        )
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._axes = {t.name: t.batch_axis for t in model.inputs}
         self._out_infos = {t.name: t for t in model.outputs}
 
@@ -176,12 +179,12 @@ class GroupCall:
         return pb.StreamRequest(frame=frame)
 
     def row_done(self, row: int, result: Outputs | RnnstreamError) -> None:
-        if self._results[row] is not None:
+        if self.results[row] is not None:
             return
-        self._results[row] = result
+        self.results[row] = result
         self._left -= 1
         if not self._left and not self.done.done():
-            self.done.set_result(self._results)
+            self.done.set_result(None)
 
     def row_of(self, session_id: str) -> int | None:
         try:
@@ -192,7 +195,7 @@ class GroupCall:
     def answered(self, message: pb.GroupOutputs, failed: set[int]) -> None:
         """The group's answer: every row not in `failed` (whose errors were routed to their
         sessions already) gets its outputs, views of the message's arrays."""
-        columns: list[tuple[str, list[Array]]] = []
+        whole: Outputs = {}
         for name, array in decode_tensors(message.outputs).items():
             info = self._out_infos.get(name)
             axis = info.batch_axis if info is not None and info.batch_axis is not None else 0
@@ -200,18 +203,58 @@ class GroupCall:
             if self.squeeze and time is not None and array.shape[time] == 1:
                 array = np.squeeze(array, time)  # steps given without a time axis
                 axis -= time < axis
-            columns.append((name, list(np.moveaxis(array, axis, 0))))  # one view per row
-        single = columns[0] if len(columns) == 1 else None
+            whole[name] = np.moveaxis(array, axis, 0)  # K first
+        if self.explicit:
+            self.whole = whole
+            for row, (waiters, index) in enumerate(zip(self.waiters, self.indices, strict=True)):
+                if row not in failed and waiters.settle(index) is not None:
+                    self.row_done(row, whole)  # its row of the whole answer
+            return
+        columns = [(name, list(array)) for name, array in whole.items()]  # one view per row
         for row, (waiters, index) in enumerate(zip(self.waiters, self.indices, strict=True)):
             if row in failed:
                 continue
             entry = waiters.settle(index)
-            if entry is None:  # answered already (a resend) or given up
-                continue
-            if single is not None:
-                entry.resolve({single[0]: single[1][row]})
-            else:
+            if entry is not None:  # else answered already (a resend) or given up
                 entry.resolve({name: rows[row] for name, rows in columns})
+
+    def stacked(self) -> tuple[Outputs, dict[int, RnnstreamError]]:
+        """Once done: each output with the K rows first (a failed row holds zeros), and the
+        failed rows' errors."""
+        errors = {r: e for r, e in enumerate(self.results) if isinstance(e, RnnstreamError)}
+        rows = [r for r in self.results if isinstance(r, dict)]
+        if self.whole is not None and all(r is self.whole for r in rows):
+            return self.whole, errors
+        if not rows:
+            return {}, errors
+        template = rows[0] if rows[0] is not self.whole else _row_of(self.whole, 0)
+        out: Outputs = {}
+        for name, first in template.items():
+            out[name] = np.stack([self._row(r, name, first) for r in range(len(self.results))])
+        return out, errors
+
+    def _row(self, row: int, name: str, like: Array) -> Array:
+        result = self.results[row]
+        if not isinstance(result, dict):
+            return np.zeros_like(like)
+        return result[name][row] if result is self.whole else result[name]
+
+    def per_session(self) -> tuple[list[Outputs | None], dict[int, RnnstreamError]]:
+        """Once done: each row's outputs (None where it failed) and the failed rows' errors."""
+        errors = {r: e for r, e in enumerate(self.results) if isinstance(e, RnnstreamError)}
+        rows: list[Outputs | None] = []
+        for row, result in enumerate(self.results):
+            if not isinstance(result, dict):
+                rows.append(None)
+            elif result is self.whole:
+                rows.append({name: array[row] for name, array in result.items()})
+            else:
+                rows.append(result)
+        return rows, errors
+
+
+def _row_of(outputs: Outputs, row: int) -> Outputs:
+    return {name: array[row] for name, array in outputs.items()}
 
 
 Queued = tuple[ModelInfo, PendingFrame, Settles]
@@ -268,37 +311,61 @@ def stack_rows(model: ModelInfo, rows: Sequence[NamedArrays]) -> NamedArrays:
     return stacked
 
 
-def group_result(
-    sessions: Sequence[AsyncSession], results: Sequence[Outputs | RnnstreamError | None]
-) -> dict[AsyncSession, Outputs]:
-    """step_many's answer: outputs by session, or FrameGroupError when a row failed."""
-    outputs: dict[AsyncSession, Outputs] = {}
-    errors: dict[AsyncSession, RnnstreamError] = {}
-    for session, result in zip(sessions, results, strict=True):
-        if isinstance(result, RnnstreamError):
-            errors[session] = result
-        elif result is None:  # cannot happen once done: every row is answered
-            errors[session] = RnnstreamError(grpc.StatusCode.INTERNAL, "row not answered")
-        else:
-            outputs[session] = result
-    if errors:
-        raise FrameGroupError(outputs, errors)
-    return outputs
-
-
 async def step_many(frames: Mapping[AsyncSession, FrameInput]) -> dict[AsyncSession, Outputs]:
     """One frame for each session: one FrameGroup per stream and model, answered together.
     Raises FrameGroupError (holding the others' outputs) when some of them failed."""
     by_stream: dict[tuple[int, str], list[tuple[AsyncSession, FrameInput]]] = {}
     for session, frame in frames.items():
         by_stream.setdefault((id(session._mux), session.model.name), []).append((session, frame))
-    groups: list[tuple[list[AsyncSession], GroupCall]] = []
+    groups = []
     for rows in by_stream.values():
         sessions = [session for session, _ in rows]
         model = sessions[0].model
-        axes = {t.name: t.batch_axis or 0 for t in model.inputs}
-        inputs, squeeze = stack_frames(model, [frame for _, frame in rows], axes)
-        groups.append((sessions, GroupCall(model, [s.id for s in sessions], [], inputs, squeeze)))
+        inputs, squeeze = stack_frames(model, [frame for _, frame in rows], _input_axes(model))
+        groups.append(
+            (sessions, GroupCall(model, [s.id for s in sessions], [], inputs, squeeze, True))
+        )
+    await _send(groups)
+    outputs: dict[AsyncSession, Outputs] = {}
+    errors: dict[AsyncSession, RnnstreamError] = {}
+    for sessions, group in groups:
+        await group.done
+        answers, failed = group.per_session()
+        for row, (session, result) in enumerate(zip(sessions, answers, strict=True)):
+            if result is not None:
+                outputs[session] = result
+            else:
+                errors[session] = failed[row]
+    if errors:
+        raise FrameGroupError(outputs, errors)
+    return outputs
+
+
+async def step_stacked(sessions: Sequence[AsyncSession], frames: FrameInput) -> Outputs:
+    """The frames of `sessions` (row k is sessions[k]'s: an array, or arrays by input name,
+    with the K sessions first) in one FrameGroup; the outputs likewise, K rows first. Raises
+    FrameGroupError when some rows failed (its `outputs` holds these arrays, failed rows zero)."""
+    if not sessions:
+        return {}
+    model, mux = sessions[0].model, sessions[0]._mux
+    if any(s._mux is not mux or s.model.name != model.name for s in sessions):
+        raise ValueError("step_stacked takes sessions of one model on one stream; use step_many")
+    inputs, squeeze = stacked_arrays(model, frames, len(sessions), _input_axes(model))
+    group = GroupCall(model, [s.id for s in sessions], [], inputs, squeeze, True)
+    await _send([(list(sessions), group)])
+    await group.done
+    outputs, failed = group.stacked()
+    if failed:
+        raise FrameGroupError(outputs, {sessions[row]: error for row, error in failed.items()})
+    return outputs
+
+
+def _input_axes(model: ModelInfo) -> dict[str, int]:
+    return {t.name: t.batch_axis or 0 for t in model.inputs}
+
+
+async def _send(groups: list[tuple[list[AsyncSession], GroupCall]]) -> None:
+    """Number each row (its session's next index) and write each group on its stream."""
     taken: list[AsyncSession] = []
     try:
         for sessions, group in groups:
@@ -311,11 +378,6 @@ async def step_many(frames: Mapping[AsyncSession, FrameInput]) -> dict[AsyncSess
         raise
     for sessions, group in groups:
         await sessions[0]._send_group(group, sessions)
-    answered: dict[AsyncSession, Outputs | RnnstreamError | None] = {}
-    for sessions, group in groups:
-        for session, result in zip(sessions, await group.done, strict=True):
-            answered[session] = result
-    return group_result(list(answered), list(answered.values()))
 
 
 def _same_arrays(a: NamedArrays, b: NamedArrays) -> bool:

@@ -19,6 +19,9 @@ from rnnstream.proto.v1 import rnnstream_pb2 as pb
 
 __all__ = ["Connect", "MuxedSession", "RetryPolicy", "StreamCall", "StreamMux"]
 
+# Loop turns the first of the frames queued together waits, at most, for the others (each turn
+# that brings none ends it).
+_GATHER_TURNS = 8
 # Statuses after which the stream is re-established and the sessions resumed.
 RETRYABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
@@ -146,8 +149,17 @@ class StreamMux:
         if len(self._outgoing) > 1:
             return  # the sender of the first frame queued writes this one with it
         if len(self._sessions) > 1:
-            await asyncio.sleep(0)  # one turn: the other sessions woken with this one queue
+            await self._gather()
         await self._write(None)
+
+    async def _gather(self) -> None:
+        """Let the other sessions woken with this one queue their frames: loop turns while
+        frames keep coming (answers wake their waiters over a few turns), a few at most."""
+        for _ in range(_GATHER_TURNS):
+            queued = len(self._outgoing)
+            await asyncio.sleep(0)
+            if len(self._outgoing) == queued:
+                return
 
     async def send_group(self, group: GroupCall) -> None:
         """Write an explicit FrameGroup (its rows wait in their sessions already)."""

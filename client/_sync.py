@@ -245,6 +245,16 @@ class Client:
         opening = self._inner.open_many(model, count, session_ids, emit, resume=resume)
         return [Session(self._runner, s) for s in self._runner.run(opening)]
 
+    def step_stacked(self, sessions: Sequence[Session], frames: FrameInput) -> Outputs:
+        """See AsyncClient.step_stacked: frames stacked K first, outputs likewise."""
+        inner = [session._inner for session in sessions]
+        by_inner = dict(zip(inner, sessions, strict=True))
+        try:
+            return self._runner.run(self._inner.step_stacked(inner, frames))
+        except FrameGroupError as exc:
+            errors = {by_inner[s]: e for s, e in exc.errors.items()}
+            raise FrameGroupError(exc.outputs, errors) from None
+
     def infer(
         self,
         model: str,

@@ -136,3 +136,23 @@ async def test_packing_never_puts_a_sessions_frame_before_its_earlier_one() -> N
         else:
             order.append([(message.frame.session_id, message.frame.frame_index)])
     assert order == [[("x", 0)], [("a", 0), ("b", 0)], [("a", 1)]]
+
+
+def test_step_stacked_sends_and_answers_arrays(server: RunningServer) -> None:
+    xs = np.stack([sequence(MODEL, 4, seed=120 + k) for k in range(5)])  # [K, T, F]
+    with Client(server.target) as client:
+        sessions = [client.open(MODEL) for _ in range(5)]
+        first = client.step_stacked(sessions, xs[:, 0])  # [K, F]: one step, no time axis
+        assert first["y"].shape == (5, 128)
+        rest = client.step_stacked(sessions, {"x": xs[:, 1:]})  # [K, T=3, F]
+        assert rest["y"].shape == (5, 3, 128)
+        for k in range(5):
+            y = np.concatenate([first["y"][k][None], rest["y"][k]])
+            assert_matches_references(MODEL, xs[k], y)
+        client.end_session(sessions[2].id)
+        with pytest.raises(FrameGroupError) as info:
+            client.step_stacked(sessions, xs[:, 0])
+        assert list(info.value.errors) == [sessions[2]]
+        assert not info.value.outputs["y"][2].any() and info.value.outputs["y"][0].any()
+        with pytest.raises(ValueError, match="first axis"):
+            client.step_stacked(sessions, xs[:3, 0])

@@ -3,10 +3,15 @@ group, every output checked by --verify, exact counts, and a wrong model still c
 
 from __future__ import annotations
 
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests import probe
 from tests.conftest import RunningServer
+from tests.server_process import free_port
 from tests.test_loadtest import GRU, cli, perturbed_copy
 
 
@@ -50,3 +55,31 @@ def test_groups_do_not_go_with_a_rate(server: RunningServer) -> None:
     )
     assert rc == 2, stderr + stdout
     assert "--sessions-per-message drives each group" in stderr + stdout
+
+
+def test_frames_are_packed_unless_told_not_to(make_server: Callable[..., RunningServer]) -> None:
+    """Sessions of one connection whose frames are ready together share a message by default;
+    --no-pack-frames sends each in its own (what a one-request-per-message client does)."""
+    port = free_port()
+    running = make_server(models=("gru",), metrics_port=port)
+    counts = {}
+    for flag in ((), ("--no-pack-frames",)):
+        before = _requests(port)
+        rc, stdout, _, stderr = cli(
+            *("--target", running.target, "--model", "gru", "--sessions", "8"),
+            *("--frames-per-session", "20", "--connections", "1", *flag),
+        )
+        assert rc == 0, stderr + stdout
+        counts[flag] = _requests(port) - before
+    assert counts[("--no-pack-frames",)] == 8 + 160 + 8  # opens, frames, ends
+    assert counts[()] < 8 + 160 // 2 + 8
+
+
+def _requests(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "rnnstream_stream_requests_total":
+                return sample.value
+    raise AssertionError("no rnnstream_stream_requests_total")

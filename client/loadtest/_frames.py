@@ -11,7 +11,7 @@ import numpy.typing as npt
 from rnnstream._info import ModelInfo, TensorInfo
 from rnnstream.loadtest._options import OptionsError
 
-__all__ = ["Frame", "FrameSource", "SessionFrames", "frame_shape"]
+__all__ = ["Frame", "FrameSource", "GroupFrames", "SessionFrames", "frame_shape"]
 
 Frame = dict[str, npt.NDArray[Any]]
 _BLOCK = 64  # random frames drawn per call, so the generator's overhead is shared
@@ -75,6 +75,41 @@ class SessionFrames:
                 arrays[info.name] = self._rng.integers(0, 10, shape).astype(dtype)
         # Popped from the end, so reverse to keep the drawn order.
         return [{name: a[i] for name, a in arrays.items()} for i in reversed(range(_BLOCK))]
+
+
+class GroupFrames:
+    """The frames of a group of sessions (first..first+K-1), stacked with the sessions first, no
+    array per session. Random frames are drawn once, _BLOCK steps of them, and then cycle: a
+    load generator that drew fresh ones for hundreds of sessions a step would spend more CPU on
+    them than on sending (the state still moves on every step; --verify checks every output)."""
+
+    def __init__(self, source: FrameSource, first: int, count: int) -> None:
+        self._source = source
+        self._first = first
+        self._count = count
+        self._steps = 0
+        self._block: dict[str, npt.NDArray[Any]] = {}
+        if source.rows is None:
+            rng = np.random.default_rng([source.seed, first, count])
+            for info in source.inputs:
+                dtype = info.numpy_dtype()
+                shape = [_BLOCK, count, *frame_shape(info)]
+                if dtype.kind == "f":
+                    array = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+                elif dtype.kind == "b":
+                    array = rng.random(shape) < 0.5
+                else:
+                    array = rng.integers(0, 10, shape).astype(dtype)
+                self._block[info.name] = array
+
+    def next(self) -> Frame:
+        source, step = self._source, self._steps
+        self._steps += 1
+        if source.rows is not None:
+            first = self._first + step
+            rows = np.arange(first, first + self._count) % len(source.rows)
+            return {source.inputs[0].name: source.rows[rows]}
+        return {name: array[step % _BLOCK] for name, array in self._block.items()}
 
 
 class FrameSource:

@@ -46,6 +46,7 @@ class LoadtestOptions:
     processes: int = 1
     sessions_per_message: int = 1
     pack_outputs: bool = True
+    pack_frames: bool = True
     seed: int = 0
     frames_file: Path | None = None
     verify: bool = False
@@ -273,6 +274,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="send one frame for each of K sessions in one message (FrameGroup), each group of "
         "K sessions in a closed loop on one connection (default %(default)s: a message per "
         "frame)",
+    )
+    load.add_argument(
+        "--no-pack-frames",
+        action="store_false",
+        dest="pack_frames",
+        default=_DEFAULTS["pack_frames"],
+        help="send every frame in a message of its own (default: frames that several sessions "
+        "of a connection have ready together travel in one FrameGroup)",
     )
     load.add_argument(
         "--no-pack-outputs",

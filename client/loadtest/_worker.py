@@ -15,12 +15,12 @@ from rnnstream._connection import diagnose
 from rnnstream._errors import OpenManyError, RnnstreamError
 from rnnstream._session import AsyncSession
 from rnnstream.loadtest._driver import RunClock, SessionDriver, clock
-from rnnstream.loadtest._frames import FrameSource, SessionFrames
+from rnnstream.loadtest._frames import FrameSource, GroupFrames
 from rnnstream.loadtest._group_driver import GroupDriver
 from rnnstream.loadtest._options import LoadtestOptions
 from rnnstream.loadtest._schedule import arrival_times, run_schedule
 from rnnstream.loadtest._stats import WorkerStats, encode_histogram
-from rnnstream.loadtest._verify import Reference, SessionCheck, Verifier, VerifyStats
+from rnnstream.loadtest._verify import Reference, Verifier, VerifyStats
 
 __all__ = ["Link", "Share", "WorkerFailed", "WorkerResult", "run_worker"]
 
@@ -150,7 +150,12 @@ async def run_worker(options: LoadtestOptions, share: Share, link: Link) -> Work
     # A channel of its own per connection: gRPC would otherwise share one TCP connection.
     connection["options"] = [*connection["options"], ("grpc.use_local_subchannel_pool", 1)]
     clients = [
-        AsyncClient(options.target, pack_outputs=options.pack_outputs, **connection)
+        AsyncClient(
+            options.target,
+            pack_outputs=options.pack_outputs,
+            pack_frames=options.pack_frames,
+            **connection,
+        )
         for _ in range(share.connections)
     ]
     try:
@@ -214,21 +219,23 @@ async def _run(
     drivers: list[SessionDriver] = []
     groups: list[GroupDriver] = []
     if per_message > 1:
-        members: dict[int, list[tuple[AsyncSession, SessionFrames, SessionCheck | None]]] = {}
+        members: dict[int, list[tuple[int, AsyncSession]]] = {}
         for k, session in sessions:
-            check = verifier.session() if verifier is not None else None
-            frames = source.session(share.first_session + k)
-            members.setdefault(k // per_message, []).append((session, frames, check))
-        groups = [
-            GroupDriver(
-                clients[_client_of(g * per_message, len(clients), per_message)],
-                group,
-                run,
-                stats,
-                options.frames_per_session,
+            members.setdefault(k // per_message, []).append((k, session))
+        for number, group in members.items():
+            first = share.first_session + group[0][0]
+            checks = None if verifier is None else [verifier.session() for _ in group]
+            groups.append(
+                GroupDriver(
+                    clients[_client_of(number * per_message, len(clients), per_message)],
+                    [session for _, session in group],
+                    GroupFrames(source, first, len(group)),
+                    checks,
+                    run,
+                    stats,
+                    options.frames_per_session,
+                )
             )
-            for g, group in members.items()
-        ]
     else:
         drivers = [
             SessionDriver(
