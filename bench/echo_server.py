@@ -1,11 +1,11 @@
-"""Echo server: rnnstream's Stream protocol on the same asyncio gRPC stack, with no model behind it.
+"""Echo server: rnnstream's Stream protocol on the same asyncio gRPC stack and the same stream
+handling as rnnstream-server (a reader task reading ahead, the handler yielding from the same
+Outbox, outputs queued back to back packed into one FrameOutputs for streams that ask for it),
+with no model behind it: every frame is answered at once with a precomputed tensor of the real
+output size, every FrameGroup with a GroupOutputs of K rows. `rnnstream loadtest` drives it
+unchanged, so its server CPU per message is the floor of the stack rnnstream is compared with.
 
-It answers `open` with `opened`, every `frame` with an `output` holding a precomputed tensor of
-the real model's output shape and size (always one message per frame: answering at once, it never
-holds two outputs to pack), and `end` with `ended`; GetModel answers with the real
-model's ModelInfo (read from the ONNX file the way the server reads it). `rnnstream loadtest`
-drives it unchanged, so its frames/s and latency are the transport ceiling rnnstream is compared
-with. Run: python bench/echo_server.py --model-repository models --port 50061
+Run: python bench/echo_server.py --model-repository models --port 50061
 """
 
 from __future__ import annotations
@@ -23,72 +23,119 @@ import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from rnnstream.proto.tensor_codec import encode
+from rnnstream.proto.metadata import PACK_OUTPUTS_METADATA_KEY
+from rnnstream.proto.tensor_codec import decode, encode_into
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 from rnnstream.server._loop import run_event_loop
+from rnnstream.server._metrics import LoopCounter, _LoopCounters
 from rnnstream.server.core import ModelInfo, ModelSpec
 from rnnstream.server.core._loading import discover_models
 from rnnstream.server.core._runtime import load_model
 from rnnstream.server.transport.grpc._native import model_info
+from rnnstream.server.transport.grpc._outbox import Outbox
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # rnnstream-server's default
+
+
+class EchoStream:
+    """One Stream call, shaped as rnnstream's StreamCall: read() dispatches each message and
+    puts its answer in the outbox at once; the servicer yields from the outbox."""
+
+    def __init__(self, servicer: EchoServicer, pack: bool) -> None:
+        self._servicer = servicer
+        self.outbox = Outbox(MAX_MESSAGE_BYTES if pack else None)
+        self.reading = True
+
+    async def read(self, requests: AsyncIterator[pb.StreamRequest]) -> None:
+        try:
+            async for request in requests:
+                self._servicer.requests.inc()
+                response = self._servicer.reply(request)
+                if response is not None:
+                    self.outbox.put_nowait(response)
+        finally:
+            self.outbox.put_nowait(None)
 
 
 class EchoServicer(pb_grpc.RnnstreamServicer):
     """Answers each message at once with a reply of the real size; keeps no state."""
 
     def __init__(
-        self, specs: dict[str, ModelSpec], infos: dict[str, pb.ModelInfo], frames: Counter
+        self,
+        specs: dict[str, ModelSpec],
+        infos: dict[str, pb.ModelInfo],
+        registry: CollectorRegistry,
     ) -> None:
         # Counted like the server counts them, so the benchmark reads both the same way.
-        self._frames = frames
+        self._frames = Counter(
+            "rnnstream_frames", "Frames answered", ["model", "status"], registry=registry
+        )
+        # Plain integers, as rnnstream-server keeps them (no lock per message).
+        self.requests = LoopCounter("rnnstream_stream_requests", "Stream messages in")
+        self.responses = LoopCounter("rnnstream_stream_responses", "Stream messages out")
+        registry.register(_LoopCounters([self.requests, self.responses]))
         self._specs = specs
         self._infos = infos
         self._sessions: dict[str, str] = {}  # session id -> model
-        self._outputs: dict[tuple[str, int], list[pb.Tensor]] = {}
+        self._outputs: dict[tuple[str, int, int], list[tuple[str, np.ndarray]]] = {}
 
-    def _output(self, model: str, steps: int) -> list[pb.Tensor]:
-        """Zero tensors shaped like the model's outputs for a frame of `steps` time steps."""
-        key = (model, steps)
+    def _output(self, model: str, steps: int, rows: int) -> list[tuple[str, np.ndarray]]:
+        """Zero outputs of the model for `rows` frames of `steps` time steps (rows 0: one frame
+        without its batch axis)."""
+        key = (model, steps, rows)
         if key not in self._outputs:
-            tensors = []
+            arrays = []
             for out in self._specs[model].outputs:
                 shape = [
                     steps if i == out.frame_time_axis else (d if d is not None else 1)
                     for i, d in enumerate(out.frame_shape)
                 ]
-                tensors.append(encode(np.zeros(shape, out.dtype), out.name))
-            self._outputs[key] = tensors
+                if rows:
+                    shape.insert(out.batch_axis, rows)
+                arrays.append((out.name, np.zeros(shape, out.dtype)))
+            self._outputs[key] = arrays
         return self._outputs[key]
 
-    def _steps(self, model: str, frame: pb.Frame) -> int:
-        for spec, tensor in zip(self._specs[model].inputs, frame.inputs, strict=False):
+    def _steps(self, model: str, tensors: Any, batched: bool) -> int:
+        for spec, tensor in zip(self._specs[model].inputs, tensors, strict=False):
             axis = spec.frame_time_axis
+            if axis is not None and batched and axis >= spec.batch_axis:
+                axis += 1
             if axis is not None and axis < len(tensor.shape):
                 return int(tensor.shape[axis])
         return 1
 
-    def _reply(self, request: pb.StreamRequest) -> pb.StreamResponse | None:
+    def reply(self, request: pb.StreamRequest) -> pb.StreamResponse | None:
         kind = request.WhichOneof("kind")
         if kind == "frame":
             frame = request.frame
             model = self._sessions.get(frame.session_id, "")
             if not model:
-                return pb.StreamResponse(
-                    error=pb.StreamError(
-                        code=grpc.StatusCode.NOT_FOUND.value[0],
-                        message="unknown session",
-                        session_id=frame.session_id,
-                        frame_index=frame.frame_index,
-                    )
-                )
+                return _unknown(frame.session_id, frame.frame_index)
+            for tensor in frame.inputs:
+                decode(tensor)  # as the server does: one frombuffer per tensor
             self._frames.labels(model, "OK").inc()
-            return pb.StreamResponse(
-                output=pb.FrameOutput(
-                    session_id=frame.session_id,
-                    frame_index=frame.frame_index,
-                    outputs=self._output(model, self._steps(model, frame)),
-                )
-            )
+            response = pb.StreamResponse()
+            output = response.output
+            output.session_id = frame.session_id
+            output.frame_index = frame.frame_index
+            for name, array in self._output(model, self._steps(model, frame.inputs, False), 0):
+                encode_into(output.outputs.add(), array, name)
+            return response
+        if kind == "frame_group":
+            group = request.frame_group
+            rows = len(group.session_ids)
+            for tensor in group.inputs:
+                decode(tensor)
+            self._frames.labels(group.model, "OK").inc(rows)
+            response = pb.StreamResponse()
+            answer = response.group_outputs
+            answer.request_id = group.request_id
+            steps = self._steps(group.model, group.inputs, True)
+            for name, array in self._output(group.model, steps, rows):
+                encode_into(answer.outputs.add(), array, name)
+            return response
         if kind == "open":
             session_id = request.open.session_id or secrets.token_hex(16)
             self._sessions[session_id] = request.open.model
@@ -105,10 +152,25 @@ class EchoServicer(pb_grpc.RnnstreamServicer):
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: Any
     ) -> AsyncIterator[pb.StreamResponse]:
-        async for request in request_iterator:
-            response = self._reply(request)
-            if response is not None:
+        pack = any(
+            key == PACK_OUTPUTS_METADATA_KEY and value == "1"
+            for key, value in context.invocation_metadata() or ()
+        )
+        call = EchoStream(self, pack)
+        reader = asyncio.get_running_loop().create_task(call.read(request_iterator))
+        outbox = call.outbox
+        try:
+            while True:
+                response = await outbox.get() if outbox.empty() else outbox.get_nowait()
+                if response is None:
+                    return
+                assert isinstance(response, pb.StreamResponse)
                 yield response
+                self.responses.inc()
+                outbox.wrote()
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
 
     async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.ModelInfo:
         if request.name not in self._infos:
@@ -119,6 +181,17 @@ class EchoServicer(pb_grpc.RnnstreamServicer):
         self, request: pb.ListModelsRequest, context: Any
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=list(self._infos.values()))
+
+
+def _unknown(session_id: str, index: int) -> pb.StreamResponse:
+    return pb.StreamResponse(
+        error=pb.StreamError(
+            code=grpc.StatusCode.NOT_FOUND.value[0],
+            message="unknown session",
+            session_id=session_id,
+            frame_index=index,
+        )
+    )
 
 
 async def serve(
@@ -132,16 +205,16 @@ async def serve(
         infos[name] = model_info(ModelInfo(model.spec, model.provider, 1))
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ]
     )
     registry = CollectorRegistry()
-    frames = Counter("rnnstream_frames", "Frames answered", ["model", "status"], registry=registry)
     if metrics_port:
         start_http_server(metrics_port, addr=host, registry=registry)
-    pb_grpc.add_RnnstreamServicer_to_server(EchoServicer(specs, infos, frames), server)  # type: ignore[abstract]
+    servicer = EchoServicer(specs, infos, registry)
+    pb_grpc.add_RnnstreamServicer_to_server(servicer, server)  # type: ignore[abstract]
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     print(f"echo server on {host}:{bound}", flush=True)

@@ -244,7 +244,15 @@ class Metrics:
         )
         self.bytes_received = LoopCounter("rnnstream_bytes_received", "Tensor bytes received")
         self.bytes_sent = LoopCounter("rnnstream_bytes_sent", "Tensor bytes sent")
-        r.register(_LoopCounters([self.bytes_received, self.bytes_sent]))
+        # Per frame, these tell how much packing (FrameOutputs, FrameGroup) saves.
+        self.stream_requests = LoopCounter(
+            "rnnstream_stream_requests", "rnnstream.v1 Stream messages received"
+        )
+        self.stream_responses = LoopCounter(
+            "rnnstream_stream_responses", "rnnstream.v1 Stream messages sent"
+        )
+        counters = [self.bytes_received, self.bytes_sent, self.stream_requests]
+        r.register(_LoopCounters([*counters, self.stream_responses]))
         self._principals = _PrincipalSeries(r) if per_principal else None
         self._http: MetricsEndpoint | None = None
 

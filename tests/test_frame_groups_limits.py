@@ -134,4 +134,7 @@ async def test_metrics_count_every_row(make_server: Callable[..., RunningServer]
     ]
     assert max(buckets) == 5
     assert samples[("rnnstream_batch_size_sum", label)] == 5
+    # Five opens and one group in, five opened and one GroupOutputs out: messages, not frames.
+    assert samples[("rnnstream_stream_requests_total", ())] == 6
+    assert samples[("rnnstream_stream_responses_total", ())] == 6
     assert running.run(lambda: probe.queued_frames(running.engine)) == 0

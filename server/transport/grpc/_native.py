@@ -149,7 +149,7 @@ class NativeServicer:
         )
         self.calls.add(call)
         reader = asyncio.get_running_loop().create_task(call.read(requests))
-        outbox = call.outbox
+        outbox, sent = call.outbox, self._metrics.stream_responses
         try:
             while True:
                 # get_nowait when something waits: no coroutine per response while busy.
@@ -165,6 +165,7 @@ class NativeServicer:
                 # Yielded, not context.write(): gRPC sends it from its own loop, as the echo
                 # server does; a client that is gone ends this generator.
                 yield response
+                sent.value += 1
                 outbox.wrote()
         finally:
             self.calls.discard(call)

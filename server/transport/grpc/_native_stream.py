@@ -71,6 +71,7 @@ class StreamCall:
         self._max_steps = settings.max_steps_per_frame
         self._bytes_in = metrics.bytes_received
         self._bytes_out = metrics.bytes_sent
+        self._requests = metrics.stream_requests
         self._layouts: dict[str, OutputLayout] = {}  # model -> its outputs' names and batch axes
         self._on_end = self.notify_ended  # one bound method for all its sessions, not one each
 
@@ -130,7 +131,9 @@ class StreamCall:
     # -- requests --------------------------------------------------------------------------
     async def read(self, requests: AsyncIterator[pb.StreamRequest | BadRequest]) -> None:
         try:
+            received = self._requests
             async for request in requests:
+                received.value += 1
                 if isinstance(request, pb.StreamRequest) and request.HasField("open"):
                     # Awaited before reading on: it may load the session from the state store,
                     # and the frames behind it need the session in place.

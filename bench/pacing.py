@@ -1,0 +1,269 @@
+"""The pacing knobs on a workload none of them was tuned on: open-loop Poisson arrivals at 50 %
+and 90 % of capacity, 64 and 512 sessions, one frame a message. Each knob is turned off alone
+(`--gather-us 0`, `--busy-poll-us 0`, `--inline-run-us 0`: no batch on the event loop, so no
+timing runs decide it) against the defaults, all servers up at once, in the same rounds.
+
+    python bench/pacing.py                       # about 20 minutes; bench/results/pacing.json
+    python bench/pacing.py --report-only bench/results/pacing.json --write-docs
+
+Capacity is the defaults' closed-loop frames/s with the same sessions and connections (the
+median of a few runs at the start); latency is the load test's, from each frame's due time
+(queueing in the client included, so a server that falls behind shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    PERFORMANCE_MD,
+    RESULTS,
+    fmt,
+    fmt_spread,
+    load_line,
+    machine,
+    measure,
+    read,
+    save,
+    spread,
+    start_server,
+    wait_for_quiet,
+    write_docs_section,
+)
+
+NAME = "pacing"
+MODEL = "gru"
+# config -> (label, server flags)
+CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "defaults": ("defaults", ()),
+    "no_gather": ("--gather-us 0", ("--gather-us", "0")),
+    "no_poll": ("--busy-poll-us 0", ("--busy-poll-us", "0")),
+    "no_inline": ("--inline-run-us 0", ("--inline-run-us", "0")),
+}
+KNOBS = {"no_gather": "--gather-us", "no_poll": "--busy-poll-us", "no_inline": "--inline-run-us"}
+# A knob wins a workload when, with it on, the median p99 is this much lower than with it off
+# and the median p50 no more than this much higher; it loses where either is this much worse.
+MARGIN = 0.10
+
+
+def base_flags(sessions: int, processes: int) -> list[str]:
+    flags = ["--sessions", str(sessions), "--connections", str(min(sessions, 8))]
+    return [*flags, "--processes", str(min(processes, sessions)), "--no-pack-frames"]
+
+
+def open_loop_flags(sessions: int, processes: int, rate: float) -> list[str]:
+    return [*base_flags(sessions, processes), "--rate", f"{rate:.0f}", "--arrivals", "poisson"]
+
+
+def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    runs = result["runs"]
+    for workload in result["workloads"]:
+        for config in CONFIGS:
+            group = [
+                r
+                for r in runs
+                if (r["sessions_asked"], r["load"], r["config"])
+                == (workload["sessions"], workload["load"], config)
+            ]
+            if not group:
+                continue
+            row: dict[str, Any] = {**workload, "config": config}
+            for key in ("frames_per_s", "p50_ms", "p99_ms", "mean_batch", "cpu_us_per_frame"):
+                row[key] = spread(g[key] for g in group)
+            row["connections"] = spread(g["connections"] for g in group)["median"]
+            row["failed"] = sum(g["failed"] for g in group)
+            rows.append(row)
+    return rows
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per knob and workload: on (defaults) / off medians of p50 and p99, and who wins."""
+    out = []
+    for config, knob in KNOBS.items():
+        for on in (r for r in rows if r["config"] == "defaults"):
+            off = next(
+                (
+                    r
+                    for r in rows
+                    if r["config"] == config
+                    and (r["sessions"], r["load"]) == (on["sessions"], on["load"])
+                ),
+                None,
+            )
+            if off is None or not off["p99_ms"]["median"] or not off["p50_ms"]["median"]:
+                continue
+            p50 = on["p50_ms"]["median"] / off["p50_ms"]["median"]
+            p99 = on["p99_ms"]["median"] / off["p99_ms"]["median"]
+            if p99 <= 1 - MARGIN and p50 <= 1 + MARGIN:
+                verdict = "wins"
+            elif p99 >= 1 + MARGIN or p50 >= 1 + MARGIN:
+                verdict = "loses"
+            else:
+                verdict = "no difference"
+            out.append(
+                {
+                    "knob": knob,
+                    "sessions": on["sessions"],
+                    "load": on["load"],
+                    "p50_on_off": p50,
+                    "p99_on_off": p99,
+                    "verdict": verdict,
+                }
+            )
+    return out
+
+
+def decisions(found: list[dict[str, Any]]) -> dict[str, str]:
+    """Keep a knob only where it wins on one of these workloads and loses on none."""
+    out = {}
+    for knob in KNOBS.values():
+        mine = [v["verdict"] for v in found if v["knob"] == knob]
+        keep = "wins" in mine and "loses" not in mine
+        out[knob] = "keep" if keep else "remove"
+    return out
+
+
+def report(result: dict[str, Any]) -> str:
+    rows = summarize(result)
+    found = verdicts(rows)
+    o = result["options"]
+    caps = ", ".join(
+        f"{c['sessions']} sessions {c['frames_per_s']:,.0f} frames/s" for c in result["capacity"]
+    )
+    lines = [
+        f"Measured {result['date']} on {load_line(result)}; gru, one frame a message, "
+        f"{o['rounds']} rounds of {o['duration']:g} s (after {o['warmup']:g} s of warm-up) per "
+        f"row. Capacity (closed loop, defaults): {caps}. Medians over the rounds, (min-max) "
+        "beside them.",
+        "",
+        "| sessions | connections | load | offered frames/s | server | frames/s (min-max) "
+        "| p50 ms (min-max) | p99 ms (min-max) | mean batch | server CPU µs/frame |",
+        "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['sessions']} | {fmt(r['connections'], 0)} | {r['load']:.0%} | {fmt(r['rate'], 0)} "
+            f"| {CONFIGS[r['config']][0]} | {fmt_spread(r['frames_per_s'], 0)} "
+            f"| {fmt_spread(r['p50_ms'], 2)} | {fmt_spread(r['p99_ms'], 2)} "
+            f"| {fmt(r['mean_batch']['median'])} | {fmt(r['cpu_us_per_frame']['median'], 0)} |"
+        )
+    lines += [
+        "",
+        "Each knob with its default against turned off, per workload (ratios of medians; a knob "
+        f"wins where its p99 is at least {MARGIN:.0%} lower with its p50 no more than "
+        f"{MARGIN:.0%} higher, and loses where either is {MARGIN:.0%} higher):",
+        "",
+        "| knob | sessions | load | p50 on / off | p99 on / off | verdict |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for v in found:
+        lines.append(
+            f"| `{v['knob']}` | {v['sessions']} | {v['load']:.0%} | {fmt(v['p50_on_off'], 2)} "
+            f"| {fmt(v['p99_on_off'], 2)} | {v['verdict']} |"
+        )
+    lines += ["", "| knob | decision |", "| --- | --- |"]
+    for knob, decision in decisions(found).items():
+        lines.append(f"| `{knob}` | {decision} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--out", type=Path, default=RESULTS / f"{NAME}.json")
+    parser.add_argument("--sessions", default="64,512")
+    parser.add_argument("--loads", default="0.5,0.9")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--capacity-runs", type=int, default=3)
+    parser.add_argument("--client-processes", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    parser.add_argument("--quiet-load", type=float, default=1.5)
+    parser.add_argument("--quiet-timeout", type=float, default=3600.0)
+    parser.add_argument("--report-only", type=Path)
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args()
+    if args.report_only is not None:
+        table = report(read(args.report_only))
+        print(table)
+        if args.write_docs:
+            write_docs_section(PERFORMANCE_MD, NAME, table)
+        return
+    started = time.monotonic()
+    info = {
+        "machine": machine(),
+        "quiet_machine": wait_for_quiet(args.quiet_load, args.quiet_timeout),
+    }
+    print(load_line(info), flush=True)
+    counts = [int(c) for c in args.sessions.split(",")]
+    loads = [float(x) for x in args.loads.split(",")]
+    servers = {}
+    runs: list[dict[str, Any]] = []
+    capacity = []
+    try:
+        for config, (_, flags) in CONFIGS.items():
+            servers[config] = start_server(config, "rnnstream", MODEL, *flags)
+        for sessions in counts:
+            flags = [*base_flags(sessions, args.client_processes), "--inflight", "1"]
+            values = [
+                measure(servers["defaults"], MODEL, args.duration, args.warmup, flags)[
+                    "frames_per_s"
+                ]
+                for _ in range(args.capacity_runs)
+            ]
+            capacity.append(
+                {"sessions": sessions, "frames_per_s": statistics.median(values), "runs": values}
+            )
+            print(f"capacity at {sessions} sessions: {values}", flush=True)
+        workloads = [
+            {"sessions": c["sessions"], "load": load, "rate": load * c["frames_per_s"]}
+            for c in capacity
+            for load in loads
+        ]
+        for round_ in range(args.rounds):
+            for workload in workloads:
+                flags = open_loop_flags(
+                    workload["sessions"], args.client_processes, workload["rate"]
+                )
+                for config in CONFIGS:
+                    run = measure(servers[config], MODEL, args.duration, args.warmup, flags)
+                    run.update(
+                        sessions_asked=workload["sessions"],
+                        load=workload["load"],
+                        config=config,
+                        round=round_,
+                    )
+                    runs.append(run)
+                    print(
+                        f"round {round_ + 1} {workload['sessions']} sessions {workload['load']:.0%} "
+                        f"{config}: p50 {run['p50_ms']} p99 {run['p99_ms']} ms, "
+                        f"{run['frames_per_s']:,.0f} frames/s",
+                        flush=True,
+                    )
+    finally:
+        for server in servers.values():
+            server.stop()
+    result = {
+        **info,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "seconds": time.monotonic() - started,
+        "capacity": capacity,
+        "workloads": workloads,
+        "runs": runs,
+    }
+    save(result, args.out)
+    print(report(result))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
