@@ -151,7 +151,8 @@ def report(result: dict[str, Any]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['sessions']} | {fmt(r['connections'], 0)} | {r['load']:.0%} | {fmt(r['rate'], 0)} "
+            f"| {r['sessions']} | {fmt(r['connections'], 0)} | {r['load']:.0%} "
+            f"| {fmt(r['rate'], 0)} "
             f"| {CONFIGS[r['config']][0]} | {fmt_spread(r['frames_per_s'], 0)} "
             f"| {fmt_spread(r['p50_ms'], 2)} | {fmt_spread(r['p99_ms'], 2)} "
             f"| {fmt(r['mean_batch']['median'])} | {fmt(r['cpu_us_per_frame']['median'], 0)} |"
@@ -243,7 +244,8 @@ def main() -> None:
                     )
                     runs.append(run)
                     print(
-                        f"round {round_ + 1} {workload['sessions']} sessions {workload['load']:.0%} "
+                        f"round {round_ + 1} {workload['sessions']} sessions "
+                        f"{workload['load']:.0%} "
                         f"{config}: p50 {run['p50_ms']} p99 {run['p99_ms']} ms, "
                         f"{run['frames_per_s']:,.0f} frames/s",
                         flush=True,

@@ -20,6 +20,7 @@ def core_settings(s: Settings) -> EngineSettings:
         models=s.models,
         device=s.device,
         ort_threads=s.ort_threads,
+        state_pool=s.state_pool,
         max_batch_size=s.max_batch_size,
         inline_run_seconds=s.inline_run_us * 1e-6,
         busy_poll_seconds=s.busy_poll_us * 1e-6,

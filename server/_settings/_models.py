@@ -68,6 +68,12 @@ class ModelSettings:
         "Execution provider: auto (CUDA if it really works, else CPU), cpu or cuda.",
         choices=("auto", "cpu", "cuda"),
     )
+    state_pool: str = setting(
+        "auto",
+        "Where session states live between batches: on the GPU when a model runs on CUDA "
+        "(auto), in host memory, or as ONNX Runtime values on the model's device (device).",
+        choices=("auto", "host", "device"),
+    )
     ort_threads: int = setting(
         1, "ONNX Runtime intra-op threads per model; 0 lets ORT decide.", minimum=0, maximum=1024
     )

@@ -38,6 +38,9 @@ class EngineSettings:
     model_control_mode: str = "none"
     load_model: tuple[str, ...] = ()  # explicit mode: loaded at start ("*": every model)
     repository_poll_seconds: float = 15.0
+    # Where session states live between batches: auto (the GPU's memory when a model runs on
+    # CUDA, else host arrays), host, or device (ORT values on the provider's device).
+    state_pool: str = "auto"
     drain_timeout: float = 600.0  # a retired version's sessions end after this long; 0: never
     # With a state store: an idle session leaves memory after spill_after seconds (0: never)
     # and its state stays in the store store_ttl seconds more (0: its session TTL).

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rnnstream.server.core._device_pool import state_pool
 from rnnstream.server.core._engine_settings import EngineSettings
 from rnnstream.server.core._errors import InvalidArgument
 from rnnstream.server.core._instruments import CoreMetrics
@@ -98,8 +99,10 @@ async def load_version(
     model = await asyncio.to_thread(open_model, name, path, config, files, serving)
     # One thread per loaded version: versions and models overlap (ORT releases the GIL).
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}-{version}")
+    pool = await asyncio.to_thread(state_pool, model, settings.state_pool)
     scheduler = ModelScheduler(
         model,
+        pool=pool,
         max_batch_size=serving.max_batch_size,
         executor=executor,
         metrics=metrics,

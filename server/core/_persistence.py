@@ -44,12 +44,12 @@ class Persistence:
         results: list[FrameOutput],
         slots: np.ndarray,
         old_states: Arrays,
-        new_states: Arrays,
+        new_states: Arrays | None,
     ) -> RnnstreamError | None:
         """Store the batch's step; on failure put every state back and return the error (the
         frames fail with UNAVAILABLE, the client sends them again once the store is back, and
         nothing is applied twice)."""
-        assert self.store is not None
+        assert self.store is not None and new_states is not None
         spec = self._spec
         per_state = [
             np.moveaxis(a, st.batch_axis, 0) for a, st in zip(new_states, spec.states, strict=True)

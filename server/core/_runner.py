@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from rnnstream.server.core._batch import Batch
+from rnnstream.server.core._device_pool import DeviceStatePool
 from rnnstream.server.core._results import BlockOutputs, FrameOutput
 from rnnstream.server.core._run_timing import RunTimes
 from rnnstream.server.core._runtime import OrtModel
@@ -36,10 +37,15 @@ class BatchRunner:
         pool: StatePool,
         executor: Executor | None,
         inline_run_seconds: float,
+        host_states: bool = False,
     ) -> None:
         self.model = model
         self.spec = model.spec
         self._pool = pool
+        # States on the device: a step gathers and scatters them there (_device_pool).
+        self._device = pool if isinstance(pool, DeviceStatePool) else None
+        self._host_states = host_states  # the state store needs each step's states on the host
+        self._old_states: Arrays = []  # the last device step's states before it (with a store)
         self._executor = executor
         self.run_times = RunTimes(inline_run_seconds)
         self._output_names = tuple(t.name for t in self.spec.outputs)
@@ -62,9 +68,16 @@ class BatchRunner:
                     pieces.insert(0, np.stack([f.inputs[i] for f in frames], axis=spec.batch_axis))
                 joined = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, spec.batch_axis)
                 feeds[spec.name] = joined
-        for state, array in zip(self.spec.states, self._pool.gather(slots), strict=True):
-            feeds[state.input_name] = array
+        if self._device is None:
+            for state, array in zip(self.spec.states, self._pool.gather(slots), strict=True):
+                feeds[state.input_name] = array
         return feeds
+
+    def old_states(self, feeds: Feeds) -> Arrays:
+        """The states the last batch started from, on the host (to undo a failed store write)."""
+        if self._device is not None:
+            return self._old_states
+        return [feeds[state.input_name] for state in self.spec.states]
 
     def nonfinite(self, rows: int, feeds: Feeds) -> dict[int, str]:
         """Batch row -> the input holding a NaN or infinity (it would poison the state for
@@ -73,6 +86,43 @@ class BatchRunner:
 
     def runs_inline(self, key: BatchKey, size: int) -> bool:
         return self.run_times.runs_inline(key, size)
+
+    def run_step(self, feeds: Feeds, slots: Slots) -> tuple[Arrays, Arrays | None, float]:
+        """(outputs, new states on the host (None: they stayed on the device), seconds) of one
+        batch on this thread."""
+        device = self._device
+        if device is None:
+            return self.run_inline(feeds)
+        started = time.perf_counter()
+        device.begin_step()
+        done = None
+        try:
+            done = device.step(feeds, slots, self._host_states)
+        finally:
+            device.finish_step(done)
+        self._old_states = done.old_states or []
+        return done.outputs, done.new_states, time.perf_counter() - started
+
+    async def run_step_in_executor(
+        self, feeds: Feeds, slots: Slots
+    ) -> tuple[Arrays, Arrays | None, float]:
+        """run_step in the executor thread, the event loop reading on meanwhile (with states on
+        the device, writes to other slots wait for the step: DeviceStatePool)."""
+        device = self._device
+        if device is None:
+            return await self.run_in_executor(feeds)
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        device.begin_step()
+        done = None
+        try:
+            done = await loop.run_in_executor(
+                self._executor, device.step, feeds, slots, self._host_states
+            )
+        finally:
+            device.finish_step(done)
+        self._old_states = done.old_states or []
+        return done.outputs, done.new_states, time.perf_counter() - started
 
     def run_inline(self, feeds: Feeds) -> tuple[Arrays, Arrays, float]:
         """(outputs, new states, seconds) of one ORT call on this thread."""
@@ -96,14 +146,15 @@ class BatchRunner:
         slots: Slots,
         batch: Batch,
         outputs: Arrays,
-        states: Arrays,
+        states: Arrays | None,
         seconds: float,
     ) -> tuple[list[FrameOutput], list[BlockOutputs]]:
         """Store the new states; each single frame's outputs, copied out of the batch, and each
         block part's outputs, left in the batch's arrays."""
         assert batch.key is not None
         self.run_times.record(batch.key, len(batch), seconds)
-        self._pool.scatter(slots, states)
+        if self._device is None and states is not None:  # on the device: scattered there
+            self._pool.scatter(slots, states)
         names = self._output_names
         frames = batch.frames
         singles: list[FrameOutput] = []

@@ -58,6 +58,7 @@ class ModelScheduler:
         self,
         model: OrtModel,
         *,
+        pool: StatePool | None = None,
         max_batch_size: int,
         executor: Executor | None = None,
         metrics: CoreMetrics | None = None,
@@ -69,11 +70,13 @@ class ModelScheduler:
     ) -> None:
         self.model = model
         self.spec = model.spec
-        self.pool = StatePool(self.spec.states)
+        self.pool = pool if pool is not None else StatePool(self.spec.states)
         self.counters = ModelCounters(self.spec.name, metrics)
         self.stats = self.counters.stats
         self.ready = ReadyQueue(max_batch_size, max_batch_bytes)
-        self.runner = BatchRunner(model, self.pool, executor, inline_run_seconds)
+        self.runner = BatchRunner(
+            model, self.pool, executor, inline_run_seconds, host_states=store is not None
+        )
         self.rollouts = RolloutQueue(executor, self.ready.wake)
         self.persistence = Persistence(store, self.spec, self.pool)
         self.controls = Controls(self)
@@ -258,9 +261,9 @@ class ModelScheduler:
         try:
             assert batch.key is not None
             if runner.runs_inline(batch.key, len(sessions)):
-                outputs, states, seconds = runner.run_inline(feeds)
+                outputs, states, seconds = runner.run_step(feeds, slots)
             else:
-                outputs, states, seconds = await runner.run_in_executor(feeds)
+                outputs, states, seconds = await runner.run_step_in_executor(feeds, slots)
         except asyncio.CancelledError:
             # Nothing was applied: the client sends the frame again, to another replica.
             answers.fail(batch, Unavailable(_STOPPED))
@@ -270,7 +273,7 @@ class ModelScheduler:
             return
         singles, blocks = runner.scatter(slots, batch, outputs, states, seconds)
         if self.persistence.store is not None:
-            old_states = [feeds[st.input_name] for st in self.spec.states]
+            old_states = runner.old_states(feeds)
             results = singles + [b.row(i) for b in blocks for i in range(len(b))]
             try:
                 error = await self.persistence.save_batch(
