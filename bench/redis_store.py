@@ -1,96 +1,108 @@
-"""Redis state store against in-memory state, gru at C=512, in the same run (issue target: at most
-25% fewer frames/s). Run: python bench/redis_store.py [--seconds 8] [--runs 3] [--json PATH]."""
+"""Session state in Redis against in-memory state: gru, 512 closed-loop sessions, one frame a
+message, both servers up at once and alternated in the same rounds (target: Redis keeps at
+least 0.75x the in-memory frames/s).
+
+    python bench/redis_store.py                   # about 4 minutes; bench/results/redis_store.json
+    python bench/redis_store.py --report-only bench/results/redis_store.json --write-docs
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rnnstream.loadtest import LoadtestOptions, run_loadtest  # noqa: E402
+from _common import (
+    PERFORMANCE_MD,
+    RESULTS,
+    fmt,
+    fmt_spread,
+    free_port,
+    load_line,
+    machine,
+    measure,
+    read,
+    save,
+    spread,
+    start_server,
+    wait_for_quiet,
+    write_docs_section,
+)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_listening(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
-def start_server(port: int, store: str) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "rnnstream.server", "--port", str(port), "--models", "gru"]
-    args += ["--metrics-port", "0", "--log-level", "WARNING", "--max-sessions-per-stream", "1024"]
-    if store:
-        args += ["--state-store", store]
-    process = subprocess.Popen(args, cwd=REPO)
-    wait_listening(port)
-    time.sleep(1.0)  # models load after the port opens
-    return process
+NAME = "redis_store"
+MODEL = "gru"
+LABELS = {"memory": "in-memory", "redis": "redis"}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def measure(store: str, sessions: int, seconds: float, processes: int) -> tuple[float, float]:
-    """(frames/s, server CPU µs per answered frame, warm-up included in neither)."""
-    port = free_port()
-    server = start_server(port, store)
-    try:
-        options = LoadtestOptions(
-            model="gru",
-            target=f"127.0.0.1:{port}",
-            sessions=sessions,
-            duration=seconds,
-            warmup=2.0,
-            processes=processes,
-            connections=processes,
-            progress=False,
+def report(result: dict[str, Any]) -> str:
+    o, runs = result["options"], result["runs"]
+    lines = [
+        f"Measured {result['date']} on {load_line(result)}; gru, {o['sessions']} closed-loop "
+        f"sessions over 8 connections, one frame a message, {o['rounds']} rounds of "
+        f"{o['duration']:g} s. Medians, (min-max) beside them.",
+        "",
+        "| state store | connections | frames/s (min-max) | p99 ms | server CPU µs/frame |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for store, label in LABELS.items():
+        mine = [r for r in runs if r["store"] == store]
+        lines.append(
+            f"| {label} | {fmt(spread(r['connections'] for r in mine)['median'], 0)} "
+            f"| {fmt_spread(spread(r['frames_per_s'] for r in mine), 0)} "
+            f"| {fmt(spread(r['p99_ms'] for r in mine)['median'], 2)} "
+            f"| {fmt(spread(r['cpu_us_per_frame'] for r in mine)['median'], 0)} |"
         )
-        cpu_before = cpu_seconds(server.pid)
-        report = run_loadtest(options)
-        cpu = cpu_seconds(server.pid) - cpu_before
-        if report.frames_failed or report.errors:
-            raise RuntimeError(f"run had failures: {report.failed} {report.errors}")
-        # CPU over the whole run (opens and warm-up too) per measured frame: an upper bound.
-        return report.frames_per_second, cpu * 1e6 / max(1, report.answered)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
+    ratios = []
+    for r in (r for r in runs if r["store"] == "redis"):
+        memory = [m for m in runs if (m["store"], m["round"]) == ("memory", r["round"])]
+        if memory and memory[0]["frames_per_s"]:
+            ratios.append(r["frames_per_s"] / memory[0]["frames_per_s"])
+    ratio = spread(ratios)["median"]
+    met = ratio is not None and ratio >= 0.75
+    lines += [
+        "",
+        "| target | value (median) | met |",
+        "| --- | ---: | --- |",
+        f"| redis / in-memory frames/s >= 0.75 | {fmt(ratio, 2)} | {'yes' if met else 'NO'} |",
+    ]
+    return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--out", type=Path, default=RESULTS / f"{NAME}.json")
     parser.add_argument("--sessions", type=int, default=512)
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--processes", type=int, default=2, help="load generator processes")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--client-processes", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    parser.add_argument("--quiet-load", type=float, default=1.5)
+    parser.add_argument("--quiet-timeout", type=float, default=3600.0)
+    parser.add_argument("--report-only", type=Path)
+    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
+    if args.report_only is not None:
+        table = report(read(args.report_only))
+        print(table)
+        if args.write_docs:
+            write_docs_section(PERFORMANCE_MD, NAME, table)
+        return
+    started = time.monotonic()
+    info = {
+        "machine": machine(),
+        "quiet_machine": wait_for_quiet(args.quiet_load, args.quiet_timeout),
+    }
+    print(load_line(info), flush=True)
     redis_bin = shutil.which("redis-server") or "/usr/bin/redis-server"
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         redis_port = free_port()
         redis = subprocess.Popen(
@@ -98,35 +110,37 @@ def main() -> None:
              "--appendonly", "no", "--dir", tmp],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        wait_listening(redis_port)
         url = f"redis://127.0.0.1:{redis_port}/0"
-        results: dict[str, list[float]] = {"memory": [], "redis": []}
-        cpu: dict[str, list[float]] = {"memory": [], "redis": []}
+        servers = {}
         try:
-            for _ in range(args.runs):  # alternate, so drift on a shared machine hits both
-                for name, store in (("memory", ""), ("redis", url)):
-                    fps, us = measure(store, args.sessions, args.seconds, args.processes)
-                    results[name].append(fps)
-                    cpu[name].append(us)
+            servers["memory"] = start_server("memory", "rnnstream", MODEL)
+            servers["redis"] = start_server("redis", "rnnstream", MODEL, "--state-store", url)
+            flags = ["--sessions", str(args.sessions), "--connections", "8", "--inflight", "1"]
+            flags += ["--processes", str(args.client_processes), "--no-pack-frames"]
+            for round_ in range(args.rounds):
+                for store, server in servers.items():
+                    run = measure(server, MODEL, args.duration, args.warmup, flags)
+                    run.update(store=store, round=round_)
+                    runs.append(run)
+                    print(
+                        f"round {round_ + 1} {store}: {run['frames_per_s']:,.0f} frames/s",
+                        flush=True,
+                    )
         finally:
+            for server in servers.values():
+                server.stop()
             redis.terminate()
             redis.wait(10)
-    memory = statistics.median(results["memory"])
-    stored = statistics.median(results["redis"])
-    ratio = stored / memory
-    print(f"| state store | frames/s (median of {args.runs}) | runs | server CPU µs/frame |")
-    print("|---|---:|---|---:|")
-    for name, label in (("memory", "in-memory"), ("redis", "redis")):
-        runs = ", ".join(f"{v:,.0f}" for v in results[name])
-        median = statistics.median(results[name])
-        print(f"| {label} | {median:,.0f} | {runs} | {statistics.median(cpu[name]):.0f} |")
-    verdict = "met" if ratio >= 0.75 else "NOT met"
-    print(f"\nredis / in-memory = {ratio:.2f} (target >= 0.75: {verdict}); C={args.sessions}, gru")
-    cpu_ratio = statistics.median(cpu["redis"]) / statistics.median(cpu["memory"])
-    print(f"server CPU per frame, redis / in-memory = {cpu_ratio:.2f}")
-    if args.json:
-        summary = {"frames_per_s": results, "cpu_us_per_frame": cpu, "ratio": ratio}
-        args.json.write_text(json.dumps(summary | {"cpu_ratio": cpu_ratio}, indent=2))
+    result = {
+        **info,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "seconds": time.monotonic() - started,
+        "runs": runs,
+    }
+    save(result, args.out)
+    print(report(result))
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

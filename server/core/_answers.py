@@ -55,16 +55,14 @@ class BatchAnswers:
             else:
                 expected.answered(session, done_at)
         for part, outputs in zip(batch.parts, blocks, strict=True):
-            sessions = part.sessions()
-            Session.apply_block(sessions, outputs, now)
+            busy = Session.apply_block(part.sessions(), outputs, now)
             reply = part.block.reply
             if reply.done():
                 cancelled += len(part)
             else:
                 reply.rows_applied(part.group_rows(), outputs.outputs)
-            for session in sessions:
-                if session.has_work():
-                    ready.mark_ready(session)
+            for session in busy:
+                ready.mark_ready(session)
         self._counters.count("OK", len(batch) - cancelled)
         if cancelled:
             self._counters.count("CANCELLED", cancelled)

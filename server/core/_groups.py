@@ -100,7 +100,7 @@ class FrameGroups:
         session of the principal on this model is refused alone."""
         scheduler, model, instance = copy.scheduler, copy.name, copy.key
         rows = len(found)
-        if _all_clean(found, indices, instance) and len(set(found)) == rows:
+        if Session.all_clean(found, indices, instance) and len(set(found)) == rows:
             block_indices = np.fromiter(indices, dtype=np.int64, count=rows)
             sessions = [s for s in found if s is not None]
             scheduler.submit_block(FrameBlock(sessions, block_indices, arrays, key, reply, None))
@@ -110,13 +110,9 @@ class FrameGroups:
         queued: list[tuple[int, Session, int]] = []
         seen: set[Session] = set()
         for row, (session, index) in enumerate(zip(found, indices, strict=True)):
-            if (
-                session is not None
-                and session.instance == instance
-                and session.emit == "every"
-                and session.clean_for(index)
-                and session not in seen
-            ):
+            clean_row = session is not None and session not in seen
+            if clean_row and Session.all_clean([session], [index], instance):
+                assert session is not None
                 seen.add(session)
                 clean.append(row)
                 clean_sessions.append(session)
@@ -221,20 +217,3 @@ class FrameGroups:
         work = FrameWork(index, frame, key, reply.row_reply(row), session.emit != "last")
         copy.scheduler.submit(session, work)
         return True
-
-
-def _all_clean(sessions: Sequence[Session | None], indices: Sequence[int], instance: int) -> bool:
-    """Every session is found, runs on the model copy `instance`, emits every frame, has
-    nothing queued or running, and expects its index next (Session.clean_for): the whole group
-    may form one block."""
-    for session, index in zip(sessions, indices, strict=True):
-        if (
-            session is None
-            or session.in_flight
-            or index != session.next_index
-            or session.instance != instance
-            or session.emit != "every"
-            or session.has_work()
-        ):
-            return False
-    return True

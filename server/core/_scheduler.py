@@ -145,7 +145,7 @@ class ModelScheduler:
 
     def submit_block(self, block: FrameBlock) -> None:
         """Queue a block of frames, one per session, whose sessions had nothing else queued or
-        running (Session.clean_for): it runs whole, or split over batches, with no object per
+        running (Session.all_clean): it runs whole, or split over batches, with no object per
         frame. Not told to the pacer's ExpectedFrames: a block's frames come together."""
         if self._halted:  # the server is stopping: nothing would run it
             self.answers.fail_block(block, Unavailable(_STOPPING))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from rnnstream.server.core._budget import RingLedger
@@ -238,9 +238,10 @@ class Session:
         self.last_active = now
 
     @staticmethod
-    def apply_block(sessions: list[Session], outputs: BlockOutputs, now: float) -> None:
-        """Each session's row of a block was applied (and stored, with a store): row i of
-        `outputs` is sessions[i]'s. One loop with no object per session but its ring entry."""
+    def apply_block(sessions: list[Session], outputs: BlockOutputs, now: float) -> list[Session]:
+        """Row i of `outputs` (a block's) is sessions[i]'s, applied (and stored): one loop, no
+        object per session but its ring entry. Returns those with more work queued."""
+        busy = []
         for row, session in enumerate(sessions):
             session.next_index += 1
             kept = (outputs, row)
@@ -248,17 +249,26 @@ class Session:
             session._keep(kept)
             session.in_flight = 0
             session.last_active = now
+            if session._pending:
+                busy.append(session)
+        return busy
+
+    @staticmethod
+    def all_clean(found: Sequence[Session | None], indices: Sequence[int], instance: int) -> bool:
+        """Each found, on model copy `instance`, emitting every frame, with nothing queued or
+        running and its index next: the sessions' frames may skip their queues as a block."""
+        for s, i in zip(found, indices, strict=True):
+            if s is None or s._pending or s.in_flight or i != s.next_index or s.emit != "every":
+                return False
+            if s.instance != instance:
+                return False
+        return True
 
     @staticmethod
     def start_block(sessions: list[Session]) -> None:
         """Their next frames joined a block (FrameBlock): in flight until applied."""
         for session in sessions:
             session.in_flight = FRAME
-
-    def clean_for(self, index: int) -> bool:
-        """Nothing queued or running, and `index` is the next frame: a frame may skip the queue
-        and join a block."""
-        return not self._pending and not self.in_flight and index == self.next_index
 
     def released(self) -> None:
         """The running frame failed or was refused: nothing was applied."""
