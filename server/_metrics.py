@@ -170,6 +170,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.batch_gather = Histogram(
+            "rnnstream_batch_gather_seconds",
+            "Time a batch that could start waited for frames arriving (at most 1 ms)",
+            ["model"],
+            buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3),
+            registry=r,
+        )
         self.ort_run = Histogram(
             "rnnstream_ort_run_seconds",
             "ONNX Runtime time per batch",
@@ -266,6 +273,9 @@ class Metrics:
             self.batch_size.labels(model),
             _Observations(self.frame_latency.labels(model)),
         )
+
+    def gather_observer(self, model: str) -> Any:
+        return self.batch_gather.labels(model)
 
     def watch_queue_depth(self, model: str, read: Callable[[], float]) -> None:
         self.queue_depth.labels(model).set_function(read)

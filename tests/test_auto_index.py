@@ -40,7 +40,9 @@ async def test_concurrent_infer_calls_each_get_their_own_index(
     that are refused when they run (NaN): every well-formed call is answered OK with an index of
     its own, the outputs are those of the inputs applied in index order, and the session's next
     index is the number of OK answers."""
-    running = make_server(models=(MODEL,), inline_run_us=0)  # frames run while others arrive
+    running = make_server(
+        models=(MODEL,)
+    )  # every batch runs in the thread: others arrive meanwhile
     rng = np.random.default_rng(101)
     answered: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # index -> (x, y)
     refused: list[grpc.StatusCode] = []
@@ -133,7 +135,7 @@ async def test_a_frame_cancelled_in_the_queue_leaves_no_gap(
 ) -> None:
     """An Infer whose deadline passes while its frame is queued is not applied; a call queued
     behind it still runs, numbered without a gap."""
-    running = make_server(models=(MODEL,), inline_run_us=0)  # every batch runs in the thread
+    running = make_server(models=(MODEL,))  # every batch runs in the thread
     x = sequence(MODEL, 3, seed=103)
     release = threading.Event()
     probe.block_ort(running.engine, release)

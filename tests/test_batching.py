@@ -135,7 +135,7 @@ async def test_cancelled_stream_with_frames_in_a_batch_disturbs_no_one(
 ) -> None:
     # Every batch runs in the executor thread, so the cancel can land while one is running
     # (a batch run on the event loop is over before the call can go away).
-    running = make_server(models=("gru",), inline_run_us=0)
+    running = make_server(models=("gru",))
     rng = random.Random(7)
     doomed = RawStream(running.target)
     doomed_ids = [(await doomed.open("gru")).session_id for _ in range(32)]

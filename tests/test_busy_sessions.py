@@ -30,9 +30,7 @@ async def test_eviction_never_takes_a_busy_session(
 ) -> None:
     """At the cap, with one session's frame running and another's queued behind it, an open is
     refused: neither is idle. Once they are answered, an open evicts the longest-idle one."""
-    running = make_server(
-        models=(MODEL,), max_sessions=2, evict_idle_when_full=True, inline_run_us=0
-    )
+    running = make_server(models=(MODEL,), max_sessions=2, evict_idle_when_full=True)
     x = sequence(MODEL, 2, seed=170)
     release = threading.Event()
     probe.block_ort(running.engine, release)
@@ -72,7 +70,7 @@ async def test_expiry_never_ends_a_session_with_a_frame_in_flight(
     """A frame that runs longer than the idle TTL keeps its session: it is answered, and the
     session goes on from the state it left."""
     ttl = 0.3
-    running = make_server(models=(MODEL,), session_ttl=ttl, inline_run_us=0)
+    running = make_server(models=(MODEL,), session_ttl=ttl)
     x = sequence(MODEL, 2, seed=171)
     release = threading.Event()
     probe.block_ort(running.engine, release)

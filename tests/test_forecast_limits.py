@@ -69,7 +69,7 @@ async def test_other_sessions_frames_run_while_a_long_forecast_runs(
     sent one after another once the forecast is under way, are answered while it still runs
     (they waited for the whole rollout). Every batch runs in the ORT thread here, the one the
     forecast uses too."""
-    running = make_server(models=(MODEL,), inline_run_us=0)
+    running = make_server(models=(MODEL,))
     ref = BatchFirst(MODEL)
     x = co2_like(40, seed=151)
     async with RawStream(running.target) as raw:

@@ -221,7 +221,7 @@ async def test_a_group_refused_as_a_whole_answers_every_row(server: RunningServe
 async def test_rows_behind_a_busy_session_wait_in_its_queue(make_server) -> None:
     """A row whose session has a frame queued or running goes into that session's queue and
     runs after it; the group is answered once its last row is done."""
-    server: RunningServer = make_server(models=("gru",), inline_run_us=0)  # ORT in its thread
+    server: RunningServer = make_server(models=("gru",))  # ORT runs in its thread
     async with RawStream(server.target) as stream:
         a, b = [(await stream.open("gru")).session_id for _ in range(2)]
         xa, xb = sequence("gru", 2, seed=51), sequence("gru", 1, seed=52)

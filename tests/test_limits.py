@@ -165,7 +165,7 @@ async def test_unary_deadline_on_a_queued_frame(make_server: Callable[..., Runni
     """Infer's deadline is honoured. A frame whose deadline passes while it is queued is not
     applied (its index stays free); one already running when it passes is applied exactly
     once, and a retry of its index is answered from the output ring."""
-    running = make_server(models=(MODEL,), inline_run_us=0)  # every batch runs in the thread
+    running = make_server(models=(MODEL,))  # every batch runs in the thread
     x = sequence(MODEL, 2, seed=72)
     release = threading.Event()
     probe.block_ort(running.engine, release)  # the one ORT thread is busy

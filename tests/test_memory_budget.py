@@ -129,7 +129,7 @@ async def test_concurrent_unary_calls_past_the_budget_are_refused(
     """100 stateless Infer calls of T=4096 at once (2.3 MB each) against a 64 MiB budget: the
     ones that fit run and are answered, the rest are refused at once with RESOURCE_EXHAUSTED
     naming the limit."""
-    running = make_server(models=(MODEL,), max_buffered_bytes=64 * MIB, inline_run_us=0)
+    running = make_server(models=(MODEL,), max_buffered_bytes=64 * MIB)
     x = sequence(MODEL, 4096, seed=182)
     release = threading.Event()
     probe.block_ort(running.engine, release)  # the admitted calls stay in the engine

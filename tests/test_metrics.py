@@ -129,7 +129,7 @@ async def test_queue_depth_shows_waiting_frames(make_server: Callable[..., Runni
     port = reserved_port()
     # Every batch goes to the executor (no inline runs), and its one ORT thread is occupied:
     # frames that arrive now wait in the scheduler's queue.
-    running = make_server(metrics_port=port, models=(MODEL,), max_batch_size=4, inline_run_us=0)
+    running = make_server(metrics_port=port, models=(MODEL,), max_batch_size=4)
     release = threading.Event()
     probe.block_ort(running.engine, release)
     try:

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from rnnstream.server.core import MAX_GATHER_SECONDS
 from tests import probe
 from tests.conftest import MODELS, REPO, RunningServer, missing_dependency
 from tests.reference import load_reference
@@ -129,7 +130,8 @@ def test_unary_typed_contents_time_axis_and_descriptions(
         "inter_op_thread_count": "1",
     }
     oldest = config["sequence_batching"]["oldest"]
-    assert int(oldest["max_queue_delay_microseconds"]) == int(settings.gather_us)
+    # The most a batch that could start waits for frames arriving: the bound the scheduler keeps.
+    assert int(oldest["max_queue_delay_microseconds"]) == round(MAX_GATHER_SECONDS * 1e6) == 1000
     states = config["sequence_batching"]["state"]
     assert {(s["input_name"], s["output_name"]) for s in states} == {
         ("initial_h", "Y_h"),

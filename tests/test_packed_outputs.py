@@ -68,7 +68,7 @@ async def _one_batch_of_answers(
 
 def _server(make_server: Callable[..., RunningServer], **overrides: object) -> RunningServer:
     # Batches go to the executor thread (no runs on the event loop), which the test holds.
-    return make_server(models=(MODEL,), inline_run_us=0, **overrides)
+    return make_server(models=(MODEL,), **overrides)
 
 
 async def test_a_batch_is_answered_in_one_message_when_the_stream_asks(

@@ -15,8 +15,8 @@ import numpy.typing as npt
 import pytest
 
 from rnnstream.server.core import FrameOutput, InvalidArgument, ModelSpec
-from rnnstream.server.core._arrivals import ExpectedFrames
-from rnnstream.server.core._run_timing import RunTimes, single_step_key
+from rnnstream.server.core._arrivals import Pacer
+from rnnstream.server.core._loading import single_step_key
 from rnnstream.server.core._runtime import load_model
 from rnnstream.server.core._scheduler import ModelScheduler
 from rnnstream.server.core._session import Session
@@ -245,101 +245,6 @@ async def test_pool_grows_and_compacts_under_churn(gru_spec: ModelSpec) -> None:
         await h.scheduler.stop()
 
 
-async def test_cheap_batches_run_on_the_loop_once_measured(gru_spec: ModelSpec) -> None:
-    h = Harness(gru_spec, max_batch_size=8, inline_run_seconds=10.0)
-    session = h.open()
-    h.scheduler.start()
-    try:
-        for index in range(3):
-            await _settle([h.frame(session, index)])
-    finally:
-        await h.scheduler.stop()
-    # Uncalibrated, the first batch of a size is timed in the executor; later ones run inline.
-    assert h.executor.calls == 1
-    assert [f for batch in h.model.batches for f in batch] == [(0, i, 1) for i in range(3)]
-    assert h.state(session) == 3.0
-
-
-async def test_calibrated_sizes_run_on_the_loop_from_their_first_batch(
-    gru_spec: ModelSpec,
-) -> None:
-    h = Harness(gru_spec, max_batch_size=8, inline_run_seconds=10.0)
-    sessions = [h.open() for _ in range(3)]
-    timed = h.scheduler.calibrate()
-    # Sizes 1, 2, 4 and 8 (the max) are timed, three runs each, on single-step zero frames.
-    assert [size for size, _ in timed] == [1, 2, 4, 8]
-    assert [len(batch) for batch in h.model.batches] == [1] * 3 + [2] * 3 + [4] * 3 + [8] * 3
-    assert {frame for batch in h.model.batches for frame in batch} == {(0, 0, 1)}
-    assert [h.state(s) for s in sessions] == [0.0] * 3  # no session's state was touched
-    h.model.batches.clear()
-    h.scheduler.start()
-    try:
-        await _settle([h.frame(s, 0) for s in sessions])  # a batch of 3: under size 4's time
-        await _settle([h.frame(sessions[0], 1)])
-    finally:
-        await h.scheduler.stop()
-    assert h.executor.calls == 0
-    assert [len(batch) for batch in h.model.batches] == [3, 1]
-    assert [h.state(s) for s in sessions] == [2.0, 1.0, 1.0]
-
-
-async def test_calibration_stops_at_the_first_size_over_the_threshold(
-    gru_spec: ModelSpec,
-) -> None:
-    h = Harness(gru_spec, max_batch_size=8, inline_run_seconds=1e-12)
-    session = h.open()
-    assert [size for size, _ in h.scheduler.calibrate()] == [1]
-    assert [len(batch) for batch in h.model.batches] == [1, 1, 1]
-    h.scheduler.start()
-    try:
-        for index in range(2):
-            await _settle([h.frame(session, index)])
-    finally:
-        await h.scheduler.stop()
-    assert h.executor.calls == 2  # too slow for the loop: every batch goes to the executor
-
-
-class RefusesLargeBatches(RecordingModel):
-    """A model that fails any batch of more than two frames."""
-
-    def run(self, feeds: Mapping[str, npt.NDArray[Any]]) -> tuple[Arrays, Arrays]:
-        x_spec = self.spec.inputs[0]
-        if feeds[x_spec.name].shape[x_spec.batch_axis] > 2:
-            raise RuntimeError("batch too large")
-        return super().run(feeds)
-
-
-async def test_a_model_that_fails_a_timing_run_is_still_served(
-    gru_spec: ModelSpec, caplog: pytest.LogCaptureFixture
-) -> None:
-    h = Harness(gru_spec, max_batch_size=8, model=RefusesLargeBatches, inline_run_seconds=10.0)
-    session = h.open()
-    with caplog.at_level("WARNING", logger="rnnstream.scheduler"):
-        timed = h.scheduler.calibrate()
-    assert [size for size, _ in timed] == [1, 2]
-    assert "timing a batch of 4 zero frames failed (batch too large)" in caplog.text
-    h.scheduler.start()
-    try:
-        await _settle([h.frame(session, 0)])
-    finally:
-        await h.scheduler.stop()
-    assert h.executor.calls == 0  # size 1 was timed: it runs on the loop
-    assert h.state(session) == 1.0
-
-
-def test_a_slow_timing_never_raises_an_estimate() -> None:
-    times = RunTimes(inline_seconds=1e-3)
-    key = ((1, 16),)
-    assert not times.runs_inline(key, 4)  # never timed: not inline
-    times.record(key, 4, 1e-4)
-    times.record(key, 4, 0.5)  # a run in the executor that waited for the GIL
-    assert times.runs_inline(key, 4)
-    assert not times.runs_inline(key, 5)
-    assert not times.runs_inline(((2, 16),), 4)  # another T is another key
-    times.record(((2, 16),), 4, 2e-3)
-    assert not times.runs_inline(((2, 16),), 4)
-
-
 def test_single_step_key_needs_every_axis_but_time(gru_spec: ModelSpec) -> None:
     assert single_step_key(gru_spec) == ((1, 16),)
     (x,) = gru_spec.inputs
@@ -347,66 +252,9 @@ def test_single_step_key_needs_every_axis_but_time(gru_spec: ModelSpec) -> None:
     assert single_step_key(dataclasses.replace(gru_spec, inputs=(open_features,))) is None
 
 
-async def test_expensive_batches_stay_off_the_loop(gru_spec: ModelSpec) -> None:
-    h = Harness(gru_spec, max_batch_size=8, inline_run_seconds=0.0)
-    session = h.open()
-    h.scheduler.start()
-    try:
-        for index in range(3):
-            await _settle([h.frame(session, index)])
-    finally:
-        await h.scheduler.stop()
-    assert h.executor.calls == 3
-
-
 async def _turns(n: int = 20) -> None:
     for _ in range(n):
         await asyncio.sleep(0)
-
-
-async def test_busy_polling_backs_off_after_polls_that_found_nothing(
-    gru_spec: ModelSpec,
-) -> None:
-    h = Harness(gru_spec, max_batch_size=8, busy_poll_seconds=0.2)
-    session = h.open()
-    stats = h.scheduler.pacer
-    h.scheduler.start()
-    try:
-        await _settle([h.frame(session, 0)])
-        await asyncio.sleep(0.001)  # inside the polling window: the poll finds the frame
-        await _settle([h.frame(session, 1)])
-        assert (stats.busy_polls, stats.busy_poll_hits) == (2, 1)
-        await asyncio.sleep(0.4)  # past it: the poll gives up and the scheduler sleeps
-        await _settle([h.frame(session, 2)])
-        await _turns()
-        assert stats.busy_polls == 3  # one miss is taken for jitter: it polls again
-        await asyncio.sleep(0.4)  # a second miss in a row...
-        await _settle([h.frame(session, 3)])
-        await _turns()
-        assert stats.busy_polls == 3  # ...and the next idle period goes without polling
-        await _settle([h.frame(session, 4)])
-        await _turns()
-        assert (stats.busy_polls, stats.busy_poll_hits) == (4, 1)
-    finally:
-        await h.scheduler.stop()
-    assert [f for batch in h.model.batches for f in batch] == [(0, i, 1) for i in range(5)]
-    assert h.state(session) == 5.0
-
-
-async def test_no_busy_polling_after_a_large_batch(gru_spec: ModelSpec) -> None:
-    h = Harness(gru_spec, max_batch_size=8, busy_poll_seconds=10.0)
-    sessions = [h.open() for _ in range(6)]
-    h.scheduler.start()
-    try:
-        await _settle([h.frame(s, 0) for s in sessions])  # one batch of 6: frames are queueing
-        await _turns()
-        assert h.scheduler.pacer.busy_polls == 0
-        await _settle([h.frame(sessions[0], 1)])  # a lone frame: the loop polls after it
-        await _turns()
-        assert h.scheduler.pacer.busy_polls == 1
-    finally:
-        await h.scheduler.stop()
-    assert [len(batch) for batch in h.model.batches] == [6, 1]
 
 
 async def test_a_nan_frame_is_refused_and_the_rest_of_its_batch_runs(gru_spec: ModelSpec) -> None:
@@ -432,52 +280,45 @@ async def test_a_nan_frame_is_refused_and_the_rest_of_its_batch_runs(gru_spec: M
     assert [h.state(s) for s in (a, b, c)] == [1.0, 1.0, 1.0]
 
 
-def test_expected_frames_counts_answered_sessions_until_they_send_or_go_quiet() -> None:
-    expected = ExpectedFrames(horizon=1.0)
-    a, b = (Session(name, "gru", "owner", ring_size=4) for name in "ab")
-    expected.answered(a, 10.0)
-    expected.answered(b, 10.5)
-    expected.answered(a, 10.6)  # answered again: still one expected frame from a
-    assert expected.count == 2
-    expected.arrived(b)
-    expected.arrived(b)  # twice is once
-    assert expected.count == 1
-    expected.expire(11.4)  # a's first entry is stale, but a was answered again since
-    assert expected.count == 1
-    expected.expire(11.7)  # a has sent nothing for over the horizon: idle
-    assert expected.count == 0 and not expected.expects(a)
+class _Arriving:
+    """A scheduler's queue as the pacer sees it, with a frame arriving on every look."""
+
+    max_batch_size = 64
+
+    def __init__(self, sessions: int, arriving: bool) -> None:
+        self.submitted = 0
+        self.looks = 0
+        self._sessions = sessions
+        self._arriving = arriving
+
+    def ready_count(self) -> int:
+        self.looks += 1
+        if self._arriving:
+            self.submitted += 1
+        return 1
+
+    def session_count(self) -> int:
+        return self._sessions
 
 
-async def test_under_load_a_batch_waits_for_expected_frames(
-    gru_spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
+async def test_gathering_never_waits_for_frames_that_are_not_arriving() -> None:
+    lone = _Arriving(sessions=1, arriving=False)
+    await Pacer(lone).gather_arrivals()
+    assert lone.looks == 1  # every session of the model is ready: no loop turn at all
+    quiet = _Arriving(sessions=5, arriving=False)
+    await Pacer(quiet).gather_arrivals()
+    assert quiet.looks == 2  # two turns bring nothing: the batch starts
+
+
+async def test_gathering_is_bounded_while_frames_keep_arriving(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("rnnstream.server.core._arrivals._GATHER_SECONDS_PER_EXPECTED", 1.0)
-    for gather_seconds, batches in ((10.0, [[0, 1]]), (0.0, [[0], [1]])):
-        h = Harness(gru_spec, max_batch_size=8, gather_seconds=gather_seconds)
-        a, b = h.open(), h.open()
-        h.scheduler.start()
-        try:
-            await _settle([h.frame(a, 0), h.frame(b, 0)])  # both answered: both expected
-            h.model.batches.clear()
-            first = h.frame(a, 1)
-            await asyncio.sleep(0.05)  # b's frame comes within a's quiet spell (1 s)
-            await _settle([first, h.frame(b, 1)])
-        finally:
-            await h.scheduler.stop()
-        assert [sorted(s for s, _, _ in batch) for batch in h.model.batches] == batches
-
-
-async def test_a_lone_stream_among_idle_sessions_never_waits(
-    gru_spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("rnnstream.server.core._arrivals._GATHER_SECONDS_PER_EXPECTED", 1.0)
-    h = Harness(gru_spec, max_batch_size=8, gather_seconds=100.0)
-    active = h.open()
-    idle = [h.open() for _ in range(50)]  # opened, never sent a frame
-    h.scheduler.start()
-    try:
-        for index in range(5):  # a 1 s quiet spell per frame would blow _settle's 5 s timeout
-            await _settle([h.frame(active, index)])
-    finally:
-        await h.scheduler.stop()
-    assert h.state(active) == 5.0 and [h.state(s) for s in idle] == [0.0] * 50
+    busy = _Arriving(sessions=1000, arriving=True)
+    pacer = Pacer(busy)
+    await pacer.gather_arrivals()
+    assert busy.looks <= 64  # turns, at most, whatever keeps coming
+    assert pacer.longest_wait > 0
+    monkeypatch.setattr("rnnstream.server.core._arrivals.MAX_GATHER_SECONDS", 0.0)
+    capped = _Arriving(sessions=1000, arriving=True)
+    await Pacer(capped).gather_arrivals()
+    assert capped.looks == 1  # the time bound ends it after the first turn

@@ -122,7 +122,7 @@ MISSING = "/nonexistent/rnnstream"
         (["--port", "70000"], {}, ("--port (RNNSTREAM_PORT): 70000 must be at most 65535",)),
         (["--device", "gpu"], {}, ("--device (RNNSTREAM_DEVICE): 'gpu' is not one of auto",)),
         (["--max-batch-size", "-3"], {}, ("--max-batch-size (RNNSTREAM_MAX_BATCH_SIZE): -3",)),
-        (["--busy-poll-us", "-1"], {}, ("--busy-poll-us (RNNSTREAM_BUSY_POLL_US): -1 must",)),
+        (["--session-ttl", "-1"], {}, ("--session-ttl (RNNSTREAM_SESSION_TTL): -1",)),
         (["--session-ttl", "nan"], {}, ("--session-ttl", "'nan' is not a finite number")),
         (["--workers", "0"], {}, ("--workers (RNNSTREAM_WORKERS): 0 must be at least 1",)),
         (["--keepalive-time", "0"], {}, ("--keepalive-time", "0 must be more than 0")),

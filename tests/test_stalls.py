@@ -27,7 +27,7 @@ async def test_streams_feeding_one_session_all_go_on(
     when it has room: each gets an answer to every frame it wrote, and a new session opened on
     it afterwards is served."""
     limit = 2
-    running = make_server(models=(MODEL,), max_pending_frames=limit, inline_run_us=0)
+    running = make_server(models=(MODEL,), max_pending_frames=limit)
     x = sequence(MODEL, 1, seed=110)
     release = threading.Event()
     probe.block_ort(running.engine, release)  # frames pile up in the session's queue

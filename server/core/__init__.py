@@ -1,6 +1,7 @@
 """Transport-neutral core. Its one way in is the Engine: calls that name sessions by (principal,
 session_id) and answer with the typed results below or raise the errors below."""
 
+from rnnstream.server.core._arrivals import MAX_GATHER_SECONDS
 from rnnstream.server.core._budget import Holding, MemoryBudget
 from rnnstream.server.core._engine import Engine, NamedArray
 from rnnstream.server.core._engine_settings import EngineSettings
@@ -52,6 +53,7 @@ from rnnstream.server.core._work import FrameReply
 __all__ = [
     "EMIT_MODES",
     "GRAPH_LEVELS",
+    "MAX_GATHER_SECONDS",
     "SESSION_STATES",
     "CoreMetrics",
     "DeviceError",

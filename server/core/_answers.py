@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-from rnnstream.server.core._arrivals import ExpectedFrames
 from rnnstream.server.core._batch import Batch, BlockPart
 from rnnstream.server.core._batcher import ReadyQueue
 from rnnstream.server.core._errors import InvalidArgument, RnnstreamError
@@ -21,13 +20,10 @@ class BatchAnswers:
     """One model's answers to its batches; a session done with its row goes back to the ready
     queue when it has more work."""
 
-    def __init__(
-        self, model: str, counters: ModelCounters, ready: ReadyQueue, expected: ExpectedFrames
-    ) -> None:
+    def __init__(self, model: str, counters: ModelCounters, ready: ReadyQueue) -> None:
         self._model = model
         self._counters = counters
         self._ready = ready
-        self._expected = expected
 
     def applied(
         self,
@@ -41,7 +37,7 @@ class BatchAnswers:
         done_at = time.perf_counter()
         now = time.monotonic()
         cancelled = 0
-        ready, expected = self._ready, self._expected
+        ready = self._ready
         for session, frame, result in zip(
             batch.single_sessions, batch.frames, singles, strict=True
         ):
@@ -52,8 +48,6 @@ class BatchAnswers:
                 frame.reply.set_result(result if frame.emit else None)
             if session.has_work():
                 ready.mark_ready(session)
-            else:
-                expected.answered(session, done_at)
         for part, outputs in zip(batch.parts, blocks, strict=True):
             busy = Session.apply_block(part.sessions(), outputs, now)
             reply = part.block.reply

@@ -17,9 +17,6 @@ class EngineSettings:
     device: str  # auto, cpu or cuda
     ort_threads: int  # ONNX Runtime intra-op threads per model; 0 lets ORT decide
     max_batch_size: int  # most sessions stepped in one ORT call
-    inline_run_seconds: float  # batches faster than this run on the event loop
-    busy_poll_seconds: float  # the loop polls this long for the next frame after a small batch
-    gather_seconds: float  # the longest quiet spell a batch waits through under load
     max_sessions: int  # across every model
     session_ttl: float  # seconds an idle session lives; 0: forever
     output_ring: int  # outputs kept per session to answer resent frames

@@ -13,6 +13,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from rnnstream.server.core._device_pool import state_pool
 from rnnstream.server.core._engine_settings import EngineSettings
@@ -20,12 +24,12 @@ from rnnstream.server.core._errors import InvalidArgument
 from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._models import ModelConfigError, ModelSpec
 from rnnstream.server.core._repository import ModelSource, Stamp, version_stamp
-from rnnstream.server.core._run_timing import single_step_feeds, single_step_key
 from rnnstream.server.core._runtime import OrtModel, open_model
 from rnnstream.server.core._scheduler import ModelScheduler
 from rnnstream.server.core._serving import ServingConfig
 from rnnstream.server.core._store import StateStore
 from rnnstream.server.core._validation import FrameValidator
+from rnnstream.server.core._work import BatchKey
 
 __all__ = ["Served", "discover_models", "load_version", "output_bytes"]
 
@@ -71,6 +75,32 @@ def discover_models(repository: Path, only: Sequence[str] = ()) -> dict[str, Pat
     return {name: found[name] for name in (only or found)}
 
 
+Feeds = dict[str, npt.NDArray[Any]]
+
+
+def single_step_key(spec: ModelSpec) -> BatchKey | None:
+    """The batching key of a single-step frame, or None where an input has another dynamic axis."""
+    shapes = []
+    for tensor in spec.inputs:
+        shape = [1 if i == tensor.frame_time_axis else d for i, d in enumerate(tensor.frame_shape)]
+        if any(d is None for d in shape):
+            return None
+        shapes.append(tuple(int(d) for d in shape if d is not None))
+    return tuple(shapes)
+
+
+def single_step_feeds(spec: ModelSpec, key: BatchKey, size: int) -> Feeds:
+    """Zero inputs of `key`'s shapes and initial states, `size` sessions on the batch axis."""
+    feeds: Feeds = {}
+    for tensor, shape in zip(spec.inputs, key, strict=True):
+        batched = list(shape)
+        batched.insert(tensor.batch_axis, size)
+        feeds[tensor.name] = np.zeros(batched, tensor.dtype)
+    for state in spec.states:
+        feeds[state.input_name] = np.stack([state.initial] * size, axis=state.batch_axis)
+    return feeds
+
+
 def _warm_up(model: OrtModel, sizes: Sequence[int]) -> None:
     """Run single-step batches of zeros at each size before the version takes sessions."""
     key = single_step_key(model.spec)
@@ -106,24 +136,17 @@ async def load_version(
         max_batch_size=serving.max_batch_size,
         executor=executor,
         metrics=metrics,
-        inline_run_seconds=settings.inline_run_seconds,
-        busy_poll_seconds=settings.busy_poll_seconds,
-        gather_seconds=settings.gather_seconds,
         store=store,
         # ORT's arena keeps the size of the largest batch it ran: batches stay small in bytes.
         max_batch_bytes=max(1, settings.max_buffered_bytes // 32),
     )
     loop = asyncio.get_running_loop()
     try:
-        timed = await loop.run_in_executor(executor, scheduler.calibrate)
         if serving.warmup:
             await loop.run_in_executor(executor, _warm_up, model, serving.warmup)
     except BaseException:
         executor.shutdown(wait=False)
         raise
-    if timed:
-        runs = ", ".join(f"{size}: {seconds * 1e6:.0f}" for size, seconds in timed)
-        log.info("model %s version %d: ORT µs per single-step batch: %s", name, version, runs)
     validator = FrameValidator(
         model.spec,
         settings.max_steps_per_frame,

@@ -1,5 +1,5 @@
-"""Runs a batch: gathers its states and inputs into ORT feeds, runs ORT on the event loop or in
-the executor thread, and scatters the new states and each frame's outputs back."""
+"""Runs a batch: gathers its states and inputs into ORT feeds, runs ORT in the executor thread,
+and scatters the new states and each frame's outputs back."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ import numpy.typing as npt
 from rnnstream.server.core._batch import Batch
 from rnnstream.server.core._device_pool import DeviceStatePool
 from rnnstream.server.core._results import BlockOutputs, FrameOutput
-from rnnstream.server.core._run_timing import RunTimes
 from rnnstream.server.core._runtime import OrtModel
 from rnnstream.server.core._state_pool import StatePool
 from rnnstream.server.core._validation import nonfinite_rows
-from rnnstream.server.core._work import Arrays, BatchKey, inputs_digest
+from rnnstream.server.core._work import Arrays, inputs_digest
 
 __all__ = ["BatchRunner", "Feeds", "Slots"]
 
@@ -27,16 +26,14 @@ Slots = npt.NDArray[np.intp]
 
 
 class BatchRunner:
-    """One model's ORT calls. A batch whose run is known to take under `inline_run_seconds`
-    runs on the event loop (a hand-off to the executor thread would cost more than the run);
-    0 sends every batch to the executor."""
+    """One model's ORT calls, each in the executor thread (ORT releases the GIL): the event loop
+    keeps reading and answering meanwhile."""
 
     def __init__(
         self,
         model: OrtModel,
         pool: StatePool,
         executor: Executor | None,
-        inline_run_seconds: float,
         host_states: bool = False,
     ) -> None:
         self.model = model
@@ -47,7 +44,6 @@ class BatchRunner:
         self._host_states = host_states  # the state store needs each step's states on the host
         self._old_states: Arrays = []  # the last device step's states before it (with a store)
         self._executor = executor
-        self.run_times = RunTimes(inline_run_seconds)
         self._output_names = tuple(t.name for t in self.spec.outputs)
         self._input_axes = tuple(t.batch_axis for t in self.spec.inputs)
         self._output_axes = tuple(t.batch_axis for t in self.spec.outputs)
@@ -84,34 +80,14 @@ class BatchRunner:
         good); one vector check per batch, not one per frame."""
         return nonfinite_rows(self.spec, feeds, rows)
 
-    def runs_inline(self, key: BatchKey, size: int) -> bool:
-        return self.run_times.runs_inline(key, size)
-
-    def run_step(self, feeds: Feeds, slots: Slots) -> tuple[Arrays, Arrays | None, float]:
+    async def run(self, feeds: Feeds, slots: Slots) -> tuple[Arrays, Arrays | None, float]:
         """(outputs, new states on the host (None: they stayed on the device), seconds) of one
-        batch on this thread."""
-        device = self._device
-        if device is None:
-            return self.run_inline(feeds)
-        started = time.perf_counter()
-        device.begin_step()
-        done = None
-        try:
-            done = device.step(feeds, slots, self._host_states)
-        finally:
-            device.finish_step(done)
-        self._old_states = done.old_states or []
-        return done.outputs, done.new_states, time.perf_counter() - started
-
-    async def run_step_in_executor(
-        self, feeds: Feeds, slots: Slots
-    ) -> tuple[Arrays, Arrays | None, float]:
-        """run_step in the executor thread, the event loop reading on meanwhile (with states on
-        the device, writes to other slots wait for the step: DeviceStatePool)."""
-        device = self._device
-        if device is None:
-            return await self.run_in_executor(feeds)
+        batch, run in the executor thread while the event loop reads on (with states on the
+        device, writes to other slots wait for the step: DeviceStatePool)."""
         loop = asyncio.get_running_loop()
+        device = self._device
+        if device is None:
+            return await loop.run_in_executor(self._executor, self._run_host, feeds)
         started = time.perf_counter()
         device.begin_step()
         done = None
@@ -124,22 +100,10 @@ class BatchRunner:
         self._old_states = done.old_states or []
         return done.outputs, done.new_states, time.perf_counter() - started
 
-    def run_inline(self, feeds: Feeds) -> tuple[Arrays, Arrays, float]:
-        """(outputs, new states, seconds) of one ORT call on this thread."""
+    def _run_host(self, feeds: Feeds) -> tuple[Arrays, Arrays, float]:
         started = time.perf_counter()
         outputs, states = self.model.run(feeds)
         return outputs, states, time.perf_counter() - started
-
-    async def run_in_executor(self, feeds: Feeds) -> tuple[Arrays, Arrays, float]:
-        """run_inline in the executor thread, the event loop reading on meanwhile."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.run_inline, feeds)
-
-    def calibrate(self, max_batch_size: int) -> list[tuple[int, float]]:
-        """Time the model at growing batch sizes before serving (RunTimes.calibrate)."""
-        return self.run_times.calibrate(
-            self.spec, max_batch_size, lambda feeds: self.run_inline(feeds)[2]
-        )
 
     def scatter(
         self,
@@ -151,8 +115,6 @@ class BatchRunner:
     ) -> tuple[list[FrameOutput], list[BlockOutputs]]:
         """Store the new states; each single frame's outputs, copied out of the batch, and each
         block part's outputs, left in the batch's arrays."""
-        assert batch.key is not None
-        self.run_times.record(batch.key, len(batch), seconds)
         if self._device is None and states is not None:  # on the device: scattered there
             self._pool.scatter(slots, states)
         names = self._output_names

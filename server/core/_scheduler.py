@@ -62,9 +62,6 @@ class ModelScheduler:
         max_batch_size: int,
         executor: Executor | None = None,
         metrics: CoreMetrics | None = None,
-        inline_run_seconds: float = 0.0,
-        busy_poll_seconds: float = 0.0,
-        gather_seconds: float = 0.0,
         store: StateStore | None = None,
         max_batch_bytes: int = 0,
     ) -> None:
@@ -74,15 +71,13 @@ class ModelScheduler:
         self.counters = ModelCounters(self.spec.name, metrics)
         self.stats = self.counters.stats
         self.ready = ReadyQueue(max_batch_size, max_batch_bytes)
-        self.runner = BatchRunner(
-            model, self.pool, executor, inline_run_seconds, host_states=store is not None
-        )
+        self.runner = BatchRunner(model, self.pool, executor, host_states=store is not None)
         self.rollouts = RolloutQueue(executor, self.ready.wake)
         self.persistence = Persistence(store, self.spec, self.pool)
         self.controls = Controls(self)
-        self.pacer = Pacer(self, busy_poll_seconds, gather_seconds)
-        self._expected = self.pacer.expected
-        self.answers = BatchAnswers(self.spec.name, self.counters, self.ready, self._expected)
+        waits = metrics.gather_observer(self.spec.name) if metrics is not None else None
+        self.pacer = Pacer(self, waits)
+        self.answers = BatchAnswers(self.spec.name, self.counters, self.ready)
         self.max_batch_size = self.ready.max_batch_size
         self.queued_frames = 0
         self.submitted = 0  # items submitted so far (the pacer watches it grow)
@@ -107,9 +102,6 @@ class ModelScheduler:
         for task in list(self._side_tasks):
             task.cancel()
         await asyncio.gather(*self._side_tasks, return_exceptions=True)
-
-    def calibrate(self) -> list[tuple[int, float]]:
-        return self.runner.calibrate(self.max_batch_size)
 
     def ready_count(self) -> int:
         return len(self.ready)
@@ -137,7 +129,6 @@ class ModelScheduler:
             self._refuse(work, Unavailable(_STOPPING, session_id=session.id))
             return
         self.submitted += 1
-        self._expected.arrived(session)
         if isinstance(work, FrameWork):
             self.queued_frames += 1
         session.push(work)
@@ -146,7 +137,7 @@ class ModelScheduler:
     def submit_block(self, block: FrameBlock) -> None:
         """Queue a block of frames, one per session, whose sessions had nothing else queued or
         running (Session.all_clean): it runs whole, or split over batches, with no object per
-        frame. Not told to the pacer's ExpectedFrames: a block's frames come together."""
+        frame."""
         if self._halted:  # the server is stopping: nothing would run it
             self.answers.fail_block(block, Unavailable(_STOPPING))
             return
@@ -166,7 +157,6 @@ class ModelScheduler:
 
     def release(self, session: Session) -> None:
         """The session ended: free its slot and refuse what it still had queued."""
-        self._expected.arrived(session)
         del self._slot_owner[session.slot]
         self.pool.release(session.slot)
         for work in session.close():
@@ -216,8 +206,6 @@ class ModelScheduler:
                     continue
                 if self.holding:  # shutting down: what waits is refused by stop's caller
                     await asyncio.Event().wait()
-                if await self.pacer.poll_for_work():
-                    continue
                 ready.wake.clear()
                 self.pool.compact(self._relocate)
                 await ready.wake.wait()
@@ -226,7 +214,6 @@ class ModelScheduler:
             batch = ready.take(self._head)
             size = len(batch)
             self.queued_frames -= size
-            self.pacer.last_batch_size = size
             if size:
                 await self._run_batch(batch)
             if self.rollouts:  # one slice of a forecast between two batches
@@ -259,11 +246,7 @@ class ModelScheduler:
             return
         started = time.perf_counter()
         try:
-            assert batch.key is not None
-            if runner.runs_inline(batch.key, len(sessions)):
-                outputs, states, seconds = runner.run_step(feeds, slots)
-            else:
-                outputs, states, seconds = await runner.run_step_in_executor(feeds, slots)
+            outputs, states, seconds = await runner.run(feeds, slots)
         except asyncio.CancelledError:
             # Nothing was applied: the client sends the frame again, to another replica.
             answers.fail(batch, Unavailable(_STOPPED))

@@ -8,6 +8,7 @@ from rnnstream.proto.inference import grpc_service_pb2 as oip
 from rnnstream.proto.inference import model_config_pb2 as mc
 from rnnstream.server._settings import Settings
 from rnnstream.server.core import (
+    MAX_GATHER_SECONDS,
     ModelInfo,
     ModelStats,
     NotFound,
@@ -144,8 +145,8 @@ def model_config(model: ModelInfo, settings: Settings) -> mc.ModelConfig:
         sequence_batching=mc.ModelSequenceBatching(
             oldest=mc.ModelSequenceBatching.StrategyOldest(
                 max_candidate_sequences=min(settings.max_sessions, 2**31 - 1),
-                # The longest quiet spell a batch waits through for more frames (--gather-us).
-                max_queue_delay_microseconds=int(settings.gather_us),
+                # The longest a batch that could start waits for frames arriving.
+                max_queue_delay_microseconds=round(MAX_GATHER_SECONDS * 1e6),
             ),
             max_sequence_idle_microseconds=int(serving.session_ttl * 1_000_000),
             state=[_state(s) for s in spec.states],
