@@ -86,7 +86,7 @@ class BatchAnswers:
                     self.fail_row(part, i, sessions[i], error)
             left = part.without(drop) if drop else part
             if left is not None:
-                kept.parts.append(left)
+                kept.add_part(left)
             offset += size
         return kept
 

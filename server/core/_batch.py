@@ -16,17 +16,15 @@ __all__ = ["Batch", "BlockPart"]
 class BlockPart:
     """Some rows of a block (a contiguous range, or row numbers once a row was refused)."""
 
-    __slots__ = ("block", "rows")
+    __slots__ = ("block", "rows", "size")
 
     def __init__(self, block: FrameBlock, rows: Rows) -> None:
         self.block = block
         self.rows = rows
+        self.size = int(rows.stop - rows.start) if isinstance(rows, slice) else len(rows)
 
     def __len__(self) -> int:
-        rows = self.rows
-        if isinstance(rows, slice):
-            return int(rows.stop - rows.start)
-        return len(rows)
+        return self.size
 
     def sessions(self) -> list[Session]:
         sessions: list[Session] = self.block.sessions
@@ -71,18 +69,20 @@ class BlockPart:
 
 class Batch:
     """What one ORT call steps: single frames first (row i is frames[i]), then each block
-    part's rows in order. At most one row per session; every row has the same key."""
+    part's rows in order. At most one row per session; every row has the same key. `size`
+    counts the rows (add rows with add_frame and add_part only)."""
 
-    __slots__ = ("frames", "key", "parts", "single_sessions")
+    __slots__ = ("frames", "key", "parts", "single_sessions", "size")
 
     def __init__(self) -> None:
         self.single_sessions: list[Session] = []
         self.frames: list[FrameWork] = []
         self.parts: list[BlockPart] = []
         self.key: BatchKey | None = None
+        self.size = 0
 
     def __len__(self) -> int:
-        return len(self.frames) + sum(len(p) for p in self.parts)
+        return self.size
 
     def __bool__(self) -> bool:
         return bool(self.frames or self.parts)
@@ -99,6 +99,11 @@ class Batch:
     def add_frame(self, session: Session, frame: FrameWork) -> None:
         self.single_sessions.append(session)
         self.frames.append(frame)
+        self.size += 1
+
+    def add_part(self, part: BlockPart) -> None:
+        self.parts.append(part)
+        self.size += part.size
 
     def sole_block(self) -> FrameBlock | None:
         """The block whose every row, and nothing else, this batch holds (its inputs are then

@@ -95,7 +95,7 @@ class ReadyQueue:
                     continue
                 start = block.taken
                 stop = min(len(block), start + room)
-                batch.parts.append(BlockPart(block, slice(start, stop)))
+                batch.add_part(BlockPart(block, slice(start, stop)))
                 block.taken = stop
                 self._block_rows -= stop - start
                 room -= stop - start

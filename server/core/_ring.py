@@ -15,10 +15,11 @@ __all__ = ["OutputRing", "forgotten", "not_a_resend"]
 class OutputRing:
     """At most `size` outputs, oldest first; `held` counts their bytes for the ledger."""
 
-    __slots__ = ("_entries", "_ledger", "held", "size")
+    __slots__ = ("_entries", "_ledger", "_sizes", "held", "size")
 
     def __init__(self, size: int, ledger: RingLedger | None) -> None:
         self._entries: deque[Kept] = deque()
+        self._sizes: deque[int] = deque()  # each entry's bytes, counted once when kept
         self._ledger = ledger
         self.size = size
         self.held = 0
@@ -26,6 +27,7 @@ class OutputRing:
     def keep(self, kept: Kept) -> None:
         self._entries.append(kept)
         size = kept_bytes(kept)
+        self._sizes.append(size)
         self.held += size
         if len(self._entries) > self.size:
             self.drop_oldest_output()
@@ -42,7 +44,8 @@ class OutputRing:
         """Forget the oldest output kept; False when none is."""
         if not self._entries:
             return False
-        size = kept_bytes(self._entries.popleft())
+        self._entries.popleft()
+        size = self._sizes.popleft()
         self.held -= size
         if self._ledger is not None:
             self._ledger.dropped(self, size)
@@ -61,6 +64,7 @@ class OutputRing:
         if self._ledger is not None:
             self._ledger.forget(self)
         self._entries.clear()
+        self._sizes.clear()
         self.held = 0
 
 
