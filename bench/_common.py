@@ -125,10 +125,37 @@ def server_command(kind: str, models: str, port: int, metrics_port: int, *flags:
     return [*command, *flags]
 
 
-def start_server(name: str, kind: str, models: str, *flags: str) -> Server:
+def export_revision(revision: str, folder: Path) -> Path:
+    """rnnstream as it was at git `revision`, importable from the folder returned (put it on
+    PYTHONPATH: it comes before the installed package); the packages laid out as pyproject.toml
+    maps them."""
+    source = folder / "source"
+    source.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", revision, "client", "server", "proto"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    packages = folder / "packages"
+    packages.mkdir()
+    (source / "client").rename(packages / "rnnstream")
+    (source / "server").rename(packages / "rnnstream" / "server")
+    (source / "proto" / "rnnstream" / "proto").rename(packages / "rnnstream" / "proto")
+    return packages
+
+
+def start_server(
+    name: str, kind: str, models: str, *flags: str, pythonpath: Path | None = None
+) -> Server:
+    """A server process, up and answering; `pythonpath`: run the rnnstream found there."""
     port, metrics_port = free_port(), free_port()
     command = server_command(kind, models, port, metrics_port, *flags)
-    process = subprocess.Popen(command, cwd=REPO)
+    env = None
+    if pythonpath is not None:
+        env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    process = subprocess.Popen(command, cwd=REPO, env=env)
     server = Server(name, process, port, metrics_port)
     deadline = time.monotonic() + 90
     channel = grpc.insecure_channel(server.target)
@@ -255,9 +282,15 @@ def wait_for_quiet(limit: float, timeout: float) -> dict[str, Any]:
     load = os.getloadavg()
     return {
         "waited_s": round(time.monotonic() - started),
+        "limit": limit,
         "load_average_at_start": [round(x, 2) for x in load],
         "quiet": load[0] < limit,
     }
+
+
+def load_now() -> list[float]:
+    """The 1, 5 and 15-minute load averages (results note them at the start and the end)."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def spread(values: Iterable[float | None]) -> dict[str, float | None]:

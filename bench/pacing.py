@@ -3,7 +3,11 @@ and 90 % of capacity, 64 and 512 sessions, one frame a message. Each knob is tur
 (`--gather-us 0`, `--busy-poll-us 0`, `--inline-run-us 0`: no batch on the event loop, so no
 timing runs decide it) against the defaults, all servers up at once, in the same rounds.
 
-    python bench/pacing.py                       # about 20 minutes; bench/results/pacing.json
+This evaluation removed the three knobs. The servers it runs are rnnstream as it was just
+before that (`--revision`, found in git by default), exported from git and run with
+PYTHONPATH; bench/pacing_after.py compares that server with the one without the knobs.
+
+    python bench/pacing.py                       # about 30 minutes; bench/results/pacing.json
     python bench/pacing.py --report-only bench/results/pacing.json --write-docs
 
 Capacity is the defaults' closed-loop frames/s with the same sessions and connections (the
@@ -16,7 +20,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     PERFORMANCE_MD,
+    REPO,
     RESULTS,
+    export_revision,
     fmt,
     fmt_spread,
     load_line,
@@ -52,6 +60,27 @@ KNOBS = {"no_gather": "--gather-us", "no_poll": "--busy-poll-us", "no_inline": "
 # A knob wins a workload when, with it on, the median p99 is this much lower than with it off
 # and the median p50 no more than this much higher; it loses where either is this much worse.
 MARGIN = 0.10
+
+
+def before_removal() -> str:
+    """The commit just before the one that removed --inline-run-us from the server."""
+    removal = subprocess.run(
+        ["git", "log", "-1", "--format=%H", "-S", "inline_run_us", "--", "server/"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if not removal:
+        raise SystemExit("no commit removed --inline-run-us: give the revision")
+    return rev_parse(f"{removal}~1")
+
+
+def rev_parse(revision: str) -> str:
+    out = subprocess.run(
+        ["git", "rev-parse", revision], cwd=REPO, check=True, capture_output=True, text=True
+    )
+    return out.stdout.strip()
 
 
 def base_flags(sessions: int, processes: int) -> list[str]:
@@ -180,6 +209,7 @@ def report(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=RESULTS / f"{NAME}.json")
+    parser.add_argument("--revision", help="git revision of the server with the knobs")
     parser.add_argument("--sessions", default="64,512")
     parser.add_argument("--loads", default="0.5,0.9")
     parser.add_argument("--rounds", type=int, default=5)
@@ -198,6 +228,7 @@ def main() -> None:
         if args.write_docs:
             write_docs_section(PERFORMANCE_MD, NAME, table)
         return
+    revision = rev_parse(args.revision) if args.revision else before_removal()
     started = time.monotonic()
     info = {
         "machine": machine(),
@@ -209,9 +240,11 @@ def main() -> None:
     servers = {}
     runs: list[dict[str, Any]] = []
     capacity = []
+    folder = tempfile.TemporaryDirectory()
     try:
+        old = export_revision(revision, Path(folder.name))
         for config, (_, flags) in CONFIGS.items():
-            servers[config] = start_server(config, "rnnstream", MODEL, *flags)
+            servers[config] = start_server(config, "rnnstream", MODEL, *flags, pythonpath=old)
         for sessions in counts:
             flags = [*base_flags(sessions, args.client_processes), "--inflight", "1"]
             values = [
@@ -253,8 +286,10 @@ def main() -> None:
     finally:
         for server in servers.values():
             server.stop()
+        folder.cleanup()
     result = {
         **info,
+        "revision": revision,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "seconds": time.monotonic() - started,

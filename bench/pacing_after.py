@@ -1,0 +1,223 @@
+"""The server with its pacing knobs removed against the same server with them, on the workloads
+of bench/pacing.py (open-loop Poisson arrivals at 50 % and 90 % of capacity, 64 and 512
+sessions, one frame a message) and one closed-loop session: both servers up at once, in the
+same rounds. The server with the knobs is rnnstream as it was just before they were removed
+(`--before`, found in git by default), run from an exported tree with its defaults.
+
+    python bench/pacing_after.py          # about 10 minutes; bench/results/pacing_after.json
+    python bench/pacing_after.py --report-only bench/results/pacing_after.json --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    PERFORMANCE_MD,
+    RESULTS,
+    export_revision,
+    fmt,
+    fmt_spread,
+    load_line,
+    load_now,
+    machine,
+    measure,
+    read,
+    save,
+    spread,
+    start_server,
+    wait_for_quiet,
+    write_docs_section,
+)
+from pacing import MODEL, base_flags, before_removal, open_loop_flags, rev_parse
+
+NAME = "pacing_after"
+CONFIGS = {"before": "with the knobs (defaults)", "now": "knobs removed"}
+KEYS = ("frames_per_s", "p50_ms", "p99_ms", "mean_batch", "cpu_us_per_frame")
+
+
+def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for workload in result["workloads"]:
+        for config in CONFIGS:
+            group = [
+                r
+                for r in result["runs"]
+                if (r["sessions_asked"], r["load"], r["config"])
+                == (workload["sessions"], workload["load"], config)
+            ]
+            if not group:
+                continue
+            row: dict[str, Any] = {**workload, "config": config}
+            for key in KEYS:
+                row[key] = spread(g[key] for g in group)
+            row["connections"] = spread(g["connections"] for g in group)["median"]
+            row["failed"] = sum(g["failed"] for g in group)
+            rows.append(row)
+    return rows
+
+
+def report(result: dict[str, Any]) -> str:
+    rows = summarize(result)
+    o = result["options"]
+    caps = ", ".join(
+        f"{c['sessions']} sessions {c['frames_per_s']:,.0f} frames/s" for c in result["capacity"]
+    )
+    lines = [
+        f"Measured {result['date']} on {load_line(result)} (at the end "
+        f"{result['load_average_at_end'][0]}); gru, one frame a message, {o['rounds']} rounds "
+        f"of {o['duration']:g} s (after {o['warmup']:g} s of warm-up) per row. With the knobs: "
+        f"rnnstream at {result['before'][:10]}. Capacity (closed loop, knobs removed): {caps}. "
+        "Load `closed` is one lock-step session. Medians over the rounds, (min-max) beside them.",
+        "",
+        "| sessions | connections | load | offered frames/s | server | frames/s (min-max) "
+        "| p50 ms (min-max) | p99 ms (min-max) | mean batch | server CPU µs/frame (min-max) |",
+        "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        load = "closed" if r["load"] is None else f"{r['load']:.0%}"
+        lines.append(
+            f"| {r['sessions']} | {fmt(r['connections'], 0)} | {load} | {fmt(r['rate'], 0)} "
+            f"| {CONFIGS[r['config']]} | {fmt_spread(r['frames_per_s'], 0)} "
+            f"| {fmt_spread(r['p50_ms'], 2)} | {fmt_spread(r['p99_ms'], 2)} "
+            f"| {fmt(r['mean_batch']['median'])} | {fmt_spread(r['cpu_us_per_frame'], 0)} |"
+        )
+    lines += [
+        "",
+        "Knobs removed / with the knobs (ratios of medians; below 1 is better for latency and "
+        "CPU):",
+        "",
+        "| sessions | load | p50 | p99 | server CPU per frame |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for now in (r for r in rows if r["config"] == "now"):
+        before = next(
+            (
+                r
+                for r in rows
+                if r["config"] == "before"
+                and (r["sessions"], r["load"]) == (now["sessions"], now["load"])
+            ),
+            None,
+        )
+        if before is None:
+            continue
+        ratios = []
+        for key in ("p50_ms", "p99_ms", "cpu_us_per_frame"):
+            a, b = now[key]["median"], before[key]["median"]
+            ratios.append(fmt(a / b, 2) if a is not None and b else "-")
+        load = "closed" if now["load"] is None else f"{now['load']:.0%}"
+        lines.append(f"| {now['sessions']} | {load} | {' | '.join(ratios)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--out", type=Path, default=RESULTS / f"{NAME}.json")
+    parser.add_argument("--before", help="git revision of the server with the knobs")
+    parser.add_argument("--sessions", default="64,512")
+    parser.add_argument("--loads", default="0.5,0.9")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--capacity-runs", type=int, default=3)
+    parser.add_argument("--client-processes", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    parser.add_argument("--quiet-load", type=float, default=1.5)
+    parser.add_argument("--quiet-timeout", type=float, default=600.0)
+    parser.add_argument("--report-only", type=Path)
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args()
+    if args.report_only is not None:
+        table = report(read(args.report_only))
+        print(table)
+        if args.write_docs:
+            write_docs_section(PERFORMANCE_MD, NAME, table)
+        return
+    before = rev_parse(args.before) if args.before else before_removal()
+    started = time.monotonic()
+    info = {
+        "machine": machine(),
+        "quiet_machine": wait_for_quiet(args.quiet_load, args.quiet_timeout),
+    }
+    print(load_line(info), f"; with the knobs: {before}", flush=True)
+    counts = [int(c) for c in args.sessions.split(",")]
+    loads = [float(x) for x in args.loads.split(",")]
+    servers = {}
+    runs: list[dict[str, Any]] = []
+    capacity = []
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            old = export_revision(before, Path(folder))
+            servers["before"] = start_server("before", "rnnstream", MODEL, pythonpath=old)
+            servers["now"] = start_server("now", "rnnstream", MODEL)
+            for sessions in counts:
+                flags = [*base_flags(sessions, args.client_processes), "--inflight", "1"]
+                values = [
+                    measure(servers["now"], MODEL, args.duration, args.warmup, flags)[
+                        "frames_per_s"
+                    ]
+                    for _ in range(args.capacity_runs)
+                ]
+                median = statistics.median(values)
+                capacity.append({"sessions": sessions, "frames_per_s": median, "runs": values})
+                print(f"capacity at {sessions} sessions: {values}", flush=True)
+            workloads: list[dict[str, Any]] = [
+                {"sessions": c["sessions"], "load": load, "rate": load * c["frames_per_s"]}
+                for c in capacity
+                for load in loads
+            ]
+            workloads.insert(0, {"sessions": 1, "load": None, "rate": None})
+            for round_ in range(args.rounds):
+                for workload in workloads:
+                    if workload["load"] is None:
+                        flags = [*base_flags(1, 1), "--inflight", "1"]
+                    else:
+                        flags = open_loop_flags(
+                            workload["sessions"], args.client_processes, workload["rate"]
+                        )
+                    for config in CONFIGS:
+                        run = measure(servers[config], MODEL, args.duration, args.warmup, flags)
+                        run.update(
+                            sessions_asked=workload["sessions"],
+                            load=workload["load"],
+                            config=config,
+                            round=round_,
+                        )
+                        runs.append(run)
+                        print(
+                            f"round {round_ + 1} {workload['sessions']} sessions "
+                            f"{workload['load']} {config}: p50 {run['p50_ms']} p99 "
+                            f"{run['p99_ms']} ms, {run['frames_per_s']:,.0f} frames/s, "
+                            f"{run['cpu_us_per_frame']} µs/frame",
+                            flush=True,
+                        )
+        finally:
+            for server in servers.values():
+                server.stop()
+    result = {
+        **info,
+        "load_average_at_end": load_now(),
+        "before": before,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "seconds": time.monotonic() - started,
+        "capacity": capacity,
+        "workloads": workloads,
+        "runs": runs,
+    }
+    save(result, args.out)
+    print(report(result))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
