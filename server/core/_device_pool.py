@@ -84,8 +84,8 @@ class DeviceStatePool(StatePool):
         self._output_names = [t.name for t in spec.outputs]
         self._pools: list[ort.OrtValue] = []
         self._capacity = 0
-        self._busy = False  # a step runs: writes wait in _pending
-        self._pending: dict[int, Arrays] = {}
+        self._busy = False  # a step runs: writes wait in _held_writes
+        self._held_writes: dict[int, Arrays] = {}
         self._grow_to = 0
         # StatePool's slot bookkeeping, without its host arrays.
         self._states = tuple(spec.states)
@@ -130,12 +130,12 @@ class DeviceStatePool(StatePool):
     def write(self, slot: int, values: Sequence[npt.NDArray[Any]]) -> None:
         copies = [np.array(v, dtype=s.dtype) for v, s in zip(values, self._states, strict=True)]
         if self._busy or slot >= self._capacity:
-            self._pending[slot] = copies
+            self._held_writes[slot] = copies
             return
         self._scatter_rows(np.asarray([slot], np.int64), [c[None] for c in copies])
 
     def read(self, slot: int) -> list[npt.NDArray[Any]]:
-        waiting = self._pending.get(slot)
+        waiting = self._held_writes.get(slot)
         if waiting is not None:
             return [np.array(v) for v in waiting]
         return [rows[0] for rows in self._gather_rows(np.asarray([slot], np.int64))]
@@ -155,7 +155,7 @@ class DeviceStatePool(StatePool):
         ]
         if self._busy:
             for i, slot in enumerate(slots):
-                self._pending[int(slot)] = [r[i] for r in rows]
+                self._held_writes[int(slot)] = [r[i] for r in rows]
             return
         self._scatter_rows(np.asarray(slots, np.int64), rows)
 
@@ -233,8 +233,8 @@ class DeviceStatePool(StatePool):
 
     # -- ORT runs on single slots -----------------------------------------------------------------
     def _flush(self) -> None:
-        if self._pending and not self._busy:
-            pending, self._pending = self._pending, {}
+        if self._held_writes and not self._busy:
+            pending, self._held_writes = self._held_writes, {}
             slots = np.asarray(list(pending), np.int64)
             rows = [np.stack([v[i] for v in pending.values()]) for i in range(len(self._states))]
             self._scatter_rows(slots, rows)
