@@ -11,13 +11,7 @@ from typing import Protocol
 
 from rnnstream.server.core._budget import RingLedger
 from rnnstream.server.core._errors import FailedPrecondition, RnnstreamError
-from rnnstream.server.core._results import (
-    BlockOutputs,
-    Emit,
-    FrameOutput,
-    Kept,
-    kept_output,
-)
+from rnnstream.server.core._results import BlockOutputs, Emit, FrameOutput, Kept, kept_output
 from rnnstream.server.core._ring import OutputRing, forgotten, not_a_resend
 from rnnstream.server.core._work import (
     AUTO_INDEX,
@@ -255,14 +249,12 @@ class Session:
 
     @staticmethod
     def all_clean(found: Sequence[Session | None], indices: Sequence[int], instance: int) -> bool:
-        """Each found, on model copy `instance`, emitting every frame, with nothing queued or
-        running and its index next: the sessions' frames may skip their queues as a block."""
-        for s, i in zip(found, indices, strict=True):
-            if s is None or s._pending or s.in_flight or i != s.next_index or s.emit != "every":
-                return False
-            if s.instance != instance:
-                return False
-        return True
+        """Each found, idle, on copy `instance`, emit every, index next: frames may form a block."""
+        return all(
+            s is not None and not s._pending and not s.in_flight and i == s.next_index
+            and s.emit == "every" and s.instance == instance
+            for s, i in zip(found, indices, strict=True)
+        )  # fmt: skip
 
     @staticmethod
     def start_block(sessions: list[Session]) -> None:
