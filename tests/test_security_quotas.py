@@ -140,7 +140,6 @@ async def test_one_principal_cannot_take_the_whole_memory_budget(
         auth_tokens=TOKENS,
         max_buffered_bytes=64 * mib,
         max_buffered_bytes_per_principal=8 * mib,
-        inline_run_us=0,
     )
     alice, bob = _tenants(running).values()
     x = sequence(MODEL, 4096, seed=86)  # 256 KiB in, 2 MiB out: about 2.3 MiB held per call
