@@ -1,19 +1,40 @@
-"""The C allocator's part in giving memory back: large buffers freed go back to the system."""
+"""The C allocator's part in giving memory back: freed tensors go back to the system."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
 import os
 import sys
+import time
+from typing import Any
 
-__all__ = ["give_back_large_buffers"]
+from rnnstream.server.core import MemoryBudget
+
+__all__ = ["give_back_large_buffers", "trim_after_bursts"]
 
 log = logging.getLogger("rnnstream.server")
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 _THRESHOLD = 128 * 1024
+# Work the budget held and has given back since the last trim that makes the next one worth it.
+TRIM_AFTER_BYTES = 32 * 1024 * 1024
+
+
+def _glibc() -> Any | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    # musl and others have neither
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def give_back_large_buffers() -> None:
@@ -22,15 +43,27 @@ def give_back_large_buffers() -> None:
     large frames left the server holding what it had freed. Fixing the threshold at 128 KiB
     (glibc's default start) keeps every buffer larger than that in its own mapping, returned to
     the system when freed. No-op elsewhere than glibc, or where MALLOC_MMAP_THRESHOLD_ is set."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    libc = _glibc()
+    if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return
-    if not mallopt(_M_MMAP_THRESHOLD, _THRESHOLD):
+    if not libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD):
         log.debug("mallopt(M_MMAP_THRESHOLD) refused; large buffers may stay with the heap")
+
+
+async def trim_after_bursts(budget: MemoryBudget, every: float = 1.0) -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim, off the event loop)
+    once the work the budget holds has fallen by TRIM_AFTER_BYTES from its high point since the
+    last trim: what a burst of many small allocations (messages, gRPC's buffers, every thread's
+    arena) left free in the heap, which glibc keeps otherwise. At most once every `every` s;
+    returns at once elsewhere than glibc."""
+    libc = _glibc()
+    if libc is None:
+        return
+    while True:
+        await asyncio.sleep(every)
+        if budget.high_water - budget.work < TRIM_AFTER_BYTES:
+            continue
+        budget.high_water = budget.work
+        started = time.perf_counter()
+        await asyncio.to_thread(libc.malloc_trim, 0)
+        log.debug("heap trimmed in %.1f ms", (time.perf_counter() - started) * 1e3)

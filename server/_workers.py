@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -15,7 +16,7 @@ from types import FrameType
 
 from rnnstream.server._logging import configure_logging
 from rnnstream.server._loop import loop_name, run_event_loop
-from rnnstream.server._malloc import give_back_large_buffers
+from rnnstream.server._malloc import give_back_large_buffers, trim_after_bursts
 from rnnstream.server._settings import Settings
 from rnnstream.server.core import DeviceError, ModelConfigError
 from rnnstream.server.transport.grpc import GrpcServer
@@ -32,7 +33,11 @@ async def _serve(settings: Settings) -> None:
     server = GrpcServer(settings)
     await server.start()
     server.install_signal_handlers()
-    await server.wait()
+    trimmer = asyncio.create_task(trim_after_bursts(server.engine.budget))
+    try:
+        await server.wait()
+    finally:
+        trimmer.cancel()
 
 
 def serve(settings: Settings) -> int:

@@ -88,6 +88,7 @@ class MemoryBudget:
         self.stream_share = max(1, limit // STREAM_SHARE)
         self.rings = RingLedger(limit // RINGS_SHARE, ring_per_session)
         self.work = 0
+        self.high_water = 0  # the most work held since a reader last set it (server/_malloc.py)
         self._by_owner: dict[str, int] = {}
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -131,6 +132,8 @@ class MemoryBudget:
 
     def take(self, owner: str, nbytes: int, holding: Holding | None = None) -> None:
         self.work += nbytes
+        if self.work > self.high_water:
+            self.high_water = self.work
         self._by_owner[owner] = self._by_owner.get(owner, 0) + nbytes
         if holding is not None:
             holding.held += nbytes
