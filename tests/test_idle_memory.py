@@ -4,6 +4,9 @@ server's own code allocates while sessions open, the state pool apart."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +15,7 @@ import rnnstream.server
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from tests import probe
 from tests.conftest import RunningServer
+from tests.services import RedisServer
 from tests.streaming import RawStream, sequence
 
 SESSIONS = 4000
@@ -64,3 +68,43 @@ async def test_idle_sessions_hold_no_more_than_their_fields_and_state(
     assert per_session <= BUDGET, f"{per_session:.0f} bytes per idle session beyond its state"
     slot = 128 * 4  # gru: one 128-float hidden state
     assert pool_after - pool_before <= 2 * SESSIONS * slot  # the pool at most doubles ahead
+
+
+async def test_sessions_that_spilled_leave_nothing_behind(
+    make_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    """Once sessions spilled (their stream gone), what the server's code held for them is given
+    back: the tables that held them are copied smaller, the stream's list of them goes."""
+    store = RedisServer(tmp_path)
+    try:
+        running = make_server(
+            models=("gru",), state_store=store.url, spill_after=0.05, session_ttl=60
+        )
+        tracemalloc.start(1)
+        try:
+            before = tracemalloc.take_snapshot()
+            async with RawStream(running.target) as raw:
+                for _ in range(SESSIONS // PER_MESSAGE):
+                    many = pb.OpenSessions(sessions=[pb.OpenSession(model="gru")] * PER_MESSAGE)
+                    answer = await raw.request(pb.StreamRequest(open_many=many))
+                    assert all(r.HasField("opened") for r in answer.opened_many.results)
+            deadline = time.monotonic() + 60
+            while running.run(lambda: probe.session_count(running.engine)):
+                assert time.monotonic() < deadline, "the sessions never all spilled"
+                await asyncio.sleep(0.05)
+            for _ in range(2):  # the first sweep after they left copies the tables smaller
+                running.call(probe.sweep(running.engine))
+            # Empty the interpreter's free lists (tuples kept for reuse, no session's), but free no
+            # garbage: a cycle that holds sessions' memory until a collection counts as held.
+            gc.freeze()
+            gc.collect()
+            gc.unfreeze()
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+    finally:
+        store.stop()
+    rest_before, pool_before = _server_bytes(before)
+    rest_after, pool_after = _server_bytes(after)
+    assert (rest_after - rest_before) / SESSIONS <= 32  # bytes per spilled session left behind
+    assert pool_after - pool_before <= 64 * 1024  # the pool is back to its smallest

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -263,3 +264,37 @@ async def test_a_frame_group_brings_its_spilled_sessions_back(
                 ys[s.id].append(outs[s]["y"])
     for s in sessions:
         assert_matches_references(MODEL, x, np.stack(ys[s.id]))
+
+
+async def test_a_session_does_not_spill_while_its_forecast_runs(
+    make_server: Make, store: RedisServer
+) -> None:
+    """The forecast is held up mid-way (its model's ORT thread kept busy) for many times
+    --spill-after: sweeps pass and the session stays; once the forecast is answered it spills,
+    and what comes back forecasts and steps exactly as a session that never left."""
+    model = "co2_forecaster"
+    x = np.linspace(-1, 1, 12, dtype=np.float32).reshape(12, 1)
+    plain = make_server(models=(model,))
+    spilling = _spilling(make_server, store, models=(model,), spill_after=0.05)
+    results = []
+    for server in (plain, spilling):
+        async with AsyncClient(server.target, retry=None) as client:
+            session = await client.open(model)
+            outs = [(await session.step(row))["y"] for row in x[:6]]
+            release = threading.Event()
+            probe.block_ort(server.engine, release, model)
+            try:
+                forecast = asyncio.ensure_future(session.forecast(64, commit=True))
+                await asyncio.sleep(1.0)  # twenty times --spill-after, a sweep every 0.05 s
+                assert _held(server, session.id) and not forecast.done()
+            finally:
+                release.set()
+            long = (await forecast)["y"]
+            if server is spilling:
+                await _until(_gone_from(server, session.id), "spilled once the forecast is done")
+            short = (await session.forecast(8))["y"]  # brings it back first
+            outs += [(await session.step(row))["y"] for row in x[6:]]
+            results.append((long, short, np.stack(outs)))
+            await session.end()
+    for kept, spilled in zip(results[0], results[1], strict=True):
+        np.testing.assert_array_equal(kept, spilled)

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Mapping
 
+from rnnstream.server.core._heap import give_back_heap
 from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._registry import SessionManager
 from rnnstream.server.core._session import Session
@@ -21,6 +22,7 @@ log = logging.getLogger("rnnstream.sessions")
 _CHUNK = 20_000  # sessions looked at between two turns of the event loop
 _SESSIONS_PER_SECOND = 200_000  # a sweep runs at most this often per session held
 _EXPIRE_BATCH = 1000  # spilled sessions whose time ran out, turned into "expired" per call
+_GIVE_BACK = 1024  # sessions that left memory since the last trim before the heap is trimmed again
 
 
 class IdleSweep:
@@ -36,6 +38,8 @@ class IdleSweep:
         self._store: StateStore | None = None
         self._spilled = 0
         self._store_error = ""
+        self._high = 0  # most sessions in memory at a sweep since the heap was last trimmed
+        self._trim = False  # many left: trim the heap at the next sweep (their pool has shrunk)
         self.states: Mapping[str, int] = {"active": 0, "idle": 0, "spilled": 0}
         if metrics is not None:
             metrics.watch_session_states(lambda: self.states)
@@ -83,7 +87,19 @@ class IdleSweep:
                 self._sessions.expire(session)
         held = len(self._sessions)
         self.states = {"active": active, "idle": max(0, held - active), "spilled": self._spilled}
+        await self._give_back(held)
         return due
+
+    async def _give_back(self, held: int) -> None:
+        """After many sessions left memory (spilled, expired or ended), give their memory back:
+        the table that held them is copied smaller, and the next sweep trims the heap."""
+        self._sessions.compact()
+        if self._trim:  # decided at the last sweep: the state pools have shrunk since
+            self._trim = False
+            await give_back_heap()
+        self._high = max(self._high, held)
+        if self._high - held >= _GIVE_BACK:
+            self._trim, self._high = True, held
 
     async def _store_upkeep(self, spiller: Spiller) -> None:
         """Spilled sessions whose time ran out become "expired" (on every replica's next look);

@@ -19,6 +19,7 @@ from rnnstream.server.core._errors import (
     Unavailable,
     quoted,
 )
+from rnnstream.server.core._heap import PeakTable
 from rnnstream.server.core._instruments import CoreMetrics
 from rnnstream.server.core._listing import OpenOrder
 from rnnstream.server.core._model_registry import ModelRegistry
@@ -51,6 +52,7 @@ class SessionManager:
     ) -> None:
         self._models = models
         self._sessions: dict[tuple[str, str], Session] = {}
+        self._table = PeakTable()  # compact() copies _sessions smaller once most have left
         self.order = OpenOrder()  # listings page through it
         self._expired: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._per_model: dict[str, int] = {}
@@ -171,6 +173,7 @@ class SessionManager:
     def _register(self, session: Session) -> None:
         key = (session.owner, session.id)
         self._sessions[key] = session
+        self._table.grew(len(self._sessions))
         self.order.add(session)
         self._expired.pop(key, None)
         self._per_model[session.model] = self._per_model.get(session.model, 0) + 1
@@ -294,8 +297,7 @@ class SessionManager:
             self._end(session, "unloaded", message)
 
     def spill(self, session: Session) -> None:
-        """The idle session left memory, its state in the store: forget it here and free its
-        slot (no end: its next request, here or on another replica, brings it back)."""
+        """The idle session left memory for the store (not ended: its next request returns it)."""
         self._unregister(session)
         self._models.scheduler_of(session).release(session)
         if self.metrics is not None:
@@ -305,10 +307,9 @@ class SessionManager:
         del self._sessions[(session.owner, session.id)]
         self.order.remove(session)
         self._per_model[session.model] -= 1
-        if self._per_owner[session.owner] == 1:
-            del self._per_owner[session.owner]  # principals come and go: no entry per past one
-        else:
-            self._per_owner[session.owner] -= 1
+        left = self._per_owner.pop(session.owner) - 1
+        if left:  # principals come and go: no entry per past one
+            self._per_owner[session.owner] = left
 
     def _end(self, session: Session, reason: str, message: str = "") -> asyncio.Future[Ended]:
         self._unregister(session)
@@ -335,6 +336,9 @@ class SessionManager:
 
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
+
+    def compact(self) -> None:
+        self._sessions = self._table.shrunk(self._sessions)
 
     def expire(self, session: Session) -> None:
         """End an idle session whose TTL passed, if it is still open."""

@@ -81,7 +81,7 @@ class ModelScheduler:
         self.max_batch_size = self.ready.max_batch_size
         self.queued_frames = 0
         self.submitted = 0  # items submitted so far (the pacer watches it grow)
-        self._slot_owner: dict[int, Session] = {}
+        self._slot_owner: list[Session | None] = []  # by slot: 8 bytes a slot, shrinks with it
         self._task: asyncio.Task[None] | None = None
         self._halted = False
         self.holding = False  # shutting down: no new batch starts
@@ -107,14 +107,14 @@ class ModelScheduler:
         return len(self.ready)
 
     def session_count(self) -> int:
-        return len(self._slot_owner)
+        return self.pool.live
 
     def idle(self) -> bool:
         return not len(self.ready) and not self.busy()
 
     def busy(self) -> bool:
         """A batch, forecast or store write of one of its sessions is under way."""
-        return any(s.in_flight for s in self._slot_owner.values())
+        return any(s.in_flight for s in self._slot_owner if s is not None)
 
     def count(self, status: str, frames: int = 1) -> None:
         self.counters.count(status, frames)
@@ -122,7 +122,10 @@ class ModelScheduler:
     # -- sessions --------------------------------------------------------------------------
     def attach(self, session: Session) -> None:
         session.place(self.pool.allocate())
-        self._slot_owner[session.slot] = session
+        owners = self._slot_owner
+        if session.slot >= len(owners):
+            owners.extend([None] * (self.pool.capacity - len(owners)))
+        owners[session.slot] = session
 
     def submit(self, session: Session, work: FrameWork | ControlWork) -> None:
         if self._halted:  # the server is stopping: nothing would run it
@@ -157,17 +160,19 @@ class ModelScheduler:
 
     def release(self, session: Session) -> None:
         """The session ended: free its slot and refuse what it still had queued."""
-        del self._slot_owner[session.slot]
+        self._slot_owner[session.slot] = None
         self.pool.release(session.slot)
+        if self.pool.live <= self.pool.capacity // 4:
+            self.ready.wake.set()  # the loop shrinks the pool once no batch holds slot numbers
         for work in session.close():
             self._refuse(work, NotFound(f"session {session.id!r} has ended", session_id=session.id))
-        if not self._slot_owner and self.on_empty is not None:
+        if not self.pool.live and self.on_empty is not None:
             self.on_empty()
 
     def refuse_queued(self, message: str) -> None:
         """Shutting down: refuse with UNAVAILABLE, in order, everything that has not started;
         what runs finishes (or is abandoned by stop)."""
-        for session in list(self._slot_owner.values()):
+        for session in [s for s in self._slot_owner if s is not None]:
             before = session.frames_queued
             for work in session.take_queued():
                 index = getattr(work, "index", None)
@@ -192,7 +197,9 @@ class ModelScheduler:
         task.add_done_callback(self._side_tasks.discard)
 
     def _relocate(self, old: int, new: int) -> None:
-        session = self._slot_owner.pop(old)
+        session = self._slot_owner[old]
+        assert session is not None
+        self._slot_owner[old] = None
         session.place(new)
         self._slot_owner[new] = session
 
@@ -207,7 +214,8 @@ class ModelScheduler:
                 if self.holding:  # shutting down: what waits is refused by stop's caller
                     await asyncio.Event().wait()
                 ready.wake.clear()
-                self.pool.compact(self._relocate)
+                while self.pool.compact(self._relocate):  # down to a quarter full or more
+                    del self._slot_owner[self.pool.capacity :]
                 await ready.wake.wait()
                 continue
             await self.pacer.gather_arrivals()

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from rnnstream.server.core._heap import PeakTable
 from rnnstream.server.core._model_registry import ModelRegistry
 from rnnstream.server.core._models import ModelSpec
 from rnnstream.server.core._registry import SessionManager
@@ -124,6 +125,7 @@ class Spiller:
         # store, and attached again when it comes back (monotonic time of expiry, inf: never;
         # and its next index).
         self._listeners: dict[tuple[str, str], tuple[EndListener, float, int]] = {}
+        self._table = PeakTable()
 
     def due(self, session: Session, now: float) -> bool:
         return now - session.last_active > self.policy.after and not session.busy()
@@ -181,6 +183,7 @@ class Spiller:
                     until = now + kept if kept > 0 else float("inf")
                     entry = (session.listener, until, session.next_index)
                     self._listeners[(session.owner, session.id)] = entry
+                    self._table.grew(len(self._listeners))
                 self._sessions.spill(session)
                 spilled += 1
         if missing and not failed:
@@ -209,3 +212,4 @@ class Spiller:
             del self._listeners[(owner, session_id)]
             why = "its state left the state store"
             listener(Ended(session_id, "expired", next_index, message=why))
+        self._listeners = self._table.shrunk(self._listeners)

@@ -61,8 +61,13 @@ class StreamCall:
         self._budget = engine.budget
         self.holding = Holding()
         self.over = False  # the call has ended: answers still coming are dropped
+        budget, holding = self._budget, self.holding
+
+        def written(nbytes: int) -> None:  # no reference to the call: no cycle to collect
+            budget.give(owner, nbytes, holding)
+
         # Holds responses, None (the call is over) and SHUTDOWN.
-        self.outbox = Outbox(settings.max_message_bytes if pack_outputs else None, self._written)
+        self.outbox = Outbox(settings.max_message_bytes if pack_outputs else None, written)
         self.outstanding = 0
         self.reading = True
         self.opened: set[str] = set()
@@ -73,7 +78,6 @@ class StreamCall:
         self._bytes_out = metrics.bytes_sent
         self._requests = metrics.stream_requests
         self._layouts: dict[str, OutputLayout] = {}  # model -> its outputs' names and batch axes
-        self._on_end = self.notify_ended  # one bound method for all its sessions, not one each
 
     # -- replies ---------------------------------------------------------------------------
     def _track(
@@ -104,8 +108,9 @@ class StreamCall:
         if not self.reading and self.outstanding == 0:
             self.outbox.put_nowait(None)
 
-    def notify_ended(self, result: Ended) -> None:
-        """The server ended a session this stream holds: tell the client in-band."""
+    def __call__(self, result: Ended) -> None:
+        """The server ended a session this stream holds: tell the client in-band. The call is
+        each session's end listener itself (no bound method per session, no cycle)."""
         self.opened.discard(result.session_id)
         self.outbox.put_nowait(pb.StreamResponse(ended=ended(result)))
 
@@ -118,9 +123,10 @@ class StreamCall:
             self._budget.give(self.owner, held, self.holding)
         for session_id in self.opened:
             try:
-                self.engine.detach(self.owner, session_id, self._on_end)
+                self.engine.detach(self.owner, session_id, self)
             except NotFound:  # ended meanwhile
                 continue
+        self.opened = set()  # the call may outlive this until the cycle collector frees it
 
     def shutdown(self, message: str) -> None:
         self.outbox.put_nowait(
@@ -286,9 +292,6 @@ class StreamCall:
             self._budget.take(self.owner, nbytes, self.holding)
         self.outbox.put_nowait(response, nbytes)
 
-    def _written(self, nbytes: int) -> None:
-        self._budget.give(self.owner, nbytes, self.holding)
-
     async def _open(self, request: pb.OpenSession) -> None:
         try:
             await self._open_or_raise(request)
@@ -321,7 +324,7 @@ class StreamCall:
             request.model,
             emit_name(request.emit),
             resume_only=request.resume,
-            on_end=self._on_end,
+            on_end=self,
             version=request.model_version or None,
         )
         self.opened.add(result.session_id)
