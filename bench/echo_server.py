@@ -142,6 +142,16 @@ class EchoServicer(pb_grpc.RnnstreamServicer):
             return pb.StreamResponse(
                 opened=pb.SessionOpened(session_id=session_id, model=request.open.model)
             )
+        if kind == "open_many":
+            request_id = request.open_many.request_id
+            answer = pb.SessionsOpened(request_id=request_id)
+            for one in request.open_many.sessions:
+                session_id = one.session_id or secrets.token_hex(16)
+                self._sessions[session_id] = one.model
+                answer.results.add().opened.CopyFrom(
+                    pb.SessionOpened(session_id=session_id, model=one.model)
+                )
+            return pb.StreamResponse(opened_many=answer)
         if kind == "end":
             self._sessions.pop(request.end.session_id, None)
             return pb.StreamResponse(
