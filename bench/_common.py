@@ -30,6 +30,7 @@ from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 PERFORMANCE_MD = REPO / "docs" / "performance.md"
+README_MD = REPO / "README.md"
 
 
 def free_port() -> int:
@@ -176,6 +177,17 @@ def start_server(
         channel.close()
 
 
+def histogram(port: int, name: str) -> dict[str, float]:
+    """A histogram's cumulative bucket counts by upper bound ("+Inf" last), summed over labels."""
+    buckets: dict[str, float] = {}
+    for family in text_string_to_metric_families(_metrics_text(port)):
+        for sample in family.samples:
+            if sample.name == f"{name}_bucket":
+                bound = sample.labels["le"]
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return buckets
+
+
 def loadtest(target: str, model: str, seconds: float, warmup: float, *flags: str) -> dict[str, Any]:
     """One `rnnstream loadtest` run in its own process(es); its JSON report."""
     with tempfile.TemporaryDirectory() as folder:
@@ -317,22 +329,25 @@ def load_line(info: dict[str, Any]) -> str:
     load = quiet.get("load_average_at_start")
     where = f"{info['machine']['cores']} cores ({info['machine']['cpu']})"
     text = f"{where}; 1-minute load average at the start {load[0] if load else '?'}"
+    if info.get("load_average_at_end"):
+        text += f", at the end {info['load_average_at_end'][0]}"
     if quiet and not quiet.get("quiet"):
         text += " (the machine never got quiet: other work ran during the measurement)"
     return text
 
 
 # -- the docs tables ------------------------------------------------------------------------
-def _markers(name: str) -> tuple[str, str]:
+def _markers(name: str, script: str | None = None) -> tuple[str, str]:
     return (
-        f"<!-- bench:{name} (generated: python bench/{name}.py --report-only) -->",
+        f"<!-- bench:{name} (generated: python bench/{script or name}.py --report-only) -->",
         f"<!-- /bench:{name} -->",
     )
 
 
-def docs_section(text: str, name: str) -> str:
-    """The generated part of a document between the markers of benchmark `name`."""
-    start, end = _markers(name)
+def docs_section(text: str, name: str, script: str | None = None) -> str:
+    """The generated part of a document between the markers of benchmark `name` (made by
+    bench/`script`.py, `name` by default)."""
+    start, end = _markers(name, script)
     _head, found, rest = text.partition(start)
     if not found:
         raise KeyError(f"no {start} in the document")
@@ -342,8 +357,8 @@ def docs_section(text: str, name: str) -> str:
     return body.strip("\n")
 
 
-def write_docs_section(path: Path, name: str, table: str) -> None:
-    start, end = _markers(name)
+def write_docs_section(path: Path, name: str, table: str, script: str | None = None) -> None:
+    start, end = _markers(name, script)
     text = path.read_text()
     head, found, rest = text.partition(start)
     if not found:

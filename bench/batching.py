@@ -36,6 +36,7 @@ from _common import (
     fmt,
     fmt_spread,
     load_line,
+    load_now,
     machine,
     measure,
     ort_alone,
@@ -229,7 +230,8 @@ def report(result: dict[str, Any]) -> str:
         ]
     lines += ["", "| target | value (median) | met |", "| --- | ---: | --- |"]
     for g in goals:
-        lines.append(f"| {g['target']} | {fmt(g['value'], 2)} | {'yes' if g['met'] else 'NO'} |")
+        met = "not run" if g["value"] is None else "yes" if g["met"] else "NO"
+        lines.append(f"| {g['target']} | {fmt(g['value'], 2)} | {met} |")
     return "\n".join(lines)
 
 
@@ -335,6 +337,7 @@ def main() -> None:
     mem = memory(args.memory_sessions) if args.memory_sessions else None
     result = {
         **info,
+        "load_average_at_end": load_now(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "seconds": time.monotonic() - started,

@@ -19,10 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     PERFORMANCE_MD,
+    README_MD,
     RESULTS,
     fmt,
     fmt_spread,
     load_line,
+    load_now,
     machine,
     measure,
     ort_alone,
@@ -144,6 +146,29 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summary(result: dict[str, Any]) -> str:
+    """README's table: the headline rows of the run, with where they came from."""
+    rows = summarize(result)
+    lines = [
+        f"512 closed-loop sessions on one connection, {load_line(result)}, measured "
+        f"{result['date']} (bench/many.py: medians of {result['options']['rounds']} rounds of "
+        f"{result['options']['duration']:g} s, min-max in docs/performance.md):",
+        "",
+        "| model | connections | how the client sends | frames/s "
+        "| vs ONNX Runtime alone, batch 512 | p50 ms |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if r["kind"] not in ("group", "single", "auto"):
+            continue
+        lines.append(
+            f"| {r['model']} | {fmt(r['connections'], 0)} | {KINDS[r['kind']][1]} "
+            f"| {fmt(r['frames_per_s']['median'], 0)} | {fmt(r['vs_ort']['median'], 2)} "
+            f"| {fmt(r['p50_ms']['median'], 2)} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=RESULTS / f"{NAME}.json")
@@ -161,6 +186,7 @@ def main() -> None:
         print(table)
         if args.write_docs:
             write_docs_section(PERFORMANCE_MD, NAME, table)
+            write_docs_section(README_MD, "many_summary", summary(read(args.report_only)), NAME)
         return
     started = time.monotonic()
     info = {
@@ -198,6 +224,7 @@ def main() -> None:
             server.stop()
     result = {
         **info,
+        "load_average_at_end": load_now(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "server_flags": server_flags,

@@ -27,6 +27,7 @@ from _common import (
     fmt_spread,
     free_port,
     load_line,
+    load_now,
     machine,
     measure,
     read,
@@ -133,6 +134,7 @@ def main() -> None:
             redis.wait(10)
     result = {
         **info,
+        "load_average_at_end": load_now(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "seconds": time.monotonic() - started,

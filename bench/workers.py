@@ -25,6 +25,7 @@ from _common import (
     fmt,
     fmt_spread,
     load_line,
+    load_now,
     machine,
     measure,
     read,
@@ -135,6 +136,7 @@ def main() -> None:
     options["workers"] = counts
     result = {
         **info,
+        "load_average_at_end": load_now(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "options": options,
         "seconds": time.monotonic() - started,
