@@ -172,9 +172,10 @@ class Metrics:
         )
         self.batch_gather = Histogram(
             "rnnstream_batch_gather_seconds",
-            "Time a batch that could start waited for frames arriving (at most 1 ms)",
+            "Time a batch that could start waited for frames arriving (1 ms, checked between "
+            "loop turns: plus the turn under way)",
             ["model"],
-            buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3),
+            buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2.5e-2, 0.1),
             registry=r,
         )
         self.ort_run = Histogram(
