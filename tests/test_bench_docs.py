@@ -14,7 +14,7 @@ from tests.conftest import REPO
 
 BENCH = REPO / "bench"
 DOC = REPO / "docs" / "performance.md"
-GENERATED = ("pacing",)  # every benchmark whose results are committed
+GENERATED = ("many", "batching", "pacing", "pacing_after", "workers")  # every benchmark whose results are committed
 
 
 def _bench(name: str) -> ModuleType:
@@ -48,3 +48,14 @@ def test_results_are_real_runs(name: str) -> None:
     options = result["options"]
     assert options["duration"] >= 10 and options["rounds"] >= 5
     assert "load_average_at_start" in result["quiet_machine"]
+
+
+def test_the_readme_table_is_the_committed_result() -> None:
+    module = _bench("many")
+    result = json.loads((BENCH / "results" / "many.json").read_text())
+    common = sys.modules["_common"]
+    readme = (REPO / "README.md").read_text()
+    assert common.docs_section(readme, "many_summary", "many") == module.summary(result), (
+        "README.md's table differs from bench/results/many.json: run "
+        "python bench/many.py --report-only bench/results/many.json --write-docs"
+    )
