@@ -14,7 +14,8 @@ from tests.conftest import REPO
 
 BENCH = REPO / "bench"
 DOC = REPO / "docs" / "performance.md"
-GENERATED = ("many", "batching", "pacing", "pacing_after", "workers")  # every benchmark whose results are committed
+# Every benchmark whose results are committed.
+GENERATED = ("many", "batching", "pacing", "pacing_after", "workers")
 
 
 def _bench(name: str) -> ModuleType:
