@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import os
-import sys
 import time
-from typing import Any
 
 from rnnstream.server.core import MemoryBudget
+from rnnstream.server.core._heap import give_back_heap, glibc
 
 __all__ = ["give_back_large_buffers", "trim_after_bursts"]
 
@@ -23,27 +20,13 @@ _THRESHOLD = 128 * 1024
 TRIM_AFTER_BYTES = 32 * 1024 * 1024
 
 
-def _glibc() -> Any | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-    except OSError:
-        return None
-    # musl and others have neither
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-
-
 def give_back_large_buffers() -> None:
     """glibc raises its mmap threshold to the size of the largest buffer freed (up to 32 MB),
     after which tensors of a few MB come from the heap, which is not given back: a burst of
     large frames left the server holding what it had freed. Fixing the threshold at 128 KiB
     (glibc's default start) keeps every buffer larger than that in its own mapping, returned to
     the system when freed. No-op elsewhere than glibc, or where MALLOC_MMAP_THRESHOLD_ is set."""
-    libc = _glibc()
+    libc = glibc()
     if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
     if not libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD):
@@ -56,8 +39,7 @@ async def trim_after_bursts(budget: MemoryBudget, every: float = 1.0) -> None:
     last trim: what a burst of many small allocations (messages, gRPC's buffers, every thread's
     arena) left free in the heap, which glibc keeps otherwise. At most once every `every` s;
     returns at once elsewhere than glibc."""
-    libc = _glibc()
-    if libc is None:
+    if glibc() is None:
         return
     while True:
         await asyncio.sleep(every)
@@ -65,5 +47,5 @@ async def trim_after_bursts(budget: MemoryBudget, every: float = 1.0) -> None:
             continue
         budget.high_water = budget.work
         started = time.perf_counter()
-        await asyncio.to_thread(libc.malloc_trim, 0)
+        await give_back_heap()
         log.debug("heap trimmed in %.1f ms", (time.perf_counter() - started) * 1e3)

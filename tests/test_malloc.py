@@ -17,7 +17,7 @@ from rnnstream.server._malloc import TRIM_AFTER_BYTES, trim_after_bursts
 from rnnstream.server.core import MemoryBudget
 
 _PROBE = """
-import ctypes, sys
+import ctypes, ctypes.util, sys
 import numpy as np
 from rnnstream.server._malloc import give_back_large_buffers
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import sys
-from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["PeakTable", "give_back_heap"]
+__all__ = ["PeakTable", "give_back_heap", "glibc"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -40,21 +40,22 @@ class PeakTable:
         return dict(table)
 
 
-def _malloc_trim() -> Callable[[int], Any] | None:
+@functools.cache
+def glibc() -> Any | None:
+    """The C library when it is glibc (it has mallopt and malloc_trim; musl has neither), on
+    Linux; None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        trim: Callable[[int], Any] = ctypes.CDLL(None).malloc_trim  # glibc; musl has none
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+    except OSError:
         return None
-    return trim
-
-
-_TRIM = _malloc_trim()
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 async def give_back_heap() -> None:
     """Return the C heap's free pages to the operating system (glibc's malloc_trim), on a
     thread: on a heap of a gigabyte it takes some milliseconds, and the loop runs meanwhile."""
-    if _TRIM is not None:
-        await asyncio.to_thread(_TRIM, 0)
+    libc = glibc()
+    if libc is not None:
+        await asyncio.to_thread(libc.malloc_trim, 0)
