@@ -15,7 +15,7 @@ from tests.conftest import REPO
 BENCH = REPO / "bench"
 DOC = REPO / "docs" / "performance.md"
 # Every benchmark whose results are committed.
-GENERATED = ("many", "batching", "pacing", "pacing_after", "workers")
+GENERATED = ("many", "batching", "pacing", "pacing_after", "workers", "redis_store")
 
 
 def _bench(name: str) -> ModuleType:
