@@ -4,6 +4,7 @@ written from a results file (--report-only)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -374,3 +375,39 @@ def save(result: dict[str, Any], path: Path) -> None:
 
 def read(path: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
+
+
+def bench_parser(
+    doc: str | None, name: str, *, clients: bool = True, quiet_timeout: float = 3600.0
+) -> argparse.ArgumentParser:
+    """The flags every load benchmark takes: where its results go, its rounds and their length,
+    the load generator's processes (`clients`), waiting for a quiet machine, and
+    --report-only / --write-docs. Each script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--out", type=Path, default=RESULTS / f"{name}.json")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds a run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds a run")
+    if clients:
+        default = max(1, min(4, os.cpu_count() or 1))
+        parser.add_argument("--client-processes", type=int, default=default)
+    parser.add_argument("--quiet-load", type=float, default=1.5, help="wait for a load under it")
+    parser.add_argument("--quiet-timeout", type=float, default=quiet_timeout)
+    parser.add_argument("--report-only", type=Path, help="print the tables of a results file")
+    parser.add_argument("--write-docs", action="store_true", help="with --report-only: update docs")
+    return parser
+
+
+def reported_only(
+    args: argparse.Namespace, name: str, report: Callable[[dict[str, Any]], str]
+) -> dict[str, Any] | None:
+    """With --report-only: print the results file's table (and with --write-docs put it into
+    docs/performance.md) and return the results; None otherwise."""
+    if args.report_only is None:
+        return None
+    result = read(args.report_only)
+    table = report(result)
+    print(table)
+    if args.write_docs:
+        write_docs_section(PERFORMANCE_MD, name, table)
+    return result

@@ -18,9 +18,7 @@ ratio alike.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,8 +29,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
-    PERFORMANCE_MD,
-    RESULTS,
+    bench_parser,
     fmt,
     fmt_spread,
     load_line,
@@ -40,12 +37,11 @@ from _common import (
     machine,
     measure,
     ort_alone,
-    read,
+    reported_only,
     save,
     spread,
     start_server,
     wait_for_quiet,
-    write_docs_section,
 )
 
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
@@ -282,25 +278,12 @@ def memory(sessions: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, default=RESULTS / f"{NAME}.json")
+    parser = bench_parser(__doc__, NAME)
     parser.add_argument("--models", default="gru,lstm")
     parser.add_argument("--sessions", default="1,64,512", help="C values, comma-separated")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds a run")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds a run")
-    parser.add_argument("--client-processes", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     parser.add_argument("--memory-sessions", type=int, default=100_000, help="0 skips it")
-    parser.add_argument("--quiet-load", type=float, default=1.5, help="wait for a load under it")
-    parser.add_argument("--quiet-timeout", type=float, default=3600.0)
-    parser.add_argument("--report-only", type=Path, help="print the tables of a results file")
-    parser.add_argument("--write-docs", action="store_true", help="with --report-only: update docs")
     args = parser.parse_args()
-    if args.report_only is not None:
-        table = report(read(args.report_only))
-        print(table)
-        if args.write_docs:
-            write_docs_section(PERFORMANCE_MD, NAME, table)
+    if reported_only(args, NAME, report) is not None:
         return
     started = time.monotonic()
     info = {

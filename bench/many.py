@@ -9,7 +9,6 @@ batch 512, all in one run.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -18,9 +17,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
-    PERFORMANCE_MD,
     README_MD,
-    RESULTS,
+    bench_parser,
     fmt,
     fmt_spread,
     load_line,
@@ -28,7 +26,7 @@ from _common import (
     machine,
     measure,
     ort_alone,
-    read,
+    reported_only,
     save,
     spread,
     start_server,
@@ -170,23 +168,13 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, default=RESULTS / f"{NAME}.json")
+    parser = bench_parser(__doc__, NAME, clients=False)
     parser.add_argument("--models", default="gru,lstm")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--quiet-load", type=float, default=1.5)
-    parser.add_argument("--quiet-timeout", type=float, default=3600.0)
-    parser.add_argument("--report-only", type=Path)
-    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
-    if args.report_only is not None:
-        table = report(read(args.report_only))
-        print(table)
+    saved = reported_only(args, NAME, report)
+    if saved is not None:
         if args.write_docs:
-            write_docs_section(PERFORMANCE_MD, NAME, table)
-            write_docs_section(README_MD, "many_summary", summary(read(args.report_only)), NAME)
+            write_docs_section(README_MD, "many_summary", summary(saved), NAME)
         return
     started = time.monotonic()
     info = {

@@ -17,8 +17,6 @@ median of a few runs at the start); latency is the load test's, from each frame'
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -30,21 +28,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
-    PERFORMANCE_MD,
     REPO,
-    RESULTS,
+    bench_parser,
     export_revision,
     fmt,
     fmt_spread,
     load_line,
     machine,
     measure,
-    read,
+    reported_only,
     save,
     spread,
     start_server,
     wait_for_quiet,
-    write_docs_section,
 )
 
 NAME = "pacing"
@@ -207,26 +203,13 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, default=RESULTS / f"{NAME}.json")
+    parser = bench_parser(__doc__, NAME)
     parser.add_argument("--revision", help="git revision of the server with the knobs")
     parser.add_argument("--sessions", default="64,512")
     parser.add_argument("--loads", default="0.5,0.9")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--capacity-runs", type=int, default=3)
-    parser.add_argument("--client-processes", type=int, default=max(1, min(4, os.cpu_count() or 1)))
-    parser.add_argument("--quiet-load", type=float, default=1.5)
-    parser.add_argument("--quiet-timeout", type=float, default=3600.0)
-    parser.add_argument("--report-only", type=Path)
-    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
-    if args.report_only is not None:
-        table = report(read(args.report_only))
-        print(table)
-        if args.write_docs:
-            write_docs_section(PERFORMANCE_MD, NAME, table)
+    if reported_only(args, NAME, report) is not None:
         return
     revision = rev_parse(args.revision) if args.revision else before_removal()
     started = time.monotonic()

@@ -10,8 +10,6 @@ same rounds. The server with the knobs is rnnstream as it was just before they w
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -22,8 +20,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
-    PERFORMANCE_MD,
-    RESULTS,
+    bench_parser,
     export_revision,
     fmt,
     fmt_spread,
@@ -32,12 +29,11 @@ from _common import (
     load_now,
     machine,
     measure,
-    read,
+    reported_only,
     save,
     spread,
     start_server,
     wait_for_quiet,
-    write_docs_section,
 )
 from pacing import MODEL, base_flags, before_removal, open_loop_flags, rev_parse
 
@@ -134,26 +130,13 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, default=RESULTS / f"{NAME}.json")
+    parser = bench_parser(__doc__, NAME, quiet_timeout=600.0)
     parser.add_argument("--before", help="git revision of the server with the knobs")
     parser.add_argument("--sessions", default="64,512")
     parser.add_argument("--loads", default="0.5,0.9")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--capacity-runs", type=int, default=3)
-    parser.add_argument("--client-processes", type=int, default=max(1, min(4, os.cpu_count() or 1)))
-    parser.add_argument("--quiet-load", type=float, default=1.5)
-    parser.add_argument("--quiet-timeout", type=float, default=600.0)
-    parser.add_argument("--report-only", type=Path)
-    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
-    if args.report_only is not None:
-        table = report(read(args.report_only))
-        print(table)
-        if args.write_docs:
-            write_docs_section(PERFORMANCE_MD, NAME, table)
+    if reported_only(args, NAME, report) is not None:
         return
     before = rev_parse(args.before) if args.before else before_removal()
     started = time.monotonic()
