@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import signal
@@ -20,6 +21,7 @@ from onnx import numpy_helper
 
 from rnnstream.loadtest import LoadtestOptions, run_loadtest
 from rnnstream.loadtest._plot import write_plot
+from rnnstream.loadtest._schedule import arrival_times
 from rnnstream.loadtest._stats import Timeline, WorkerStats, decode_histogram, new_histogram
 from rnnstream.proto.inference import grpc_service_pb2 as oip
 from rnnstream.proto.inference import grpc_service_pb2_grpc as oip_grpc
@@ -125,11 +127,20 @@ def test_open_loop_holds_its_rate(server: RunningServer, arrivals: str) -> None:
     report = run_loadtest(options)
     assert report.frames_failed == 0
     assert report.sent == report.answered
-    assert report.frames_per_second == pytest.approx(rate, rel=0.10)
-    assert report.answered == pytest.approx(rate * seconds, rel=0.10)
+    # Due times start at the warm-up's start; the measured ones fall in [warm-up, warm-up +
+    # duration). A constant rate puts rate * seconds of them there; Poisson arrivals (seeded:
+    # one process draws with seed * 1000) as many as that draw holds, 567 here, which is
+    # itself 5.5 % under rate * seconds: measured against it, only lateness counts.
+    due = itertools.takewhile(
+        lambda t: t < options.warmup + seconds,
+        arrival_times(0.0, rate, options.arrivals, options.seed * 1000),
+    )
+    expected = sum(1 for t in due if t >= options.warmup)
+    assert abs(report.answered - expected) <= max(1, 0.03 * expected), (report.answered, expected)
     if arrivals == "constant":
-        # Due times are start + n/rate; the measured ones fall in [warm-up, warm-up + duration).
         assert abs(report.answered - rate * seconds) <= 1
+    # Over the time to the last answer, which a loaded machine stretches a little.
+    assert report.frames_per_second == pytest.approx(expected / seconds, rel=0.10)
 
 
 def test_verify_passes_against_the_served_model(server: RunningServer, tmp_path: Path) -> None:
