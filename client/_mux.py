@@ -123,6 +123,8 @@ class StreamMux:
         self._outgoing: list[Queued] = []  # frames queued this turn, written together
         self._groups: dict[int, GroupCall] = {}  # FrameGroups on the wire, by request id
         self._opens: dict[int, asyncio.Future[pb.SessionsOpened]] = {}  # OpenSessions, likewise
+        # OpenSessions answers read while their request's write was still being awaited
+        self._early_opens: dict[int, pb.SessionsOpened] = {}
         self._request_ids = itertools.count(1)
         self.groups_sent = 0  # FrameGroup messages written
         self._closing = False
@@ -217,11 +219,15 @@ class StreamMux:
         answer: asyncio.Future[pb.SessionsOpened] = asyncio.get_running_loop().create_future()
         try:
             await self.send(pb.StreamRequest(open_many=request))
-            # Waited for from here: no answer can be read between the write and this line.
+            # The reader may have taken the answer while the write was awaited.
+            early = self._early_opens.pop(request.request_id, None)
+            if early is not None:
+                return early
             self._opens[request.request_id] = answer
             return await answer
         finally:
             self._opens.pop(request.request_id, None)
+            self._early_opens.pop(request.request_id, None)
 
     # -- the connection loop -------------------------------------------------------------
     async def _run(self) -> None:
@@ -285,6 +291,7 @@ class StreamMux:
             # are resent below, one by one.
             self._outgoing.clear()
             self._groups.clear()
+            self._early_opens.clear()
             self._fail_opens(RnnstreamError(grpc.StatusCode.UNAVAILABLE, "stream reconnected"))
             for session_id, session in list(self._sessions.items()):
                 self._resuming.add(session_id)
@@ -331,9 +338,12 @@ class StreamMux:
             elif self._opening is not None and not self._opening.done():
                 self._opening.set_result(opened)
         elif kind == "opened_many":
-            answer = self._opens.get(response.opened_many.request_id)
-            if answer is not None and not answer.done():
-                answer.set_result(response.opened_many)
+            many = response.opened_many
+            answer = self._opens.get(many.request_id)
+            if answer is None:
+                self._early_opens[many.request_id] = many
+            elif not answer.done():
+                answer.set_result(many)
         elif kind == "error":
             self._route_error(response.error)
         elif kind == "reset":
