@@ -411,3 +411,27 @@ def reported_only(
     if args.write_docs:
         write_docs_section(PERFORMANCE_MD, name, table)
     return result
+
+
+def finish(
+    args: argparse.Namespace,
+    started: float,
+    info: dict[str, Any],
+    report: Callable[[dict[str, Any]], str],
+    **fields: Any,
+) -> dict[str, Any]:
+    """A run's results: the machine `info`, the load at its end, its date, options and length,
+    and the script's own `fields`; saved to --out and its table printed."""
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    result = {
+        **info,
+        "load_average_at_end": load_now(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "options": {**options, **fields.pop("options", {})},
+        "seconds": time.monotonic() - started,
+        **fields,
+    }
+    save(result, args.out)
+    print(report(result))
+    print(f"\nwrote {args.out}")
+    return result

@@ -30,15 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     bench_parser,
+    finish,
     fmt,
     fmt_spread,
     load_line,
-    load_now,
     machine,
     measure,
     ort_alone,
     reported_only,
-    save,
     spread,
     start_server,
     wait_for_quiet,
@@ -318,19 +317,7 @@ def main() -> None:
         for server in servers.values():
             server.stop()
     mem = memory(args.memory_sessions) if args.memory_sessions else None
-    result = {
-        **info,
-        "load_average_at_end": load_now(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "seconds": time.monotonic() - started,
-        "ort_alone": ort,
-        "memory": mem,
-        "runs": runs,
-    }
-    save(result, args.out)
-    print(report(result))
-    print(f"\nwrote {args.out}")
+    finish(args, started, info, report, ort_alone=ort, memory=mem, runs=runs)
 
 
 if __name__ == "__main__":

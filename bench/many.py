@@ -19,15 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     README_MD,
     bench_parser,
+    finish,
     fmt,
     fmt_spread,
     load_line,
-    load_now,
     machine,
     measure,
     ort_alone,
     reported_only,
-    save,
     spread,
     start_server,
     wait_for_quiet,
@@ -210,19 +209,10 @@ def main() -> None:
     finally:
         for server in servers.values():
             server.stop()
-    result = {
-        **info,
-        "load_average_at_end": load_now(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "server_flags": server_flags,
-        "seconds": time.monotonic() - started,
-        "ort_rounds": ort_rounds,
-        "runs": runs,
-    }
-    save(result, args.out)
-    print(report(result))
-    print(f"\nwrote {args.out}")
+    finish(
+        args, started, info, report,
+        server_flags=server_flags, ort_rounds=ort_rounds, runs=runs,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

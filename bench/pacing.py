@@ -31,13 +31,13 @@ from _common import (
     REPO,
     bench_parser,
     export_revision,
+    finish,
     fmt,
     fmt_spread,
     load_line,
     machine,
     measure,
     reported_only,
-    save,
     spread,
     start_server,
     wait_for_quiet,
@@ -270,19 +270,10 @@ def main() -> None:
         for server in servers.values():
             server.stop()
         folder.cleanup()
-    result = {
-        **info,
-        "revision": revision,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "seconds": time.monotonic() - started,
-        "capacity": capacity,
-        "workloads": workloads,
-        "runs": runs,
-    }
-    save(result, args.out)
-    print(report(result))
-    print(f"\nwrote {args.out}")
+    finish(
+        args, started, info, report,
+        revision=revision, capacity=capacity, workloads=workloads, runs=runs,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,15 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     bench_parser,
     export_revision,
+    finish,
     fmt,
     fmt_spread,
     histogram,
     load_line,
-    load_now,
     machine,
     measure,
     reported_only,
-    save,
     spread,
     start_server,
     wait_for_quiet,
@@ -200,21 +199,10 @@ def main() -> None:
         finally:
             for server in servers.values():
                 server.stop()
-    result = {
-        **info,
-        "load_average_at_end": load_now(),
-        "gather_buckets": gathers,
-        "before": before,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "seconds": time.monotonic() - started,
-        "capacity": capacity,
-        "workloads": workloads,
-        "runs": runs,
-    }
-    save(result, args.out)
-    print(report(result))
-    print(f"\nwrote {args.out}")
+    finish(
+        args, started, info, report,
+        gather_buckets=gathers, before=before, capacity=capacity, workloads=workloads, runs=runs,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -20,15 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     bench_parser,
+    finish,
     fmt,
     fmt_spread,
     free_port,
     load_line,
-    load_now,
     machine,
     measure,
     reported_only,
-    save,
     spread,
     start_server,
     wait_for_quiet,
@@ -115,17 +114,7 @@ def main() -> None:
                 server.stop()
             redis.terminate()
             redis.wait(10)
-    result = {
-        **info,
-        "load_average_at_end": load_now(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "seconds": time.monotonic() - started,
-        "runs": runs,
-    }
-    save(result, args.out)
-    print(report(result))
-    print(f"\nwrote {args.out}")
+    finish(args, started, info, report, runs=runs)
 
 
 if __name__ == "__main__":
