@@ -22,7 +22,13 @@ from onnx import numpy_helper
 from rnnstream.loadtest import LoadtestOptions, run_loadtest
 from rnnstream.loadtest._plot import write_plot
 from rnnstream.loadtest._schedule import arrival_times
-from rnnstream.loadtest._stats import Timeline, WorkerStats, decode_histogram, new_histogram
+from rnnstream.loadtest._stats import (
+    Timeline,
+    WorkerStats,
+    decode_histogram,
+    mean_us,
+    new_histogram,
+)
 from rnnstream.proto.inference import grpc_service_pb2 as oip
 from rnnstream.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from tests import probe
@@ -357,3 +363,13 @@ def test_timeline_merges_histograms_exactly() -> None:
     assert sum(s.answered for s in seconds) == 1000 and sum(s.failed for s in seconds) == 2
     for p in (50.0, 99.0, 99.9, 100.0):
         assert timeline.total.get_value_at_percentile(p) == everything.get_value_at_percentile(p)
+
+
+@pytest.mark.parametrize("scale_s", [1e-5, 3e-3, 2.0])
+def test_the_mean_is_hdrh_own(scale_s: float) -> None:
+    # mean_us reads only the non-empty buckets; hdrh's get_mean_value walks them all.
+    histogram = new_histogram()
+    for latency in np.random.default_rng(5).exponential(scale_s, 5000):
+        histogram.record_value(max(1, round(float(latency) * 1e6)))
+    assert mean_us(histogram) == histogram.get_mean_value()
+    assert mean_us(new_histogram()) == 0.0

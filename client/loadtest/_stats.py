@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from hdrh.histogram import HdrHistogram
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "Timeline",
     "WorkerStats",
     "decode_histogram",
+    "mean_us",
     "new_histogram",
     "summary_ms",
 ]
@@ -53,9 +55,32 @@ def summary_ms(histogram: HdrHistogram) -> dict[str, float | None]:
         return {name: None for name in [*PERCENTILES, "mean", "max"]}
     values = histogram.get_percentile_to_value_dict(list(PERCENTILES.values()))
     out: dict[str, float | None] = {name: values[p] / 1000.0 for name, p in PERCENTILES.items()}
-    out["mean"] = float(histogram.get_mean_value()) / 1000.0
+    out["mean"] = mean_us(histogram) / 1000.0
     out["max"] = histogram.get_max_value() / 1000.0
     return out
+
+
+def mean_us(histogram: HdrHistogram) -> float:
+    """The mean HdrHistogram.get_mean_value gives (each count at the middle of its bucket),
+    from the non-empty buckets only: hdrh walks every bucket in Python, about 26 ms a call,
+    which a load test's coordinator would take from its own worker thread every second."""
+    if not histogram.get_total_count():
+        return 0.0
+    counts = np.ctypeslib.as_array(histogram.counts)
+    total = 0
+    for index in np.flatnonzero(counts).tolist():
+        value = histogram.get_value_from_index(index)
+        middle = (
+            histogram.get_lowest_equivalent_value(value)
+            + (
+                histogram.get_highest_equivalent_value(value)
+                - histogram.get_lowest_equivalent_value(value)
+                + 1
+            )
+            // 2
+        )
+        total += int(counts[index]) * middle
+    return float(total) / int(histogram.get_total_count())
 
 
 @dataclass
