@@ -53,15 +53,17 @@ class RingLedger:
         self._order: OrderedDict[RingOwner, None] = OrderedDict()  # by last append
 
     def appended(self, session: RingOwner, nbytes: int) -> None:
+        """`nbytes`: what the ring grew by (less what it dropped to keep its count)."""
         self.held += nbytes
-        self._order[session] = None
-        self._order.move_to_end(session)
+        order = self._order
+        order[session] = None
+        order.move_to_end(session)
         while session.ring_bytes() > self.per_session and session.ring_entries() > 1:
             session.drop_oldest_output()
-        while self.held > self.limit and self._order:
-            oldest = next(iter(self._order))
+        while self.held > self.limit and order:
+            oldest = next(iter(order))
             if not oldest.drop_oldest_output():
-                del self._order[oldest]
+                del order[oldest]
 
     def dropped(self, session: RingOwner, nbytes: int) -> None:
         self.held -= nbytes

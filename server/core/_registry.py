@@ -7,6 +7,7 @@ import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from itertools import repeat
 from typing import Any
 
 from rnnstream.server.core._budget import RingLedger
@@ -277,8 +278,8 @@ class SessionManager:
 
     def find_many(self, session_ids: Iterable[str], owner: str) -> list[Session | None]:
         """The owner's session of each id, None where it holds none (get() says why)."""
-        sessions = self._sessions
-        return [sessions.get((owner, session_id)) for session_id in session_ids]
+        # map and zip build the keys in C: a group names hundreds of sessions.
+        return list(map(self._sessions.get, zip(repeat(owner), session_ids)))
 
     def end(
         self, session_id: str, owner: str, reason: str = "client", operator: str = ""

@@ -74,7 +74,7 @@ class BlockOutputs:
     becomes a FrameOutput of its own only when someone reads it (a resend answered from the
     output ring, a flush, the state store), so the frame path makes no object per frame."""
 
-    __slots__ = ("axes", "indices", "input_axes", "inputs", "names", "outputs")
+    __slots__ = ("axes", "indices", "input_axes", "inputs", "names", "outputs", "row_bytes")
 
     def __init__(
         self,
@@ -91,6 +91,8 @@ class BlockOutputs:
         self.indices = indices  # each row's frame index
         self.inputs = inputs  # the rows' inputs (a resend must carry the same), likewise
         self.input_axes = input_axes
+        # What the output ring counts for one row (its share of the block's outputs).
+        self.row_bytes = sum(a.nbytes for a in outputs) // max(1, len(indices))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -233,8 +235,7 @@ def kept_index(kept: Kept) -> int:
 def kept_bytes(kept: Kept) -> int:
     if isinstance(kept, FrameOutput):
         return sum(a.nbytes for a in kept.outputs)
-    block = kept[0]
-    return sum(a.nbytes for a in block.outputs) // max(1, len(block))
+    return kept[0].row_bytes
 
 
 def kept_output(kept: Kept) -> FrameOutput:

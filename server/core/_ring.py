@@ -7,7 +7,7 @@ from collections import deque
 
 from rnnstream.server.core._budget import RingLedger
 from rnnstream.server.core._errors import FailedPrecondition
-from rnnstream.server.core._results import FrameOutput, Kept, kept_bytes, kept_index, kept_output
+from rnnstream.server.core._results import FrameOutput, Kept, kept_index, kept_output
 
 __all__ = ["OutputRing", "forgotten", "not_a_resend"]
 
@@ -24,15 +24,19 @@ class OutputRing:
         self.size = size
         self.held = 0
 
-    def keep(self, kept: Kept) -> None:
-        self._entries.append(kept)
-        size = kept_bytes(kept)
+    def keep(self, kept: Kept, size: int) -> None:
+        """Keep an output of `size` bytes (kept_bytes); past `self.size` entries the oldest
+        goes, in the same call to the ledger."""
+        entries = self._entries
+        entries.append(kept)
         self._sizes.append(size)
-        self.held += size
-        if len(self._entries) > self.size:
-            self.drop_oldest_output()
+        change = size
+        if len(entries) > self.size:  # a full ring, the usual case: one in, one out
+            entries.popleft()
+            change -= self._sizes.popleft()
+        self.held += change
         if self._ledger is not None:  # it may trim this ring (or others) to their byte limits
-            self._ledger.appended(self, size)
+            self._ledger.appended(self, change)
 
     def ring_bytes(self) -> int:
         return self.held

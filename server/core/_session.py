@@ -11,7 +11,14 @@ from typing import Protocol
 
 from rnnstream.server.core._budget import RingLedger
 from rnnstream.server.core._errors import FailedPrecondition, RnnstreamError
-from rnnstream.server.core._results import BlockOutputs, Emit, FrameOutput, Kept, kept_output
+from rnnstream.server.core._results import (
+    BlockOutputs,
+    Emit,
+    FrameOutput,
+    Kept,
+    kept_bytes,
+    kept_output,
+)
 from rnnstream.server.core._ring import OutputRing, forgotten, not_a_resend
 from rnnstream.server.core._work import (
     AUTO_INDEX,
@@ -236,11 +243,16 @@ class Session:
         """Row i of `outputs` (a block's) is sessions[i]'s, applied (and stored): one loop, no
         object per session but its ring entry. Returns those with more work queued."""
         busy = []
+        size = outputs.row_bytes
         for row, session in enumerate(sessions):
             session.next_index += 1
             kept = (outputs, row)
             session._last = kept
-            session._keep(kept)
+            if session.ring_size > 0:
+                ring = session.ring
+                if ring is None:
+                    ring = session.ring = OutputRing(session.ring_size, session.ledger)
+                ring.keep(kept, size)
             session.in_flight = 0
             session.last_active = now
             if session._pending:
@@ -331,7 +343,7 @@ class Session:
         if self.ring_size > 0:
             if self.ring is None:
                 self.ring = OutputRing(self.ring_size, self.ledger)
-            self.ring.keep(kept)
+            self.ring.keep(kept, kept_bytes(kept))
 
     def replay(self, index: int) -> FrameOutput | None:
         return self.ring.find(index) if self.ring is not None else None
