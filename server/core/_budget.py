@@ -31,10 +31,10 @@ class Holding:
 
 
 class RingOwner(Protocol):
-    """A session, as the ledger sees it: its ring's bytes and entries, and its oldest entry to
-    drop."""
+    """A session's output ring, as the ledger sees it: its bytes and entries, and its oldest
+    entry to drop."""
 
-    def ring_bytes(self) -> int: ...
+    held: int  # the ring's bytes
 
     def ring_entries(self) -> int: ...
 
@@ -58,7 +58,7 @@ class RingLedger:
         order = self._order
         order[session] = None
         order.move_to_end(session)
-        while session.ring_bytes() > self.per_session and session.ring_entries() > 1:
+        while session.held > self.per_session and session.ring_entries() > 1:
             session.drop_oldest_output()
         while self.held > self.limit and order:
             oldest = next(iter(order))
@@ -72,7 +72,7 @@ class RingLedger:
 
     def forget(self, session: RingOwner) -> None:
         """The session ended: its ring is gone."""
-        self.held -= session.ring_bytes()
+        self.held -= session.held
         self._order.pop(session, None)
 
 
