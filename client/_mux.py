@@ -125,6 +125,7 @@ class StreamMux:
         self._opens: dict[int, asyncio.Future[pb.SessionsOpened]] = {}  # OpenSessions, likewise
         # OpenSessions answers read while their request's write was still being awaited
         self._early_opens: dict[int, pb.SessionsOpened] = {}
+        self._writing_opens: set[int] = set()  # OpenSessions whose write is being awaited
         self._request_ids = itertools.count(1)
         self.groups_sent = 0  # FrameGroup messages written
         self._closing = False
@@ -217,8 +218,10 @@ class StreamMux:
         """Many opens in one message; its answer has one result per session, in order."""
         request.request_id = next(self._request_ids)
         answer: asyncio.Future[pb.SessionsOpened] = asyncio.get_running_loop().create_future()
+        self._writing_opens.add(request.request_id)
         try:
             await self.send(pb.StreamRequest(open_many=request))
+            self._writing_opens.discard(request.request_id)
             # The reader may have taken the answer while the write was awaited.
             early = self._early_opens.pop(request.request_id, None)
             if early is not None:
@@ -226,6 +229,8 @@ class StreamMux:
             self._opens[request.request_id] = answer
             return await answer
         finally:
+            # Cancelled: an answer that comes later has nobody to go to and is not kept.
+            self._writing_opens.discard(request.request_id)
             self._opens.pop(request.request_id, None)
             self._early_opens.pop(request.request_id, None)
 
@@ -341,7 +346,8 @@ class StreamMux:
             many = response.opened_many
             answer = self._opens.get(many.request_id)
             if answer is None:
-                self._early_opens[many.request_id] = many
+                if many.request_id in self._writing_opens:
+                    self._early_opens[many.request_id] = many
             elif not answer.done():
                 answer.set_result(many)
         elif kind == "error":

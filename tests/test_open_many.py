@@ -60,3 +60,33 @@ async def test_an_answer_read_while_its_request_is_written_is_not_lost(
         for _ in range(400):
             (session,) = await asyncio.wait_for(client.open_many("gru", 1), timeout=10)
             assert session.id
+
+
+async def test_cancelled_calls_leave_nothing_waiting_in_the_client(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    """An OpenSessions answer that comes back after its call was cancelled has nobody to go
+    to: the client kept it, one per cancelled call, until the stream reconnected."""
+    running = make_server()
+    async with AsyncClient(running.target) as client:
+        await client.open_many("gru", 1)  # the stream is up
+        mux = client._mux
+        assert mux is not None
+        for _ in range(20):
+            call = asyncio.ensure_future(client.open_many("gru", 1))
+            while not mux._opens:  # written: the call waits for its answer
+                await asyncio.sleep(0)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        (session,) = await asyncio.wait_for(client.open_many("gru", 1), timeout=10)
+        assert session.id  # answers after the cancelled ones still come back
+        await asyncio.sleep(0.2)  # the cancelled calls' answers have come in by now
+        kept = [
+            value
+            for field in vars(mux).values()
+            if isinstance(field, dict)
+            for value in field.values()
+            if isinstance(value, (pb.SessionsOpened, asyncio.Future))
+        ]
+        assert kept == []
