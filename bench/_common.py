@@ -213,6 +213,13 @@ def measure(
     before, cpu_before = server.scrape(model, metrics_ports), server.cpu_seconds()
     report = loadtest(server.target, model, seconds, warmup, *flags)
     after, cpu_after = server.scrape(model, metrics_ports), server.cpu_seconds()
+    opened = report["sessions"]
+    if opened["opened"] < opened["requested"]:
+        # Fewer sessions than the row says would measure another workload, silently.
+        raise RuntimeError(
+            f"{server.name}: only {opened['opened']} of {opened['requested']} sessions opened "
+            f"({opened['failed']})"
+        )
     frames = after["frames"] - before["frames"]
     batches = after["batch_count"] - before["batch_count"]
     latency = report["latency_ms"]
