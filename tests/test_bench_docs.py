@@ -60,3 +60,12 @@ def test_the_readme_table_is_the_committed_result() -> None:
         "README.md's table differs from bench/results/many.json: run "
         "python bench/many.py --report-only bench/results/many.json --write-docs"
     )
+
+
+def test_the_targets_table_is_the_committed_results() -> None:
+    module = _bench("targets")
+    common = sys.modules["_common"]
+    assert common.docs_section(DOC.read_text(), "targets") == module.report(), (
+        "docs/performance.md's targets table differs from bench/results/: run "
+        "python bench/targets.py --report-only --write-docs"
+    )
