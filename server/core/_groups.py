@@ -100,9 +100,9 @@ class FrameGroups:
         session of the principal on this model is refused alone."""
         scheduler, model, instance = copy.scheduler, copy.name, copy.key
         rows = len(found)
-        if Session.all_clean(found, indices, instance) and len(set(found)) == rows:
+        sessions = Session.claim_block(found, indices, instance)
+        if sessions is not None:
             block_indices = np.fromiter(indices, dtype=np.int64, count=rows)
-            sessions = [s for s in found if s is not None]
             scheduler.submit_block(FrameBlock(sessions, block_indices, arrays, key, reply, None))
             return []  # the usual case: every row runs in the block
         clean: list[int] = []
@@ -111,7 +111,7 @@ class FrameGroups:
         seen: set[Session] = set()
         for row, (session, index) in enumerate(zip(found, indices, strict=True)):
             clean_row = session is not None and session not in seen
-            if clean_row and Session.all_clean([session], [index], instance):
+            if clean_row and Session.claim_block([session], [index], instance):  # in flight now
                 assert session is not None
                 seen.add(session)
                 clean.append(row)

@@ -278,8 +278,7 @@ class SessionManager:
 
     def find_many(self, session_ids: Iterable[str], owner: str) -> list[Session | None]:
         """The owner's session of each id, None where it holds none (get() says why)."""
-        # map and zip build the keys in C: a group names hundreds of sessions.
-        return list(map(self._sessions.get, zip(repeat(owner), session_ids)))
+        return list(map(self._sessions.get, zip(repeat(owner), session_ids)))  # keys made in C
 
     def end(
         self, session_id: str, owner: str, reason: str = "client", operator: str = ""

@@ -7,9 +7,9 @@ from collections import deque
 
 from rnnstream.server.core._budget import RingLedger
 from rnnstream.server.core._errors import FailedPrecondition
-from rnnstream.server.core._results import FrameOutput, Kept, kept_index, kept_output
+from rnnstream.server.core._results import FrameOutput, Kept, kept_bytes, kept_index, kept_output
 
-__all__ = ["OutputRing", "forgotten", "not_a_resend"]
+__all__ = ["OutputRing", "forgotten", "not_a_resend", "out_of_order"]
 
 
 class OutputRing:
@@ -24,9 +24,11 @@ class OutputRing:
         self.size = size
         self.held = 0
 
-    def keep(self, kept: Kept, size: int) -> None:
-        """Keep an output of `size` bytes (kept_bytes); past `self.size` entries the oldest
-        goes, in the same call to the ledger."""
+    def keep(self, kept: Kept, size: int | None = None) -> None:
+        """Keep an output of `size` bytes (None: kept_bytes); past `self.size` entries the
+        oldest goes, in the same call to the ledger."""
+        if size is None:
+            size = kept_bytes(kept)
         entries = self._entries
         entries.append(kept)
         self._sizes.append(size)
@@ -77,6 +79,15 @@ def not_a_resend(session_id: str, index: int, next_index: int) -> FailedPrecondi
     return FailedPrecondition(
         f"frame {index} was already applied with other inputs: a resent frame must carry the "
         f"inputs it was first sent with; next expected frame is {next_index}",
+        session_id=session_id,
+        frame_index=index,
+    )
+
+
+def out_of_order(session_id: str, index: int, next_index: int) -> FailedPrecondition:
+    """A frame sent ahead of the one its session expects."""
+    return FailedPrecondition(
+        f"frame {index} is out of order: session {session_id!r} expects frame {next_index}",
         session_id=session_id,
         frame_index=index,
     )

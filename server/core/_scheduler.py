@@ -139,14 +139,13 @@ class ModelScheduler:
 
     def submit_block(self, block: FrameBlock) -> None:
         """Queue a block of frames, one per session, whose sessions had nothing else queued or
-        running (Session.all_clean): it runs whole, or split over batches, with no object per
-        frame."""
+        running and are now in flight (Session.claim_block or start_block): it runs whole, or
+        split over batches, with no object per frame."""
         if self._halted:  # the server is stopping: nothing would run it
             self.answers.fail_block(block, Unavailable(_STOPPING))
             return
         self.submitted += 1
         self.queued_frames += len(block)
-        Session.start_block(block.sessions)
         self.ready.add_block(block)
 
     def read_state(self, session: Session) -> list[npt.NDArray[Any]]:

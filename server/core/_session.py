@@ -10,16 +10,9 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from rnnstream.server.core._budget import RingLedger
-from rnnstream.server.core._errors import FailedPrecondition, RnnstreamError
-from rnnstream.server.core._results import (
-    BlockOutputs,
-    Emit,
-    FrameOutput,
-    Kept,
-    kept_bytes,
-    kept_output,
-)
-from rnnstream.server.core._ring import OutputRing, forgotten, not_a_resend
+from rnnstream.server.core._errors import RnnstreamError
+from rnnstream.server.core._results import BlockOutputs, Emit, FrameOutput, Kept, kept_output
+from rnnstream.server.core._ring import OutputRing, forgotten, not_a_resend, out_of_order
 from rnnstream.server.core._work import (
     AUTO_INDEX,
     ControlWork,
@@ -213,15 +206,7 @@ class Session:
                     work.reply.set_result(replayed if work.emit else None)
                     answers.count("OK")
             else:
-                answers.reject(
-                    work,
-                    FailedPrecondition(
-                        f"frame {work.index} is out of order: session {self.id!r} expects "
-                        f"frame {self.next_index}",
-                        session_id=self.id,
-                        frame_index=work.index,
-                    ),
-                )
+                answers.reject(work, out_of_order(self.id, work.index, self.next_index))
         return None
 
     def start(self, frame: FrameWork) -> None:
@@ -260,19 +245,23 @@ class Session:
         return busy
 
     @staticmethod
-    def all_clean(found: Sequence[Session | None], indices: Sequence[int], instance: int) -> bool:
-        """Each found, idle, on copy `instance`, emit every, index next: frames may form a block."""
-        return all(
-            s is not None and not s._pending and not s.in_flight and i == s.next_index
-            and s.emit == "every" and s.instance == instance
-            for s, i in zip(found, indices, strict=True)
-        )  # fmt: skip
-
-    @staticmethod
-    def start_block(sessions: list[Session]) -> None:
-        """Their next frames joined a block (FrameBlock): in flight until applied."""
-        for session in sessions:
-            session.in_flight = FRAME
+    def claim_block(
+        found: Sequence[Session | None], indices: Sequence[int], instance: int
+    ) -> list[Session] | None:
+        """Each found, idle, on copy `instance`, emit every, index next, named once: all in flight
+        (a FrameBlock's, until applied) and returned. Else None, none of them touched."""
+        claimed: list[Session] = []
+        for s, i in zip(found, indices, strict=True):
+            if (
+                s is None or s._pending or s.in_flight or i != s.next_index
+                or s.emit != "every" or s.instance != instance
+            ):  # fmt: skip
+                for session in claimed:
+                    session.in_flight = 0
+                return None
+            s.in_flight = FRAME
+            claimed.append(s)
+        return claimed
 
     def released(self) -> None:
         """The running frame failed or was refused: nothing was applied."""
@@ -337,13 +326,10 @@ class Session:
     # -- outputs -------------------------------------------------------------------------------
     def remember(self, result: FrameOutput) -> None:
         self._last = result
-        self._keep(result)
-
-    def _keep(self, kept: Kept) -> None:
         if self.ring_size > 0:
             if self.ring is None:
                 self.ring = OutputRing(self.ring_size, self.ledger)
-            self.ring.keep(kept, kept_bytes(kept))
+            self.ring.keep(result)
 
     def replay(self, index: int) -> FrameOutput | None:
         return self.ring.find(index) if self.ring is not None else None
