@@ -139,7 +139,10 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"| {model} | 512 | {fmt_spread(spread(values), 0)} |")
     lines += ["", "| target | value (median) | met |", "| --- | ---: | --- |"]
     for g in targets(rows):
-        lines.append(f"| {g['target']} | {fmt(g['value'], 2)} | {'yes' if g['met'] else 'NO'} |")
+        digits = 3 if g["limit"] < 1 else 2  # 0.248 is not 0.25: a miss must read as one
+        lines.append(
+            f"| {g['target']} | {fmt(g['value'], digits)} | {'yes' if g['met'] else 'NO'} |"
+        )
     return "\n".join(lines)
 
 

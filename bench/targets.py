@@ -49,7 +49,7 @@ def _many_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
                 (
                     f"{model}, 512 sessions a message on one connection: >= 0.25x ORT alone at "
                     "batch 512",
-                    f"{fmt(ort['value'], 2)}x",
+                    f"{fmt(ort['value'], 3)}x",
                     _met(ort["met"]),
                 )
             )
