@@ -22,7 +22,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -39,18 +38,13 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench._common import free_port, machine  # noqa: E402
 from bench._fleet_report import report_tables, write_docs  # noqa: E402
 from rnnstream.proto.v1 import rnnstream_pb2 as pb  # noqa: E402
 
 MODEL = "gru"
 OPEN = pb.StreamRequest(open=pb.OpenSession(model=MODEL)).SerializeToString()
 _STREAM = "/rnnstream.v1.Rnnstream/Stream"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def rss(pid: int) -> int:
@@ -325,16 +319,6 @@ def spilled_memory(count: int, streams: int, spill_after: float) -> dict[str, An
         finally:
             server.stop()
             redis.stop()
-
-
-def machine() -> dict[str, Any]:
-    cpu_name = platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_name = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu_name, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def load_average() -> list[float]:

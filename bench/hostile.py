@@ -34,8 +34,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,7 +53,11 @@ from rnnstream.proto.tensor_codec import encode
 from rnnstream.proto.v1 import rnnstream_pb2 as pb
 from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import REPO, free_port
+from _common import machine as common_machine
+
 DOCS = REPO / "docs" / "production.md"
 START, END = "<!-- hostile-table:start -->", "<!-- hostile-table:end -->"
 MB = 1e6
@@ -68,12 +70,6 @@ CASES = {
     "12": "300 stateless Infer calls of T=4096 at once",
     "13": "one stateless OIP ModelInfer with a batch of 100,000",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Server:
@@ -462,19 +458,7 @@ def write_docs(table: str, docs: Path = DOCS) -> None:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
-        "python": platform.python_version(),
-        "load_average_at_start": os.getloadavg(),
-    }
+    return {**common_machine(), "load_average_at_start": os.getloadavg()}
 
 
 def main() -> None:

@@ -157,6 +157,52 @@ def decisions(found: list[dict[str, Any]]) -> dict[str, str]:
     return out
 
 
+def measure_capacity(server: Any, counts: list[int], args: Any) -> list[dict[str, Any]]:
+    """Closed-loop frames/s at each session count (the median of --capacity-runs runs)."""
+    capacity = []
+    for sessions in counts:
+        flags = [*base_flags(sessions, args.client_processes), "--inflight", "1"]
+        values = [
+            measure(server, MODEL, args.duration, args.warmup, flags)["frames_per_s"]
+            for _ in range(args.capacity_runs)
+        ]
+        capacity.append(
+            {"sessions": sessions, "frames_per_s": statistics.median(values), "runs": values}
+        )
+        print(f"capacity at {sessions} sessions: {values}", flush=True)
+    return capacity
+
+
+def open_loop_workloads(capacity: list[dict[str, Any]], loads: list[float]) -> list[dict[str, Any]]:
+    """Poisson arrivals at each share of each capacity."""
+    return [
+        {"sessions": c["sessions"], "load": load, "rate": load * c["frames_per_s"]}
+        for c in capacity
+        for load in loads
+    ]
+
+
+def measure_workload(
+    servers: dict[str, Any], workload: dict[str, Any], flags: list[str], args: Any, round_: int
+) -> list[dict[str, Any]]:
+    """One round of a workload on each server of the comparison, in turn; a line printed each."""
+    runs = []
+    for config, server in servers.items():
+        run = measure(server, MODEL, args.duration, args.warmup, flags)
+        run.update(
+            sessions_asked=workload["sessions"], load=workload["load"], config=config, round=round_
+        )
+        runs.append(run)
+        load = "closed" if workload["load"] is None else f"{workload['load']:.0%}"
+        print(
+            f"round {round_ + 1} {workload['sessions']} sessions {load} {config}: p50 "
+            f"{run['p50_ms']} p99 {run['p99_ms']} ms, {run['frames_per_s']:,.0f} frames/s, "
+            f"{run['cpu_us_per_frame']} µs/frame",
+            flush=True,
+        )
+    return runs
+
+
 def report(result: dict[str, Any]) -> str:
     rows = summarize(result)
     found = verdicts(rows)
@@ -228,44 +274,14 @@ def main() -> None:
         old = export_revision(revision, Path(folder.name))
         for config, (_, flags) in CONFIGS.items():
             servers[config] = start_server(config, "rnnstream", MODEL, *flags, pythonpath=old)
-        for sessions in counts:
-            flags = [*base_flags(sessions, args.client_processes), "--inflight", "1"]
-            values = [
-                measure(servers["defaults"], MODEL, args.duration, args.warmup, flags)[
-                    "frames_per_s"
-                ]
-                for _ in range(args.capacity_runs)
-            ]
-            capacity.append(
-                {"sessions": sessions, "frames_per_s": statistics.median(values), "runs": values}
-            )
-            print(f"capacity at {sessions} sessions: {values}", flush=True)
-        workloads = [
-            {"sessions": c["sessions"], "load": load, "rate": load * c["frames_per_s"]}
-            for c in capacity
-            for load in loads
-        ]
+        capacity = measure_capacity(servers["defaults"], counts, args)
+        workloads = open_loop_workloads(capacity, loads)
         for round_ in range(args.rounds):
             for workload in workloads:
                 flags = open_loop_flags(
                     workload["sessions"], args.client_processes, workload["rate"]
                 )
-                for config in CONFIGS:
-                    run = measure(servers[config], MODEL, args.duration, args.warmup, flags)
-                    run.update(
-                        sessions_asked=workload["sessions"],
-                        load=workload["load"],
-                        config=config,
-                        round=round_,
-                    )
-                    runs.append(run)
-                    print(
-                        f"round {round_ + 1} {workload['sessions']} sessions "
-                        f"{workload['load']:.0%} "
-                        f"{config}: p50 {run['p50_ms']} p99 {run['p99_ms']} ms, "
-                        f"{run['frames_per_s']:,.0f} frames/s",
-                        flush=True,
-                    )
+                runs += measure_workload(servers, workload, flags, args, round_)
     finally:
         for server in servers.values():
             server.stop()

@@ -10,7 +10,6 @@ same rounds. The server with the knobs is rnnstream as it was just before they w
 
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
 import time
@@ -28,13 +27,21 @@ from _common import (
     histogram,
     load_line,
     machine,
-    measure,
     reported_only,
     spread,
     start_server,
     wait_for_quiet,
 )
-from pacing import MODEL, base_flags, before_removal, open_loop_flags, rev_parse
+from pacing import (
+    MODEL,
+    base_flags,
+    before_removal,
+    measure_capacity,
+    measure_workload,
+    open_loop_flags,
+    open_loop_workloads,
+    rev_parse,
+)
 
 NAME = "pacing_after"
 CONFIGS = {"before": "with the knobs (defaults)", "now": "knobs removed"}
@@ -154,22 +161,8 @@ def main() -> None:
             old = export_revision(before, Path(folder))
             servers["before"] = start_server("before", "rnnstream", MODEL, pythonpath=old)
             servers["now"] = start_server("now", "rnnstream", MODEL)
-            for sessions in counts:
-                flags = [*base_flags(sessions, args.client_processes), "--inflight", "1"]
-                values = [
-                    measure(servers["now"], MODEL, args.duration, args.warmup, flags)[
-                        "frames_per_s"
-                    ]
-                    for _ in range(args.capacity_runs)
-                ]
-                median = statistics.median(values)
-                capacity.append({"sessions": sessions, "frames_per_s": median, "runs": values})
-                print(f"capacity at {sessions} sessions: {values}", flush=True)
-            workloads: list[dict[str, Any]] = [
-                {"sessions": c["sessions"], "load": load, "rate": load * c["frames_per_s"]}
-                for c in capacity
-                for load in loads
-            ]
+            capacity = measure_capacity(servers["now"], counts, args)
+            workloads = open_loop_workloads(capacity, loads)
             workloads.insert(0, {"sessions": 1, "load": None, "rate": None})
             for round_ in range(args.rounds):
                 for workload in workloads:
@@ -179,22 +172,7 @@ def main() -> None:
                         flags = open_loop_flags(
                             workload["sessions"], args.client_processes, workload["rate"]
                         )
-                    for config in CONFIGS:
-                        run = measure(servers[config], MODEL, args.duration, args.warmup, flags)
-                        run.update(
-                            sessions_asked=workload["sessions"],
-                            load=workload["load"],
-                            config=config,
-                            round=round_,
-                        )
-                        runs.append(run)
-                        print(
-                            f"round {round_ + 1} {workload['sessions']} sessions "
-                            f"{workload['load']} {config}: p50 {run['p50_ms']} p99 "
-                            f"{run['p99_ms']} ms, {run['frames_per_s']:,.0f} frames/s, "
-                            f"{run['cpu_us_per_frame']} µs/frame",
-                            flush=True,
-                        )
+                    runs += measure_workload(servers, workload, flags, args, round_)
             gathers = histogram(servers["now"].metrics_port, "rnnstream_batch_gather_seconds")
         finally:
             for server in servers.values():
