@@ -38,13 +38,12 @@ def command(args: argparse.Namespace) -> int:
         if live is not None:
             live.update(progress.text(options.warmup))
 
-    # Without a live line nothing reads the progress, and working out its p99 twice a second
-    # would take the GIL from the worker thread that sends the load.
-
     try:
         if live is not None:
             live.start()
         try:
+            # Without a live line nothing reads the progress, and working out its p99 twice a
+            # second would take the GIL from the worker thread that sends the load.
             report = run_loadtest(options, show if live is not None else None)
         finally:
             if live is not None:

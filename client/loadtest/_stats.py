@@ -70,16 +70,9 @@ def mean_us(histogram: HdrHistogram) -> float:
     total = 0
     for index in np.flatnonzero(counts).tolist():
         value = histogram.get_value_from_index(index)
-        middle = (
-            histogram.get_lowest_equivalent_value(value)
-            + (
-                histogram.get_highest_equivalent_value(value)
-                - histogram.get_lowest_equivalent_value(value)
-                + 1
-            )
-            // 2
-        )
-        total += int(counts[index]) * middle
+        low = histogram.get_lowest_equivalent_value(value)
+        width = histogram.get_highest_equivalent_value(value) - low + 1
+        total += int(counts[index]) * (low + width // 2)
     return float(total) / int(histogram.get_total_count())
 
 
