@@ -299,7 +299,8 @@ async def test_a_load_never_pauses_another_models_batches(
         model_repository=repo, model_control_mode="explicit", load_model=("other",)
     )
     write_version(repo, MODEL, 1, seed=404, hidden=512)
-    (repo / MODEL / "config.toml").write_text("[serving]\nwarmup = [256, 256, 256, 256]\n")
+    # Warm-up runs long enough that the load is still under way after a frame's round trip.
+    (repo / MODEL / "config.toml").write_text(f"[serving]\nwarmup = {[256] * 32}\n")
     x = inputs(1, seed=11)
     async with grpc.aio.insecure_channel(server.target) as channel:
         native = pb_grpc.RnnstreamStub(channel)
