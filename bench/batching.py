@@ -126,10 +126,19 @@ def _row(rows: list[dict[str, Any]], model: str, sessions: int, kind: str) -> di
 
 
 def targets(rows: list[dict[str, Any]], mem: dict[str, Any] | None) -> list[dict[str, Any]]:
-    def check(name: str, cell: Any, limit: float, at_least: bool) -> dict[str, Any]:
+    def check(
+        name: str, cell: Any, limit: float, at_least: bool, measure: str = "", sessions: int = 0
+    ) -> dict[str, Any]:
         value = cell["median"] if isinstance(cell, dict) else cell
         met = value is not None and (value >= limit if at_least else value <= limit)
-        return {"target": name, "value": value, "limit": limit, "met": met}
+        return {
+            "target": name,
+            "measure": measure,
+            "sessions": sessions,
+            "value": value,
+            "limit": limit,
+            "met": met,
+        }
 
     big = max((r["sessions"] for r in rows), default=0)
     out = []
@@ -141,13 +150,15 @@ def targets(rows: list[dict[str, Any]], mem: dict[str, Any] | None) -> list[dict
                     f"{model} C={sessions}, one frame a message, {words}: server CPU per frame "
                     "/ echo's <= 1.15"
                 )
-                out.append(check(name, cell, 1.15, False))
+                out.append(check(name, cell, 1.15, False, f"cpu_vs_echo_{kind}", sessions))
         out.append(
             check(
                 f"{model} C=1: p50 / echo p50 <= 1.3",
                 _row(rows, model, 1, "on").get("p50_vs_echo"),
                 1.3,
                 False,
+                "p50_vs_echo",
+                1,
             )
         )
         out.append(

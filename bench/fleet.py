@@ -23,12 +23,12 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._common import free_port, machine  # noqa: E402
+from bench._common import free_port, machine, stop_process  # noqa: E402
 from bench._fleet_report import report_tables, write_docs  # noqa: E402
 from rnnstream.proto.v1 import rnnstream_pb2 as pb  # noqa: E402
 
@@ -100,11 +100,7 @@ class Server:
         return rss(self.process.pid)
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process, 30)
 
 
 class Redis:
@@ -128,6 +124,25 @@ class Redis:
     def stop(self) -> None:
         self.process.kill()
         self.process.wait(10)
+
+
+@contextlib.contextmanager
+def spilling_server(spill_after: float, ttl: int) -> Iterator[tuple[Server, Redis, Path]]:
+    """A server spilling idle sessions to a Redis of its own, in a scratch folder; both
+    stopped on the way out."""
+    with tempfile.TemporaryDirectory() as folder:
+        redis = Redis(Path(folder))
+        try:
+            server = Server(
+                "--state-store", redis.url, "--spill-after", str(spill_after),
+                "--session-ttl", str(ttl),
+            )  # fmt: skip
+            try:
+                yield server, redis, Path(folder)
+            finally:
+                server.stop()
+        finally:
+            redis.stop()
 
 
 # -- opening many sessions over raw streams (one client process per connection) ----------------
@@ -235,90 +250,74 @@ def restore_latency(hot: int, cold: int, seconds: float, spill_after: float) -> 
     """Two load tests at once against one server with a local Redis: `hot` sessions with a
     frame every spill_after / 4 (always in memory) and `cold` ones with a frame every
     3 x spill_after (spilled before each frame, so each frame brings its session back)."""
-    with tempfile.TemporaryDirectory() as folder:
-        redis = Redis(Path(folder))
-        server = Server(
-            "--state-store", redis.url, "--spill-after", str(spill_after), "--session-ttl", "600",
-        )  # fmt: skip
-        try:
-            runs = []
-            for name, count, rate in (
-                ("hot", hot, 4 / spill_after),
-                ("cold", cold, 1 / (3 * spill_after)),
-            ):
-                report = Path(folder) / f"{name}.json"
-                command = [sys.executable, "-m", "rnnstream", "loadtest", "--target", server.target]
-                command += ["--model", MODEL, "--sessions", str(count), "--session-rate", str(rate)]
-                command += ["--duration", str(seconds), "--warmup", str(4 * spill_after)]
-                command += [
-                    "--verify",
-                    "--verify-model",
-                    str(REPO / "models" / MODEL / "model.onnx"),
-                ]
-                command += ["--no-progress", "--json", str(report), "--max-error-rate", "0"]
-                runs.append(
-                    (name, report, subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL))
-                )
-            results: dict[str, Any] = {}
-            for name, report, process in runs:
-                process.wait(seconds + 600)
-                data = json.loads(report.read_text())
-                results[name] = {
-                    "sessions": data["sessions"]["opened"],
-                    "frames": data["frames"]["answered"],
-                    "failed": data["frames"]["failed"],
-                    "verified": data["verify"]["frames_checked"] if data["verify"] else 0,
-                    "mismatched": data["verify"]["mismatched_frames"] if data["verify"] else None,
-                    "restores": data["restores"]["frames"],
-                    "restored_ms": data["restores"]["latency_ms"],
-                    "in_memory_ms": data["restores"]["in_memory_latency_ms"],
-                    "frames_per_s": data["frames_per_second"],
-                }
-            gauge = metrics(server.metrics_port)
-            results["server_restores"] = gauge.get("rnnstream_session_restores_total", 0)
-            results["server_spills"] = gauge.get("rnnstream_session_spills_total", 0)
-            results["spill_after_s"] = spill_after
-            return results
-        finally:
-            server.stop()
-            redis.stop()
+    with spilling_server(spill_after, 600) as (server, _redis, folder):
+        runs = []
+        for name, count, rate in (
+            ("hot", hot, 4 / spill_after),
+            ("cold", cold, 1 / (3 * spill_after)),
+        ):
+            report = Path(folder) / f"{name}.json"
+            command = [sys.executable, "-m", "rnnstream", "loadtest", "--target", server.target]
+            command += ["--model", MODEL, "--sessions", str(count), "--session-rate", str(rate)]
+            command += ["--duration", str(seconds), "--warmup", str(4 * spill_after)]
+            command += [
+                "--verify",
+                "--verify-model",
+                str(REPO / "models" / MODEL / "model.onnx"),
+            ]
+            command += ["--no-progress", "--json", str(report), "--max-error-rate", "0"]
+            runs.append(
+                (name, report, subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL))
+            )
+        results: dict[str, Any] = {}
+        for name, report, process in runs:
+            process.wait(seconds + 600)
+            data = json.loads(report.read_text())
+            results[name] = {
+                "sessions": data["sessions"]["opened"],
+                "frames": data["frames"]["answered"],
+                "failed": data["frames"]["failed"],
+                "verified": data["verify"]["frames_checked"] if data["verify"] else 0,
+                "mismatched": data["verify"]["mismatched_frames"] if data["verify"] else None,
+                "restores": data["restores"]["frames"],
+                "restored_ms": data["restores"]["latency_ms"],
+                "in_memory_ms": data["restores"]["in_memory_latency_ms"],
+                "frames_per_s": data["frames_per_second"],
+            }
+        gauge = metrics(server.metrics_port)
+        results["server_restores"] = gauge.get("rnnstream_session_restores_total", 0)
+        results["server_spills"] = gauge.get("rnnstream_session_spills_total", 0)
+        results["spill_after_s"] = spill_after
+        return results
 
 
 def spilled_memory(count: int, streams: int, spill_after: float) -> dict[str, Any]:
     """RSS before `count` sessions open, and after they were spilled (their streams closed)."""
-    with tempfile.TemporaryDirectory() as folder:
-        redis = Redis(Path(folder))
-        server = Server(
-            "--state-store", redis.url, "--spill-after", str(spill_after), "--session-ttl", "3600",
-        )  # fmt: skip
-        try:
-            before = server.rss
-            redis_before = redis.used_memory()
-            hold, workers, timing = open_sessions(server.target, count, streams)
-            peak = server.rss
-            close_streams(hold, workers)
-            deadline = time.monotonic() + 600
-            while metrics(server.metrics_port).get("spilled", 0) < count:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"not all spilled: {metrics(server.metrics_port)}")
-                time.sleep(1)
-            time.sleep(3 * spill_after + 5)  # the state pool shrinks between batches
-            after = server.rss
-            gauge = metrics(server.metrics_port)
-            return {
-                **timing,
-                "spill_after_s": spill_after,
-                "rss_before_bytes": before,
-                "rss_opened_bytes": peak,
-                "rss_after_bytes": after,
-                "after_over_before": after / before,
-                "in_memory_after": gauge.get("idle", 0) + gauge.get("active", 0),
-                "spilled": gauge.get("spilled", 0),
-                "redis_bytes_per_session": (redis.used_memory() - redis_before) / count,
-            }
-        finally:
-            server.stop()
-            redis.stop()
+    with spilling_server(spill_after, 3600) as (server, redis, _folder):
+        before = server.rss
+        redis_before = redis.used_memory()
+        hold, workers, timing = open_sessions(server.target, count, streams)
+        peak = server.rss
+        close_streams(hold, workers)
+        deadline = time.monotonic() + 600
+        while metrics(server.metrics_port).get("spilled", 0) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not all spilled: {metrics(server.metrics_port)}")
+            time.sleep(1)
+        time.sleep(3 * spill_after + 5)  # the state pool shrinks between batches
+        after = server.rss
+        gauge = metrics(server.metrics_port)
+        return {
+            **timing,
+            "spill_after_s": spill_after,
+            "rss_before_bytes": before,
+            "rss_opened_bytes": peak,
+            "rss_after_bytes": after,
+            "after_over_before": after / before,
+            "in_memory_after": gauge.get("idle", 0) + gauge.get("active", 0),
+            "spilled": gauge.get("spilled", 0),
+            "redis_bytes_per_session": (redis.used_memory() - redis_before) / count,
+        }
 
 
 def load_average() -> list[float]:

@@ -55,7 +55,7 @@ from rnnstream.proto.v1 import rnnstream_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, free_port
+from _common import REPO, free_port, stop_process
 from _common import machine as common_machine
 
 DOCS = REPO / "docs" / "production.md"
@@ -131,18 +131,21 @@ class Server:
             self.peak = max(self.peak, self.rss())
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, 20)
 
 
 def _x(steps: int, features: int = 16, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.standard_normal((steps, features)).astype(np.float32)
+
+
+async def _open(call: Any, model: str, count: int) -> list[str]:
+    """Open `count` sessions on a raw Stream call, one message each way at a time."""
+    sids = []
+    for _ in range(count):
+        await call.write(pb.StreamRequest(open=pb.OpenSession(model=model)))
+        sids.append((await call.read()).opened.session_id)
+    return sids
 
 
 async def _warm(target: str, model: str, features: int) -> None:
@@ -158,10 +161,7 @@ async def _never_reads(target: str) -> dict[str, Any]:
     channel = grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", -1)])
     stub = pb_grpc.RnnstreamStub(channel)
     call = stub.Stream()
-    sids = []
-    for _ in range(200):
-        await call.write(pb.StreamRequest(open=pb.OpenSession(model="gru")))
-        sids.append((await call.read()).opened.session_id)
+    sids = await _open(call, "gru", 200)
     tensor = encode(_x(1024), "x")
     written = 0
 
@@ -193,10 +193,7 @@ async def _idle_rings(target: str) -> dict[str, Any]:
         stub = pb_grpc.RnnstreamStub(channel)
         call = stub.Stream()
         tensor = encode(_x(4096), "x")
-        sids = []
-        for _ in range(6):
-            await call.write(pb.StreamRequest(open=pb.OpenSession(model="gru")))
-            sids.append((await call.read()).opened.session_id)
+        sids = await _open(call, "gru", 6)
         answered = 0
         for index in range(64):
             for sid in sids:
@@ -340,10 +337,7 @@ async def _latency_round(target: str, seconds: float) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.RnnstreamStub(channel)
         call = stub.Stream()
-        sids = []
-        for _ in range(201):
-            await call.write(pb.StreamRequest(open=pb.OpenSession(model="co2_forecaster")))
-            sids.append((await call.read()).opened.session_id)
+        sids = await _open(call, "co2_forecaster", 201)
         forecasting, others = sids[0], sids[1:]
         seed = encode(np.array([[340.0]], np.float32), "x")
         await stub.Infer(pb.InferRequest(session_id=forecasting, inputs=[seed]), timeout=30)

@@ -100,6 +100,8 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append(
                 {
                     "target": name,
+                    "model": row["model"],
+                    "measure": key,
                     "value": value,
                     "limit": limit,
                     "met": value is not None and value >= limit,

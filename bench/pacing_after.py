@@ -69,6 +69,33 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+RATIO_KEYS = ("p50_ms", "p99_ms", "cpu_us_per_frame")
+
+
+def removed_vs_kept(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each workload's row without the knobs, with its medians over the row with them (None
+    where either is missing)."""
+    out = []
+    for now in (r for r in rows if r["config"] == "now"):
+        before = next(
+            (
+                r
+                for r in rows
+                if r["config"] == "before"
+                and (r["sessions"], r["load"]) == (now["sessions"], now["load"])
+            ),
+            None,
+        )
+        if before is None:
+            continue
+        ratio: dict[str, Any] = {}
+        for key in RATIO_KEYS:
+            a, b = now[key]["median"], before[key]["median"]
+            ratio[key] = a / b if a is not None and b else None
+        out.append((now, ratio))
+    return out
+
+
 def report(result: dict[str, Any]) -> str:
     rows = summarize(result)
     o = result["options"]
@@ -102,24 +129,10 @@ def report(result: dict[str, Any]) -> str:
         "| sessions | load | p50 | p99 | server CPU per frame |",
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
-    for now in (r for r in rows if r["config"] == "now"):
-        before = next(
-            (
-                r
-                for r in rows
-                if r["config"] == "before"
-                and (r["sessions"], r["load"]) == (now["sessions"], now["load"])
-            ),
-            None,
-        )
-        if before is None:
-            continue
-        ratios = []
-        for key in ("p50_ms", "p99_ms", "cpu_us_per_frame"):
-            a, b = now[key]["median"], before[key]["median"]
-            ratios.append(fmt(a / b, 2) if a is not None and b else "-")
+    for now, ratio in removed_vs_kept(rows):
+        cells = [fmt(ratio[key], 2) if ratio[key] is not None else "-" for key in RATIO_KEYS]
         load = "closed" if now["load"] is None else f"{now['load']:.0%}"
-        lines.append(f"| {now['sessions']} | {load} | {' | '.join(ratios)} |")
+        lines.append(f"| {now['sessions']} | {load} | {' | '.join(cells)} |")
     gathers = result.get("gather_buckets")
     if gathers:
         total = gathers["+Inf"]

@@ -40,24 +40,18 @@ def _met(flag: bool) -> str:
 
 
 def _many_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
-    goals = {g["target"]: g for g in many.targets(many.summarize(result))}
-    rows = []
-    for model in result["options"]["models"].split(","):
-        ort = goals.get(f"{model}: 512 sessions a message / ORT alone at batch 512 >= 0.25")
-        if ort is not None:
-            rows.append(
-                (
-                    f"{model}, 512 sessions a message on one connection: >= 0.25x ORT alone at "
-                    "batch 512",
-                    f"{fmt(ort['value'], 3)}x",
-                    _met(ort["met"]),
-                )
-            )
-    tenfold = [
-        g
-        for name, g in goals.items()
-        if name.endswith("512 sessions a message / one frame a message >= 10")
+    goals = many.targets(many.summarize(result))
+    rows = [
+        (
+            f"{g['model']}, 512 sessions a message on one connection: >= 0.25x ORT alone at "
+            "batch 512",
+            f"{fmt(g['value'], 3)}x",
+            _met(g["met"]),
+        )
+        for g in goals
+        if g["measure"] == "vs_ort"
     ]
+    tenfold = [g for g in goals if g["measure"] == "vs_single"]
     if tenfold:
         rows.append(
             (
@@ -71,23 +65,19 @@ def _many_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def _batching_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
     goals = batching.targets(batching.summarize(result["runs"]), result.get("memory"))
-    unpacked = [g for g in goals if "outputs unpacked: server CPU" in g["target"]]
+    unpacked = [g for g in goals if g["measure"] == "cpu_vs_echo_on_single"]
     rows = []
     if unpacked:
-        values = ", ".join(
-            f"{fmt(g['value'], 2)}x ({g['target'].split(',')[0].split(' ', 1)[1]})"
-            for g in unpacked
-        )
         rows.append(
             (
                 "one frame a message: server CPU per message <= 1.15x the read-ahead echo server's,"
                 " like for like (outputs unpacked)",
-                values,
+                ", ".join(f"{fmt(g['value'], 2)}x (C={g['sessions']})" for g in unpacked),
                 _met(all(g["met"] for g in unpacked)),
             )
         )
     for g in goals:
-        if "C=1: p50" in g["target"]:
+        if g["measure"] == "p50_vs_echo":
             value = "not run" if g["value"] is None else f"{fmt(g['value'], 2)}x"
             rows.append(
                 (g["target"], value, "unmeasured" if g["value"] is None else _met(g["met"]))
@@ -124,19 +114,9 @@ def _pacing_rows(
         removed = [k for k, d in decided.items() if d == "remove"]
         measured = f"{len(removed)} of {len(decided)} removed by that rule"
         if after is not None:
-            higher = 0
-            summary = pacing_after.summarize(after)
-            now = [r for r in summary if r["config"] == "now"]
-            for row in now:
-                before = next(
-                    r
-                    for r in summary
-                    if r["config"] == "before"
-                    and (r["sessions"], r["load"]) == (row["sessions"], row["load"])
-                )
-                if row["p50_ms"]["median"] > before["p50_ms"]["median"]:
-                    higher += 1
-            measured += f"; without them p50 is higher on {higher} of {len(now)} workloads"
+            ratios = pacing_after.removed_vs_kept(pacing_after.summarize(after))
+            higher = sum(1 for _, r in ratios if r["p50_ms"] is not None and r["p50_ms"] > 1)
+            measured += f"; without them p50 is higher on {higher} of {len(ratios)} workloads"
         rows.append(
             (
                 "pacing knobs: keep one only where it wins on a workload it was not tuned on",
