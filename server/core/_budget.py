@@ -52,28 +52,28 @@ class RingLedger:
         self.held = 0
         self._order: OrderedDict[RingOwner, None] = OrderedDict()  # by last append
 
-    def appended(self, session: RingOwner, nbytes: int) -> None:
+    def appended(self, ring: RingOwner, nbytes: int) -> None:
         """`nbytes`: what the ring grew by (less what it dropped to keep its count)."""
         self.held += nbytes
         order = self._order
-        order[session] = None
-        order.move_to_end(session)
-        while session.held > self.per_session and session.ring_entries() > 1:
-            session.drop_oldest_output()
+        order[ring] = None
+        order.move_to_end(ring)
+        while ring.held > self.per_session and ring.ring_entries() > 1:
+            ring.drop_oldest_output()
         while self.held > self.limit and order:
             oldest = next(iter(order))
             if not oldest.drop_oldest_output():
                 del order[oldest]
 
-    def dropped(self, session: RingOwner, nbytes: int) -> None:
+    def dropped(self, ring: RingOwner, nbytes: int) -> None:
         self.held -= nbytes
-        if not session.ring_entries():
-            self._order.pop(session, None)
+        if not ring.ring_entries():
+            self._order.pop(ring, None)
 
-    def forget(self, session: RingOwner) -> None:
-        """The session ended: its ring is gone."""
-        self.held -= session.held
-        self._order.pop(session, None)
+    def forget(self, ring: RingOwner) -> None:
+        """Its session ended: the ring is gone."""
+        self.held -= ring.held
+        self._order.pop(ring, None)
 
 
 class MemoryBudget:

@@ -139,8 +139,8 @@ class ModelScheduler:
 
     def submit_block(self, block: FrameBlock) -> None:
         """Queue a block of frames, one per session, whose sessions had nothing else queued or
-        running and are now in flight (Session.claim_block or start_block): it runs whole, or
-        split over batches, with no object per frame."""
+        running and are now in flight (Session.claim_block): it runs whole, or split over
+        batches, with no object per frame."""
         if self._halted:  # the server is stopping: nothing would run it
             self.answers.fail_block(block, Unavailable(_STOPPING))
             return
